@@ -1,0 +1,49 @@
+"""Layer factories: the one place model builders get their conv/dense/BN layers from.
+
+A builder written against `LayerFactory` yields a plain network; `ke_tf.layers.split` and
+`ke_tf.layers.gates` subclass it to yield split-mask (Knowledge Evolution) or gated (pruning)
+variants of the *same* code.
+"""
+import keras
+
+# PyTorch-compatible defaults: the published recipes (ResNet, KE, EKG) were tuned with torch BN
+# (momentum 0.1 on the running stats == Keras momentum 0.9, eps 1e-5), He fan-out conv init
+# (torchvision ResNet) and torch's default Linear kernel init U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def conv_initializer():
+    """He-normal, fan-out, as torchvision's ResNet `kaiming_normal_(mode='fan_out')`."""
+    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+def dense_initializer():
+    """torch.nn.Linear's default kernel init U(-1/sqrt(fan_in), 1/sqrt(fan_in)); biases start at 0."""
+    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+class LayerFactory:
+    """Makes the layers of a model. `role` tells subclasses where a layer sits:
+    "stem" (first conv: sees the raw image), "classifier" (last dense), or "body"."""
+
+    def conv(self, filters, kernel_size, strides=1, name=None, role="body", use_bias=False, groups=1):
+        return keras.layers.Conv2D(
+            filters, kernel_size, strides=strides, padding="same", use_bias=use_bias, groups=groups,
+            kernel_initializer=conv_initializer(), name=name)
+
+    def dense(self, units, name=None, role="classifier"):
+        return keras.layers.Dense(
+            units, kernel_initializer=dense_initializer(), name=name)
+
+    def bn(self, name=None, zero_gamma=False):
+        return keras.layers.BatchNormalization(
+            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name,
+            gamma_initializer="zeros" if zero_gamma else "ones")
+
+    def gate(self, x, group, name=None):
+        """Hook after each channel group's activation; plain models pass `x` through."""
+        return x
+
+
+PLAIN = LayerFactory()

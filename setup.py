@@ -1,0 +1,25 @@
+"""ke_tf: Knowledge Evolution, distillation, incremental learning, EKG pruning and knowledge
+consistency for TensorFlow 2 / Keras 3."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ke_tf",
+    version="0.1.0",
+    description="Knowledge Evolution, KD/ReduceNet, LwM, EKG pruning and knowledge consistency in TF2/Keras 3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ke_tf", "ke_tf.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "tensorflow>=2.16",
+        "tensorflow-datasets",
+        "numpy",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "demo": ["scikit-learn"],
+        "plot": ["matplotlib"],
+    },
+)
