@@ -224,3 +224,127 @@ def test_flowers_mock(tmp_path):
 def test_missing_tfds_dataset_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cifar10.*" + str(tmp_path).replace("/", ".")):
         load_data("cifar10", data_dir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- image folder
+LABELS = ("10", "2", "33")  # numeric sort -> 2, 10, 33 (string sort would give 10, 2, 33)
+
+
+def _write_jpeg(path, h, w, rng, color=None):
+    if color is None:
+        img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    else:
+        img = np.broadcast_to(np.array(color, np.uint8), (h, w, 3)).copy()
+    tf.io.write_file(str(path), tf.io.encode_jpeg(img, quality=95))
+
+
+def _write_csv(path, rows, header="file_name,label"):
+    path.write_text(header + "\n" + "".join(f"{a},{b}\n" for a, b in rows))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "jpg").mkdir()
+    (tmp_path / "lists").mkdir()
+    splits = {"trn": [], "val": [], "tst": []}
+    for lab in LABELS:
+        for i, split in enumerate(["trn", "trn", "trn", "val", "tst"]):
+            name = f"c{lab}_{i}.jpg"
+            _write_jpeg(tmp_path / "jpg" / name, int(rng.integers(20, 60)), int(rng.integers(20, 60)), rng)
+            splits[split].append((name, lab))
+    for split, rows in splits.items():
+        _write_csv(tmp_path / "lists" / f"{split}.csv", rows)
+    return tmp_path, splits
+
+
+def _remap(lab):
+    return {"2": 0, "10": 1, "33": 2}[lab]
+
+
+def test_image_folder_loads_and_remaps(folder):
+    root, splits = folder
+    data = load_data("image_folder", data_dir=str(root), image_size=32)
+    info = data.info
+    assert (info.num_classes, info.train_size, info.test_size) == (3, 9, 3)
+    assert info.class_names == ("2", "10", "33") and info.image_shape == (32, 32, 3)
+    np.testing.assert_array_equal(data.train_labels, [_remap(lab) for _, lab in splits["trn"]])
+    x, y = next(iter(data.train(4, epoch=0, seed=0)))
+    assert x.shape == (4, 32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+    tx, ty = _collect(data.test(2))
+    assert tx.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(ty, [_remap(lab) for _, lab in splits["tst"]])
+    val = load_data("image_folder", data_dir=str(root), image_size=32, test_split="val")
+    assert val.info.test_size == 3
+    assert not np.array_equal(_collect(val.test(3))[0], tx)
+    sub = load_data("image_folder", data_dir=str(root), image_size=32, classes=[2])
+    assert sub.info.class_names == ("33",) and sub.info.train_size == 3
+
+
+def test_image_folder_center_crop(tmp_path):
+    (tmp_path / "jpg").mkdir()
+    (tmp_path / "lists").mkdir()
+    img = np.zeros((60, 120, 3), np.uint8)
+    img[...] = (0, 0, 255)
+    img[:, 25:95] = (255, 0, 0)  # only the centre region survives resize-256/224 + centre crop
+    tf.io.write_file(str(tmp_path / "jpg" / "a.jpg"), tf.io.encode_jpeg(img, quality=100))
+    for split in ("trn", "tst"):
+        _write_csv(tmp_path / "lists" / f"{split}.csv", [("a.jpg", 1)])
+    data = load_data("image_folder", data_dir=str(tmp_path), image_size=32)
+    x, _ = _collect(data.test(1))
+    rgb = x[0] * np.array(data.info.std) + np.array(data.info.mean)
+    assert rgb.shape == (32, 32, 3)
+    assert rgb[..., 0].min() > 200 and rgb[..., 2].max() < 60  # all red: crop is centred
+    tr, _ = _collect(data.train(1, epoch=0, seed=0))
+    assert tr.shape == (1, 32, 32, 3)
+
+
+def test_image_folder_corrupt_image_named(folder):
+    root, splits = folder
+    bad = splits["trn"][4][0]
+    (root / "jpg" / bad).write_bytes(np.random.default_rng(1).bytes(500))
+    with pytest.raises(ValueError, match=rf"corrupt image .*{bad}.*line 6 of .*trn\.csv"):
+        load_data("image_folder", data_dir=str(root))
+    # JPEG header but truncated body: passes the magic check, fails decoding.
+    good = (root / "jpg" / splits["trn"][0][0]).read_bytes()
+    (root / "jpg" / bad).write_bytes(good[: len(good) // 3])
+    with pytest.raises(ValueError, match=rf"corrupt image .*{bad}"):
+        load_data("image_folder", data_dir=str(root))
+
+
+def test_image_folder_missing_file_and_skip(folder):
+    root, splits = folder
+    _write_csv(root / "lists" / "trn.csv", splits["trn"] + [("nope.jpg", "2")])
+    with pytest.raises(ValueError, match=r"nope\.jpg.*line 11 of .*trn\.csv"):
+        load_data("image_folder", data_dir=str(root))
+    _write_csv(root / "lists" / "trn.csv", splits["trn"] + [("", "10")])
+    with pytest.raises(ValueError, match=r"missing field.*line 11 of .*trn\.csv"):
+        load_data("image_folder", data_dir=str(root))
+    _write_csv(root / "lists" / "trn.csv", splits["trn"] + [("nope.jpg", "2"), ("", "10")])
+    _write_csv(root / "lists" / "tst.csv", splits["tst"] + [(splits["tst"][0][0], "99")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data("image_folder", data_dir=str(root), on_bad_file="skip")
+    msgs = sorted(str(w.message) for w in caught if "skipped" in str(w.message))
+    assert len(msgs) == 2
+    assert "skipped 1 bad rows" in msgs[0] and "tst.csv" in msgs[0]
+    assert "skipped 2 bad rows" in msgs[1] and "trn.csv" in msgs[1]
+    assert data.info.train_size == 9 and data.info.test_size == 3
+    _write_csv(root / "lists" / "trn.csv", splits["trn"])
+    with pytest.raises(ValueError, match=r"unknown label '99'.*line 5 of .*tst\.csv"):
+        load_data("image_folder", data_dir=str(root), on_bad_file="fail")
+
+
+def test_image_folder_layout_errors(folder, tmp_path_factory):
+    root, _ = folder
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(FileNotFoundError, match=str(empty / "lists")):
+        load_data("image_folder", data_dir=str(empty))
+    with pytest.raises(ValueError, match="data_dir"):
+        load_data("image_folder")
+    (root / "lists" / "tst.csv").write_text("file,label\na.jpg,1\n")
+    with pytest.raises(ValueError, match=r"tst\.csv.*file_name"):
+        load_data("image_folder", data_dir=str(root))
+    (root / "lists" / "tst.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tst\.csv"):
+        load_data("image_folder", data_dir=str(root))
