@@ -16,6 +16,8 @@ setup(
         "numpy",
         "tqdm",
         "pyyaml",
+        # tf.summary needs it since TF 2.21 stopped depending on it; TensorBoard logs are a feature.
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest"],

@@ -1,0 +1,64 @@
+"""Shared machinery of the method loops: load the configured data, train one stage of a loop
+with the Trainer and evaluate it, save params with rebuild metadata."""
+import os
+
+from ke_tf.data import load_data
+from ke_tf.engine.evaluate import Evaluator
+from ke_tf.engine.strategy import is_chief
+from ke_tf.engine.trainer import Trainer
+from ke_tf.flops import complexity
+from ke_tf.losses import classifier_loss
+from ke_tf.params import save_params
+
+
+def load_configured_data(cfg, classes=None):
+    """The ImageData the config's `data` section names (optionally a class subset)."""
+    d = cfg.data
+    return load_data(d.name, data_dir=d.data_dir, image_size=d.image_size,
+                     classes=classes if classes is not None else d.classes, split_seed=d.split_seed,
+                     on_bad_file=d.on_bad_file, **({"test_split": d.test_split} if d.name == "image_folder" else {}))
+
+
+def model_evaluator(strategy, model):
+    """Evaluator of `model` in inference mode (BN moving statistics)."""
+    return Evaluator(strategy, lambda x: model(x, training=False))
+
+
+def evaluate_model(strategy, model, data, batch_size):
+    """Test-set loss/top-1/top-5 of `model` in inference mode."""
+    return model_evaluator(strategy, model)(data.test(batch_size))
+
+
+def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None, variables=None,
+                train_cfg=None, extra_checkpoint=None, eval_model=None):
+    """Train `model` (built in `strategy.scope()`) on `data` for one stage; resumes from this
+    stage's checkpoints. Returns (trainer, history, final test metrics)."""
+    tc = train_cfg or cfg.train
+    loss_fn = loss_fn or classifier_loss(model, tc.label_smoothing)
+    steps = data.info.train_size // tc.batch_size
+    trainer = Trainer(tc, strategy, model, loss_fn, steps, run_dir, variables=variables,
+                      extra_checkpoint=extra_checkpoint, name=name)
+    evaluator = model_evaluator(strategy, eval_model or model)
+
+    def eval_fn(epoch):
+        return {f"test_{k}": v for k, v in evaluator(data.test(tc.eval_batch_size)).items() if k != "count"}
+
+    history = trainer.fit(lambda epoch: data.train(tc.batch_size, epoch, cfg.seed), eval_fn=eval_fn)
+    final = evaluator(data.test(tc.eval_batch_size))
+    return trainer, history, final
+
+
+def save_trained(strategy, path, model, spec, cfg, metrics=None, **extra):
+    """Write `model`'s params with the metadata `test.py` needs to rebuild and evaluate it
+    (chief only; atomic). Returns the metadata."""
+    metadata = {"model": spec, "method": cfg.method, "config": cfg.to_dict(), "metrics": metrics or {},
+                "complexity": complexity(model),
+                "data": {"name": cfg.data.name, "image_size": spec["input_shape"][0],
+                         "classes": cfg.data.classes}, **extra}
+    if is_chief(strategy):
+        save_params(path, model, metadata)
+    return metadata
+
+
+def run_path(cfg, *parts):
+    return os.path.join(cfg.run_dir, *parts)

@@ -1,0 +1,39 @@
+"""Per-example losses shared by the method loops (the Trainer averages over the global batch)."""
+import tensorflow as tf
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+    """Per-example softmax cross-entropy on integer labels, optionally label-smoothed
+    (targets (1-eps)*onehot + eps/K, as torch's CrossEntropyLoss(label_smoothing=eps))."""
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    if not label_smoothing:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    k = tf.shape(logits)[-1]
+    targets = tf.one_hot(labels, k) * (1.0 - label_smoothing) + label_smoothing / tf.cast(k, tf.float32)
+    return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+
+
+def soft_cross_entropy(logits, target_logits, temperature=1.0):
+    """Per-example CE between softmax(target/T) and softmax(logits/T) (no T^2 factor)."""
+    t = float(temperature)
+    targets = tf.nn.softmax(tf.cast(target_logits, tf.float32) / t)
+    return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=tf.cast(logits, tf.float32) / t)
+
+
+def kd_loss(student_logits, teacher_logits, temperature):
+    """Hinton KD per example: T^2 * KL(softmax(t/T) || softmax(s/T))."""
+    t = float(temperature)
+    teacher = tf.cast(teacher_logits, tf.float32) / t
+    student = tf.cast(student_logits, tf.float32) / t
+    p = tf.nn.softmax(teacher)
+    kl = tf.reduce_sum(p * (tf.nn.log_softmax(teacher) - tf.nn.log_softmax(student)), axis=-1)
+    return t * t * kl
+
+
+def classifier_loss(model, label_smoothing=0.0):
+    """The standard supervised `loss_fn` for the Trainer: CE of `model` on (images, labels)."""
+    def loss_fn(batch, training):
+        logits = model(batch[0], training=training)
+        return {"loss": cross_entropy(logits, batch[1], label_smoothing), "logits": logits}
+    return loss_fn

@@ -1,0 +1,70 @@
+"""Results tables (markdown, CSV, JSON) and PNG plots; matplotlib is optional."""
+import csv
+import io
+import json
+import os
+import warnings
+
+from ke_tf.params import atomic_write_bytes
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows, columns=None):
+    """Rows (dicts) as a markdown table."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_table(path_stem, rows, columns=None, summary=None):
+    """Write `<stem>.md`, `<stem>.csv` and `<stem>.json` (rows plus an optional summary dict);
+    returns the markdown text."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    md = markdown_table(rows, columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path_stem + ".md", (md + "\n").encode())
+    atomic_write_bytes(path_stem + ".csv", buf.getvalue().encode())
+    atomic_write_bytes(path_stem + ".json",
+                       json.dumps({"rows": rows, **({"summary": summary} if summary else {})},
+                                  indent=1, default=float).encode())
+    return md
+
+
+def write_json(path, data):
+    atomic_write_bytes(path, json.dumps(data, indent=1, default=float).encode())
+
+
+def plot_lines(path, x, series, xlabel, ylabel, title):
+    """Line plot of `series` ({label: [y...]}) against `x` as a PNG; skipped with a notice when
+    matplotlib is not installed (extra `plot`). Returns the path or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib not installed (pip install ke_tf[plot]); skipping plot " + path)
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in series.items():
+        ax.plot(x[:len(ys)], ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
