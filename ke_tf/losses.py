@@ -37,3 +37,14 @@ def classifier_loss(model, label_smoothing=0.0):
         logits = model(batch[0], training=training)
         return {"loss": cross_entropy(logits, batch[1], label_smoothing), "logits": logits}
     return loss_fn
+
+
+def attention_distillation(student_maps, teacher_maps, eps=1e-12):
+    """LwM's L_AD per example: L1 distance between the L2-normalised, vectorised attention maps
+    ||Q_S/||Q_S||_2 - Q_T/||Q_T||_2||_1 (maps [B, H, W])."""
+    b = tf.shape(student_maps)[0]
+    s = tf.reshape(tf.cast(student_maps, tf.float32), [b, -1])
+    t = tf.reshape(tf.cast(teacher_maps, tf.float32), [b, -1])
+    s = s / (tf.norm(s, axis=-1, keepdims=True) + eps)
+    t = t / (tf.norm(t, axis=-1, keepdims=True) + eps)
+    return tf.reduce_sum(tf.abs(s - t), axis=-1)
