@@ -23,14 +23,22 @@ def dense_initializer():
     return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
 
 
+def tag_group(layer, group):
+    """Record which channel group `layer` writes (read by `ke_tf.slicing`); returns the layer."""
+    layer.channel_group = group
+    return layer
+
+
 class LayerFactory:
     """Makes the layers of a model. `role` tells subclasses where a layer sits:
-    "stem" (first conv: sees the raw image), "classifier" (last dense), or "body"."""
+    "stem" (first conv: sees the raw image), "classifier" (last dense), or "body"; `group` names
+    the channel group a conv writes (see the model builders)."""
 
-    def conv(self, filters, kernel_size, strides=1, name=None, role="body", use_bias=False, groups=1):
-        return keras.layers.Conv2D(
+    def conv(self, filters, kernel_size, strides=1, name=None, role="body", group=None, use_bias=False,
+             groups=1):
+        return tag_group(keras.layers.Conv2D(
             filters, kernel_size, strides=strides, padding="same", use_bias=use_bias, groups=groups,
-            kernel_initializer=conv_initializer(), name=name)
+            kernel_initializer=conv_initializer(), name=name), group)
 
     def dense(self, units, name=None, role="classifier"):
         return keras.layers.Dense(

@@ -35,32 +35,32 @@ def _stem_group(kind):
     return "stage1" if kind == "basic" else "stem"
 
 
-def _projection(x, out_channels, strides, name, layers):
+def _projection(x, out_channels, strides, name, layers, group):
     if strides == 1 and x.shape[-1] == out_channels:
         return x
-    x = layers.conv(out_channels, 1, strides, name=f"{name}_short_conv")(x)
+    x = layers.conv(out_channels, 1, strides, name=f"{name}_short_conv", group=group)(x)
     return layers.bn(name=f"{name}_short_bn")(x)
 
 
 def _basic_block(x, b, w, s, strides, layers, zero_init_residual):
-    y = layers.conv(w[b], 3, strides, name=f"{b}_conv1")(x)
+    y = layers.conv(w[b], 3, strides, name=f"{b}_conv1", group=b)(x)
     y = layers.bn(name=f"{b}_bn1")(y)
     y = keras.layers.ReLU(name=f"{b}_relu1")(y)
     y = layers.gate(y, b, name=f"{b}_gate1")
-    y = layers.conv(w[f"stage{s}"], 3, 1, name=f"{b}_conv2")(y)
+    y = layers.conv(w[f"stage{s}"], 3, 1, name=f"{b}_conv2", group=f"stage{s}")(y)
     return layers.bn(name=f"{b}_bn2", zero_gamma=zero_init_residual)(y)
 
 
 def _bottleneck_block(x, b, w, s, strides, layers, zero_init_residual):
-    y = layers.conv(w[f"{b}a"], 1, 1, name=f"{b}_conv1")(x)
+    y = layers.conv(w[f"{b}a"], 1, 1, name=f"{b}_conv1", group=f"{b}a")(x)
     y = layers.bn(name=f"{b}_bn1")(y)
     y = keras.layers.ReLU(name=f"{b}_relu1")(y)
     y = layers.gate(y, f"{b}a", name=f"{b}_gate1")
-    y = layers.conv(w[f"{b}b"], 3, strides, name=f"{b}_conv2")(y)
+    y = layers.conv(w[f"{b}b"], 3, strides, name=f"{b}_conv2", group=f"{b}b")(y)
     y = layers.bn(name=f"{b}_bn2")(y)
     y = keras.layers.ReLU(name=f"{b}_relu2")(y)
     y = layers.gate(y, f"{b}b", name=f"{b}_gate2")
-    y = layers.conv(w[f"stage{s}"], 1, 1, name=f"{b}_conv3")(y)
+    y = layers.conv(w[f"stage{s}"], 1, 1, name=f"{b}_conv3", group=f"stage{s}")(y)
     return layers.bn(name=f"{b}_bn3", zero_gamma=zero_init_residual)(y)
 
 
@@ -74,7 +74,7 @@ def resnet(depth, num_classes, input_shape=(224, 224, 3), widths=None, layers=PL
     block_fn = _basic_block if kind == "basic" else _bottleneck_block
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     stem_group = _stem_group(kind)
-    x = layers.conv(w[stem_group], 7, 2, name="stem_conv", role="stem")(inputs)
+    x = layers.conv(w[stem_group], 7, 2, name="stem_conv", role="stem", group=stem_group)(inputs)
     x = layers.bn(name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
@@ -84,7 +84,7 @@ def resnet(depth, num_classes, input_shape=(224, 224, 3), widths=None, layers=PL
             b = f"s{s}b{j}"
             strides = 2 if (s > 1 and j == 0) else 1
             y = block_fn(x, b, w, s, strides, layers, zero_init_residual)
-            x = _projection(x, w[f"stage{s}"], strides, b, layers)
+            x = _projection(x, w[f"stage{s}"], strides, b, layers, f"stage{s}")
             x = keras.layers.Add(name=f"{b}_add")([x, y])
             x = keras.layers.ReLU(name=f"{b}_out_relu")(x)
             x = layers.gate(x, f"stage{s}", name=f"{b}_gate_out")

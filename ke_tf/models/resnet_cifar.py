@@ -24,14 +24,14 @@ def cifar_default_widths(depth, width_mult=1.0):
     return widths
 
 
-def _shortcut(x, out_channels, strides, name, layers, shortcut):
+def _shortcut(x, out_channels, strides, name, layers, shortcut, group):
     """Identity when shapes match; else option A (subsample + zero-pad, He et al.'s CIFAR
     choice, gives the published 0.85M params / 125.5M MACs) or option B (1x1 conv + BN)."""
     in_channels = x.shape[-1]
     if strides == 1 and in_channels == out_channels:
         return x
     if shortcut == "B":
-        x = layers.conv(out_channels, 1, strides, name=f"{name}_short_conv")(x)
+        x = layers.conv(out_channels, 1, strides, name=f"{name}_short_conv", group=group)(x)
         return layers.bn(name=f"{name}_short_bn")(x)
     if out_channels < in_channels:
         raise ValueError(
@@ -70,7 +70,7 @@ def resnet_cifar(depth, num_classes, input_shape=(32, 32, 3), widths=None, layer
     n = DEPTHS[depth]
     w = {**cifar_default_widths(depth, width_mult), **(widths or {})}
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = layers.conv(w["stage1"], 3, 1, name="stem_conv", role="stem")(inputs)
+    x = layers.conv(w["stage1"], 3, 1, name="stem_conv", role="stem", group="stage1")(inputs)
     x = layers.bn(name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = layers.gate(x, "stage1", name="stem_gate")
@@ -78,13 +78,13 @@ def resnet_cifar(depth, num_classes, input_shape=(32, 32, 3), widths=None, layer
         for j in range(n):
             b = f"s{s}b{j}"
             strides = 2 if (s > 1 and j == 0) else 1
-            y = layers.conv(w[b], 3, strides, name=f"{b}_conv1")(x)
+            y = layers.conv(w[b], 3, strides, name=f"{b}_conv1", group=b)(x)
             y = layers.bn(name=f"{b}_bn1")(y)
             y = keras.layers.ReLU(name=f"{b}_relu1")(y)
             y = layers.gate(y, b, name=f"{b}_gate1")
-            y = layers.conv(w[f"stage{s}"], 3, 1, name=f"{b}_conv2")(y)
+            y = layers.conv(w[f"stage{s}"], 3, 1, name=f"{b}_conv2", group=f"stage{s}")(y)
             y = layers.bn(name=f"{b}_bn2", zero_gamma=zero_init_residual)(y)
-            x = _shortcut(x, w[f"stage{s}"], strides, b, layers, shortcut)
+            x = _shortcut(x, w[f"stage{s}"], strides, b, layers, shortcut, f"stage{s}")
             x = keras.layers.Add(name=f"{b}_add")([x, y])
             x = keras.layers.ReLU(name=f"{b}_relu2")(x)
             x = layers.gate(x, f"stage{s}", name=f"{b}_gate2")
