@@ -1,0 +1,23 @@
+"""Test configuration: quiet TF logs, the `slow` marker (learning runs), and shared fixtures.
+
+`pytest` runs the fast suite; `pytest -m slow` runs the learning runs (CI runs both).
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: learning runs on real data (run with -m slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("markexpr"):
+        return
+    kept = [item for item in items if "slow" not in item.keywords]
+    deselected = [item for item in items if "slow" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept

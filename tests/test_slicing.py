@@ -1,0 +1,63 @@
+"""Physical slicing keeps the function of the kept channels exactly."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+
+from ke_tf.flops import complexity
+from ke_tf.models import build_model, default_widths, model_spec
+from ke_tf.slicing import layer_groups, slice_model
+
+
+def _randomise_bn(model, rng):
+    for v in model.weights:
+        if v.name == "moving_variance":
+            v.assign(rng.uniform(0.5, 2.0, v.shape).astype("float32"))
+        elif v.name in ("moving_mean", "beta", "gamma"):
+            v.assign(rng.normal(0, 0.5, v.shape).astype("float32"))
+
+
+def _zero_dropped_channels(model, keep, widths):
+    """Silence dropped channels by zeroing their BN affine parameters (then ReLU/residual keep
+    them at exactly zero), which is what removing them must reproduce."""
+    groups = layer_groups(model)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            group = groups[layer.name][1]
+            mask = np.zeros(widths[group], "float32")
+            mask[keep[group]] = 1.0
+            layer.gamma.assign(layer.gamma.numpy() * mask)
+            layer.beta.assign(layer.beta.numpy() * mask)
+
+
+@pytest.mark.parametrize("arch,shape,options", [
+    ("resnet20", (16, 16, 3), {"shortcut": "B"}),
+    ("resnet50", (32, 32, 3), {}),
+])
+def test_sliced_network_equals_masked_network(arch, shape, options):
+    rng = np.random.default_rng(0)
+    model = build_model(arch, 10, shape, **options)
+    _randomise_bn(model, rng)
+    widths = default_widths(arch)
+    keep = {g: sorted(rng.choice(c, size=max(1, c // 2), replace=False)) for g, c in widths.items()}
+    _zero_dropped_channels(model, keep, widths)
+    narrow, spec = slice_model(model, model_spec(arch, 10, shape, **options), keep)
+    x = rng.normal(size=(3,) + shape).astype("float32")
+    np.testing.assert_allclose(narrow(x, training=False), model(x, training=False), atol=1e-5)
+    assert spec["widths"] == {g: len(ix) for g, ix in keep.items()}
+    assert complexity(narrow)["macs"] < 0.4 * complexity(model)["macs"]
+
+
+def test_option_a_shortcuts_are_refused():
+    model = build_model("resnet20", 10, (16, 16, 3))
+    with pytest.raises(ValueError, match="option-A"):
+        slice_model(model, model_spec("resnet20", 10, (16, 16, 3)), {"s1b0": [0, 1]})
+
+
+def test_empty_group_is_refused():
+    model = build_model("resnet20", 10, (16, 16, 3), shortcut="B")
+    with pytest.raises(ValueError, match="s1b0"):
+        slice_model(model, model_spec("resnet20", 10, (16, 16, 3), shortcut="B"), {"s1b0": []})
