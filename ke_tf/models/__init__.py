@@ -66,3 +66,4 @@ def build_from_spec(spec, layers=PLAIN):
     """Inverse of `model_spec`."""
     return build_model(spec["arch"], spec["num_classes"], spec["input_shape"], spec.get("widths"),
                        layers, **spec.get("options", {}))
+import ke_tf.models.reducenet  # noqa: E402,F401  (registers reduce20/reduce56)

@@ -1,0 +1,118 @@
+"""ReduceNet ("Shrink, Distill"; ohmydroid/reducenet): CIFAR ResNets whose blocks train with an
+extra non-linear bottleneck branch (teacher), drop it for a plain student that inherits every
+other weight and is distilled from the teacher, then fold into a Conv-BN-free deploy net.
+
+Variants (option `variant`):
+- "teacher": block = ReLU(BN-ReLU-conv3x3-BN of [conv3x3(x) + bottleneck(x)] + shortcut(x));
+- "student": the same without the bottleneck (= ResNet-20/56 with 1x1-projection shortcuts),
+  optionally with the linear `lora` branch (1x1 conv + BN, `lora_act` "annealed" for VanillaNet's
+  annealed ReLU);
+- "deploy": the fused student: only Conv2D-with-bias, ReLU, add, pool and the classifier.
+reduce20 w1 (CIFAR-10, 32x32): teacher 412.1K params / 62.0M MACs, student 272.5K / 40.8M.
+Channel groups are those of the CIFAR ResNets ("stage{s}", "s{s}b{j}").
+"""
+import keras
+import numpy as np
+
+from ke_tf.layers.factory import PLAIN
+from ke_tf.layers.reparam import ReduceConv, fold_bn
+from ke_tf.models import build_from_spec, register_arch
+from ke_tf.models.resnet_cifar import DEPTHS, cifar_default_widths
+
+VARIANTS = ("teacher", "student", "deploy")
+REDUCE_DEPTHS = (20, 56)
+
+
+def _shortcut(x, out_channels, strides, name, layers, deploy):
+    """Identity, or 1x1 conv (+BN) projection when the shape changes (ReduceNet uses option B)."""
+    if strides == 1 and x.shape[-1] == out_channels:
+        return x
+    x = layers.conv(out_channels, 1, strides, name=f"{name}_short_conv", use_bias=deploy)(x)
+    return x if deploy else layers.bn(name=f"{name}_short_bn")(x)
+
+
+def reducenet(depth, num_classes, input_shape=(32, 32, 3), widths=None, layers=PLAIN, variant="teacher",
+              expansion=1.0, width_mult=1.0, lora=False, lora_act="linear", name=None):
+    """Build ReduceNet-`depth` (`variant` teacher | student | deploy) as a functional model."""
+    if depth not in REDUCE_DEPTHS:
+        raise ValueError(f"ReduceNet depth must be one of {REDUCE_DEPTHS}, got {depth}")
+    if variant not in VARIANTS:
+        raise ValueError(f"ReduceNet variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if lora and variant != "student":
+        raise ValueError("ReduceNet: the lora branch exists only in the student variant")
+    deploy = variant == "deploy"
+    n = DEPTHS[depth]
+    w = {**cifar_default_widths(depth, width_mult), **(widths or {})}
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = layers.conv(w["stage1"], 3, 1, name="stem_conv", role="stem", group="stage1", use_bias=deploy)(inputs)
+    if not deploy:
+        x = layers.bn(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    for s in (1, 2, 3):
+        for j in range(n):
+            b = f"s{s}b{j}"
+            strides = 2 if (s > 1 and j == 0) else 1
+            if deploy:
+                y = layers.conv(w[b], 3, strides, name=f"{b}_conv1", group=b, use_bias=True)(x)
+            else:
+                y = ReduceConv(w[b], strides, expansion=expansion, bottleneck=variant == "teacher", lora=lora,
+                               lora_act=lora_act, name=f"{b}_rep")(x)
+            y = keras.layers.ReLU(name=f"{b}_relu1")(y)
+            y = layers.conv(w[f"stage{s}"], 3, 1, name=f"{b}_conv2", group=f"stage{s}", use_bias=deploy)(y)
+            if not deploy:
+                y = layers.bn(name=f"{b}_bn2")(y)
+            x = _shortcut(x, w[f"stage{s}"], strides, b, layers, deploy)
+            x = keras.layers.Add(name=f"{b}_add")([x, y])
+            x = keras.layers.ReLU(name=f"{b}_relu2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.dense(num_classes, name="classifier", role="classifier")(x)
+    return keras.Model(inputs, outputs, name=name or f"reduce{depth}_{variant}")
+
+
+for _d in REDUCE_DEPTHS:
+    register_arch(f"reduce{_d}",
+                  lambda num_classes, input_shape, widths, layers, _d=_d, **o:
+                      reducenet(_d, num_classes, input_shape, widths, layers, **o),
+                  lambda _d=_d, width_mult=1.0, **o: cifar_default_widths(_d, width_mult))
+
+
+def is_reducenet(spec):
+    return spec["arch"] in {f"reduce{d}" for d in REDUCE_DEPTHS}
+
+
+def variant_spec(spec, variant, **options):
+    """`spec` of a ReduceNet turned into `variant` (other options kept, `options` override)."""
+    opts = {**spec.get("options", {}), **options, "variant": variant}
+    if variant != "student":
+        opts.pop("lora", None)
+        opts.pop("lora_act", None)
+    return {**spec, "options": opts}
+
+
+def deploy_spec(spec):
+    """Spec of the fused deploy model of the ReduceNet `spec` (rebuilds with `build_from_spec`)."""
+    return variant_spec(spec, "deploy")
+
+
+def _set(layer, kernel, bias):
+    layer.kernel.assign(np.asarray(kernel, np.float32))
+    layer.bias.assign(np.asarray(bias, np.float32))
+
+
+def get_deploy_model(model, spec):
+    """Fold a trained ReduceNet student `model` (built from `spec`) into its deploy model: every
+    BN folded into the conv before it, each block's branches merged into one 3x3 conv with bias.
+    Equal to `model` in inference mode up to float32 round-off."""
+    deploy = build_from_spec(deploy_spec(spec))
+    src = {layer.name: layer for layer in model.layers}
+    for layer in deploy.layers:
+        if isinstance(layer, keras.layers.Dense):
+            layer.set_weights(src[layer.name].get_weights())
+        elif isinstance(layer, keras.layers.Conv2D):
+            if layer.name.endswith("_conv1") and layer.name[:-6] + "_rep" in src:
+                _set(layer, *src[layer.name[:-6] + "_rep"].fuse())
+            else:
+                # The student's BN after each other conv: stem_conv -> stem_bn, s1b0_conv2 -> s1b0_bn2,
+                # s2b0_short_conv -> s2b0_short_bn.
+                _set(layer, *fold_bn(src[layer.name].kernel, None, src[layer.name.replace("conv", "bn")]))
+    return deploy
