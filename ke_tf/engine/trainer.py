@@ -210,6 +210,9 @@ class Trainer:
                         f"stopped before applying it. Last good checkpoint: "
                         f"{tf.train.latest_checkpoint(self.ckpt_dir) or 'none yet'}")
                 bar.write(f"{self.name}: skipped a step with non-finite loss at step {self.step}")
+                # Count it so the epoch/schedule position stays aligned with the data.
+                self.optimizer.iterations.assign_add(1)
+                bar.update(1)
                 continue
             self._apply(grads)
             loss_sum += loss
