@@ -1,0 +1,221 @@
+"""EKG filter pruning (Lee & Song, ECCV 2022): dense net (pre-trained here or loaded) -> greedy
+sub-network search with ensemble knowledge on a held-out split -> memory bank of interim
+sub-networks -> physical slicing -> fine-tuning distilled from the memory bank.
+
+Writes `slimmed_params.pkl` (after search), `memory_bank.npy`, `trained_params.pkl` (after
+fine-tuning; `test.py` rebuilds the pruned net from its metadata) and `results.json`.
+"""
+import dataclasses
+import os
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from ke_tf.config import ConfigError, register_section
+from ke_tf.data.augment import epoch_seed
+from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained,
+                                train_stage)
+from ke_tf.flops import complexity
+from ke_tf.layers.gates import GatedLayerFactory
+from ke_tf.losses import cross_entropy, kd_loss
+from ke_tf.models import build_from_spec, model_spec
+from ke_tf.params import apply_params, load_params, model_arrays
+from ke_tf.pruning import GreedySearch, memory_bank, pick_teachers
+from ke_tf.report import write_json
+from ke_tf.slicing import layer_groups, slice_model
+
+
+@dataclasses.dataclass
+class EKGConfig:
+    trained_param: typing.Optional[str] = None   # dense params file; None -> pre-train here
+    pretrain_epochs: int = 200
+    pretrain_lr: float = 0.1
+    pretrain_decay_epochs: typing.List[float] = dataclasses.field(default_factory=lambda: [100, 150])
+    pretrain_weight_decay: float = 5e-4
+    search_target_rate: float = 0.45              # remaining MACs fraction (train_cifar's 0.45)
+    reduction_rate: typing.Optional[float] = None  # alternative: removed MACs fraction (1 - target)
+    search_step: float = 0.2
+    holdout_per_class: int = 32                   # D_val of the reference
+    search_batch_size: int = 256
+    otsu_trim: float = 0.2
+    criterion: str = "ekg"                        # ekg | random (baseline: random groups/filters)
+    num_teacher: int = 5
+    distill: bool = True                          # memory-bank KD during fine-tuning
+    temperature: float = 4.0
+
+    def validate(self, key):
+        for name in ("search_target_rate", "search_step", "reduction_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise ConfigError(f"{key}.{name} must be in (0, 1), got {value}")
+        if not 0 <= self.otsu_trim < 0.5:
+            raise ConfigError(f"{key}.otsu_trim must be in [0, 0.5), got {self.otsu_trim}")
+        for name in ("pretrain_epochs", "holdout_per_class", "search_batch_size", "num_teacher"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature must be > 0, got {self.temperature}")
+        if self.criterion not in ("ekg", "random"):
+            raise ConfigError(f"{key}.criterion must be one of ekg, random; got {self.criterion!r}")
+
+    @property
+    def target_rate(self):
+        return 1.0 - self.reduction_rate if self.reduction_rate is not None else self.search_target_rate
+
+
+register_section("ekg", EKGConfig)
+
+
+# ---- memory-bank distillation ------------------------------------------------------------------
+class BankData:
+    """`ImageData` whose training batches also carry each image's memory-bank logits. The epoch
+    order of `ImageData.train` is a permutation seeded by `epoch_seed(seed, epoch)`; the bank is
+    permuted the same way and every batch asserts that the labels agree, so a change of that
+    order fails loudly instead of pairing images with the wrong teachers."""
+
+    def __init__(self, data, bank):
+        if len(bank) != data.info.train_size:
+            raise ValueError(f"memory bank has {len(bank)} rows but the training set {data.info.train_size}")
+        self.data, self.bank, self.info = data, bank, data.info
+
+    def train(self, batch_size, epoch, seed, augment=True, drop_remainder=True):
+        perm = np.random.RandomState(epoch_seed(seed, epoch)).permutation(len(self.bank))
+        bank = tf.data.Dataset.from_tensor_slices((self.bank[perm], self.data.train_labels[perm].astype(np.int32)))
+        images = self.data.train(batch_size, epoch, seed, augment, drop_remainder)
+        pairs = tf.data.Dataset.zip((images, bank.batch(batch_size, drop_remainder=drop_remainder)))
+
+        def join(image_batch, bank_batch):
+            check = tf.debugging.assert_equal(image_batch[1], bank_batch[1],
+                                              message="memory bank out of step with the training order")
+            with tf.control_dependencies([check]):
+                return image_batch[0], tf.identity(image_batch[1]), bank_batch[0]
+        return pairs.map(join)
+
+    def test(self, batch_size):
+        return self.data.test(batch_size)
+
+
+def bank_distillation_loss(model, temperature):
+    """EKG fine-tuning loss: CE + T*KL(teacher || student) at temperature T (the reference scales
+    KL by T, not Hinton's T^2). Teacher = mean logits of the bank members that are closer (batch
+    KL) to the best member than the student is; the best member always counts. Early on the
+    student learns from all members, later only from the strong ones."""
+    t = float(temperature)
+
+    def loss_fn(batch, training):
+        images, labels, bank = batch                       # bank [B, K, M], member 0 = best
+        logits = model(images, training=training)
+        members = tf.transpose(tf.cast(bank, tf.float32), [0, 2, 1])      # [B, M, K]
+        best = members[:, :1, :]
+        student_gap = tf.reduce_sum(kd_loss(tf.stop_gradient(logits), best[:, 0], t))
+        member_gaps = tf.reduce_sum(kd_loss(members, best, t), axis=0)     # [M]
+        chosen = tf.cast(member_gaps < student_gap, tf.float32)
+        chosen = tf.tensor_scatter_nd_update(chosen, [[0]], [1.0])
+        teacher = tf.einsum("bmk,m->bk", members, chosen) / tf.reduce_sum(chosen)
+        loss = cross_entropy(logits, labels) + kd_loss(logits, teacher, t) / t
+        return {"loss": loss, "logits": logits}
+    return loss_fn
+
+
+# ---- phases ----------------------------------------------------------------------------------
+def _pretrain_config(cfg, e):
+    return dataclasses.replace(cfg.train, epochs=e.pretrain_epochs, lr=e.pretrain_lr, schedule="step",
+                               decay_epochs=list(e.pretrain_decay_epochs), decay_factor=0.1,
+                               weight_decay=e.pretrain_weight_decay)
+
+
+def dense_model(cfg, strategy, data, spec):
+    """The dense network: loaded from `ekg.trained_param`, or pre-trained (and saved as
+    dense_params.pkl)."""
+    e = cfg.section("ekg")
+    with strategy.scope():
+        model = build_from_spec(spec)
+    layer_groups(model)  # fails now, not after pre-training, if the net cannot be sliced (option A)
+    if e.trained_param:
+        arrays, _ = load_params(e.trained_param)
+        apply_params(model, arrays, source=e.trained_param)
+        return model, {}
+    _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name="pretrain",
+                                    train_cfg=_pretrain_config(cfg, e))
+    save_trained(strategy, run_path(cfg, "dense_params.pkl"), model, spec, cfg,
+                 metrics={"test_" + k: v for k, v in final.items()})
+    return model, {"pretrain_epochs": len(history)}
+
+
+def gated_copy(strategy, dense, spec):
+    """The gated version of `dense` with the same weights (all gates open)."""
+    with strategy.scope():
+        gated = build_from_spec(spec, GatedLayerFactory())
+    arrays = model_arrays(dense)
+    for v in gated.weights:
+        if v.name != "gate":
+            v.assign(arrays[v.path])
+    return gated
+
+
+def search(cfg, strategy, data, gated):
+    """Greedy search on a held-out split; returns (keep, search)."""
+    e = cfg.section("ekg")
+    _, holdout = data.split_holdout(e.holdout_per_class, cfg.seed)
+    searcher = GreedySearch(gated, list(holdout.test(e.search_batch_size)), e.target_rate, e.search_step,
+                            e.otsu_trim, e.criterion, seed=cfg.seed, progress=cfg.train.progress)
+    keep = searcher.run()
+    return {g: [int(c) for c in ix] for g, ix in keep.items()}, searcher
+
+
+def slim(cfg, strategy, data, dense_spec):
+    """Pre-train/load, search, build the memory bank and slice; resumes from slimmed_params.pkl."""
+    e = cfg.section("ekg")
+    slimmed_path, bank_path = run_path(cfg, "slimmed_params.pkl"), run_path(cfg, "memory_bank.npy")
+    if os.path.exists(slimmed_path) and os.path.exists(bank_path):
+        arrays, meta = load_params(slimmed_path)
+        with strategy.scope():
+            model = build_from_spec(meta["model"])
+        apply_params(model, arrays, source=slimmed_path)
+        return model, meta["model"], np.load(bank_path), meta["ekg"]
+    dense, info = dense_model(cfg, strategy, data, dense_spec)
+    dense_metrics = evaluate_model(strategy, dense, data, cfg.train.eval_batch_size)
+    gated = gated_copy(strategy, dense, dense_spec)
+    keep, searcher = search(cfg, strategy, data, gated)
+    teachers = pick_teachers(searcher.history, e.num_teacher)
+    bank = memory_bank(gated, searcher.history, teachers, data.train_eval(e.search_batch_size))
+    np.save(bank_path, bank)
+    with strategy.scope():
+        model, spec = slice_model(gated, dense_spec, keep)
+    slimmed = evaluate_model(strategy, model, data, cfg.train.eval_batch_size)
+    record = {**info, "keep": keep, "search_steps": len(searcher.history) - 1,
+              "macs_rate": searcher.rate(), "teachers": teachers,
+              "teacher_holdout_ce": [searcher.history[t][1] for t in teachers],
+              "dense_complexity": complexity(dense),
+              "dense_test_top1": dense_metrics["top1"], "slimmed_test_top1": slimmed["top1"]}
+    save_trained(strategy, slimmed_path, model, spec, cfg, metrics={"test_" + k: v for k, v in slimmed.items()},
+                 dense_complexity=record["dense_complexity"], ekg=record)
+    return model, spec, bank, record
+
+
+def run(cfg, strategy):
+    """EKG pruning of `cfg.model.arch` (shortcut B) on `cfg.data`."""
+    e = cfg.section("ekg")
+    data = load_configured_data(cfg)
+    dense_spec = model_spec(cfg.model.arch, data.info.num_classes, tuple(data.info.image_shape),
+                            **cfg.model.options)
+    model, spec, bank, record = slim(cfg, strategy, data, dense_spec)
+    if e.distill:
+        _, history, final = train_stage(cfg, strategy, model, BankData(data, bank), cfg.run_dir,
+                                        name="finetune", loss_fn=bank_distillation_loss(model, e.temperature))
+    else:
+        _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name="finetune")
+    path = run_path(cfg, "trained_params.pkl")
+    metadata = save_trained(strategy, path, model, spec, cfg, metrics={"test_" + k: v for k, v in final.items()},
+                            dense_complexity=record["dense_complexity"], ekg=record)
+    dense_c = record["dense_complexity"]
+    summary = {"method": "ekg", "arch": spec["arch"], "dataset": data.info.name, "criterion": e.criterion,
+               "dense_test_top1": record["dense_test_top1"], "slimmed_test_top1": record["slimmed_test_top1"],
+               "test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"],
+               **metadata["complexity"],
+               "macs_reduction": 1.0 - metadata["complexity"]["macs"] / dense_c["macs"],
+               "params_reduction": 1.0 - metadata["complexity"]["params"] / dense_c["params"],
+               "search_steps": record["search_steps"], "finetune_epochs": len(history), "params_file": path}
+    write_json(run_path(cfg, "results.json"), {"summary": summary, "ekg": record, "history": history})
+    return summary

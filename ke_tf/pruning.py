@@ -1,0 +1,268 @@
+"""EKG sub-network search on a gated network (Lee & Song, ECCV 2022), re-implemented from the
+reference notes: Taylor filter importance, a greedy one-group-at-a-time width search scored on a
+held-out split against a running-mean ensemble of the chosen sub-networks, analytic MACs of a
+masked candidate, and the memory-bank teacher choice. Weights never change during the search.
+"""
+import math
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from ke_tf.flops import _calls, layer_macs
+from ke_tf.layers.gates import gate_sites, model_gates, set_masks
+from ke_tf.losses import cross_entropy, soft_cross_entropy
+from ke_tf.slicing import INPUT, LOGITS, layer_groups
+
+
+class MaskedMacs:
+    """MACs of a gated model as a function of its group widths, without building anything: a
+    conv/dense layer's MACs are linear in its input and output channel counts, so each layer
+    contributes full_macs * (w_in / C_in) * (w_out / C_out) (equal to `ke_tf.flops.count_macs`
+    of the physically pruned model)."""
+
+    def __init__(self, model):
+        import keras
+        groups = layer_groups(model)
+        self.full_widths = {g: int(layer.gate.shape[0]) for g, layer in model_gates(model).items()}
+        self.terms = []
+        for layer in model.layers:
+            if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) or layer.name not in groups:
+                continue
+            if getattr(layer, "groups", 1) != 1 or isinstance(layer, keras.layers.DepthwiseConv2D):
+                raise ValueError(f"{layer.name}: grouped/depthwise convolutions are not supported by EKG")
+            in_g, out_g = groups[layer.name]
+            macs = sum(layer_macs(layer, i, o) for i, o in _calls(layer))
+            self.terms.append((macs, self._group(in_g), self._group(out_g)))
+        self.full = self(self.full_widths)
+
+    def _group(self, g):
+        return None if g in (INPUT, LOGITS) else g
+
+    def __call__(self, widths):
+        total = 0.0
+        for macs, in_g, out_g in self.terms:
+            scale = 1.0
+            for g in (in_g, out_g):
+                if g is not None:
+                    scale *= widths[g] / self.full_widths[g]
+            total += macs * scale
+        return int(round(total))
+
+
+def moving_statistics(model):
+    return [v for v in model.non_trainable_variables if v.name in ("moving_mean", "moving_variance")]
+
+
+def batch_stat_forward(model):
+    """Compiled forward in BN batch-statistics mode that leaves the moving statistics untouched
+    (the reference scores candidates with batch statistics and frozen moving averages; Keras BN
+    always updates them in training mode, so they are restored after the call)."""
+    stats = moving_statistics(model)
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        saved = [tf.identity(v.value) for v in stats]
+        logits = model(x, training=True)
+        with tf.control_dependencies([logits]):
+            for v, s in zip(stats, saved):
+                v.assign(s)
+        return logits
+    return forward
+
+
+def search_objective(logits, labels, ensemble_logits):
+    """Per-example CE(labels) + CE(softmax(ensemble), logits) (soft targets at T=1)."""
+    return cross_entropy(logits, labels) + soft_cross_entropy(logits, ensemble_logits, 1.0)
+
+
+def importance_fn(model, forward):
+    """Compiled `(x, y, ensemble) -> [|dL/dgate_g|]` per group: with a 0/1 gate shared by all sites
+    of a group, dL/dgate_c = sum over sites, batch and positions of a_c * dL/da_c, the first-order
+    (Taylor) loss change of removing channel c from the whole group."""
+    gates = list(model_gates(model).values())
+
+    @tf.function(reduce_retracing=True)
+    def score(x, y, ensemble):
+        variables = [g.gate.value for g in gates]
+        with tf.GradientTape() as tape:
+            tape.watch(variables)
+            loss = tf.reduce_mean(search_objective(forward(x), y, ensemble))
+        return [tf.abs(g) for g in tape.gradient(loss, variables)]
+    return score
+
+
+def trimmed_otsu(costs, trim=0.2):
+    """Otsu threshold of `costs` after dropping ceil(trim*n) values at each end: the split
+    maximising w0*w1*(m0-m1)^2, returned as the midpoint of the two values at the split."""
+    values = np.sort(np.asarray(costs, np.float64))
+    n = len(values)
+    cut = math.ceil(trim * n)
+    core = values[cut:n - cut] if n - 2 * cut >= 2 else values
+    if len(core) < 2:
+        return float(core[-1])
+    best, threshold = -1.0, float(core[-1])
+    for s in range(1, len(core)):
+        w0 = s / len(core)
+        between = w0 * (1 - w0) * (core[:s].mean() - core[s:].mean()) ** 2
+        if between > best:
+            best, threshold = between, float(core[s - 1] + core[s]) / 2
+    return threshold
+
+
+class GreedySearch:
+    """EKG's greedy search. `holdout` is a list of (images, labels) batches of the held-out
+    split; `criterion` "ekg" (importance + scored candidates) or "random" (random group and
+    random filters, the baseline)."""
+
+    def __init__(self, model, holdout, target_rate, step=0.2, trim=0.2, criterion="ekg", seed=0,
+                 progress=True):
+        self.model = model
+        self.gates = model_gates(model)
+        self.macs = MaskedMacs(model)
+        self.target = target_rate * self.macs.full
+        self.holdout = [(tf.convert_to_tensor(x), tf.convert_to_tensor(y)) for x, y in holdout]
+        self.forward = batch_stat_forward(model)
+        self.score_fn = importance_fn(model, self.forward)
+        sites = gate_sites(model)
+        full = self.macs.full_widths
+        # Reference: step = max(1/C, search_step/num_sites) of the width; a residual stage's gate
+        # is applied after every block, so it moves by about one channel per step.
+        self.steps = {g: max(1, int(round(full[g] * step / sites[g]))) for g in full}
+        self.trim = trim
+        self.criterion = criterion
+        self.rng = np.random.RandomState(seed)
+        self.progress = progress
+        self.keep = {g: np.arange(c) for g, c in full.items()}
+        self.history = []
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def widths(self, keep=None):
+        return {g: len(ix) for g, ix in (keep or self.keep).items()}
+
+    def rate(self, keep=None):
+        return self.macs(self.widths(keep)) / self.macs.full
+
+    def evaluate(self, keep, ensemble):
+        """(logits [N, K], mean CE, mean score) of the sub-network `keep` on the holdout."""
+        set_masks(self.gates, keep)
+        logits = np.concatenate([self.forward(x).numpy() for x, _ in self.holdout])
+        labels = np.concatenate([y.numpy() for _, y in self.holdout])
+        ce = cross_entropy(logits, labels).numpy()
+        target = logits if ensemble is None else ensemble
+        score = ce + soft_cross_entropy(logits, target, 1.0).numpy()
+        return logits, float(ce.mean()), float(score.mean())
+
+    def importance(self, ensemble):
+        """{group: per-channel importance} of the current sub-network (per-batch |.| summed)."""
+        set_masks(self.gates, self.keep)
+        total = {g: np.zeros(int(layer.gate.shape[0])) for g, layer in self.gates.items()}
+        start = 0
+        for x, y in self.holdout:
+            n = int(x.shape[0])
+            grads = self.score_fn(x, y, tf.constant(ensemble[start:start + n]))
+            for g, grad in zip(self.gates, grads):
+                total[g] += grad.numpy()
+            start += n
+        return total
+
+    # ---- one step -------------------------------------------------------------------------
+    def _shrunk(self, group, order, count):
+        """`keep` with the `count` first channels of `order` removed from `group`."""
+        drop = set(order[:count].tolist())
+        return {**self.keep, group: np.asarray([c for c in self.keep[group] if c not in drop])}
+
+    def _candidate(self, group, order):
+        """Remove one step (fine-searched so the last step lands just under the target)."""
+        count = min(self.steps[group], len(self.keep[group]) - 1)
+        keep = self._shrunk(group, order, count)
+        if self.macs(self.widths(keep)) <= self.target:
+            for smaller in range(1, count):
+                trial = self._shrunk(group, order, smaller)
+                if self.macs(self.widths(trial)) <= self.target:
+                    return trial
+        return keep
+
+    def _orders(self, scores):
+        """Per prunable group: its active channels, least important first."""
+        orders = {}
+        for g, active in self.keep.items():
+            if len(active) > 1:
+                orders[g] = active[np.argsort(scores[g][active], kind="stable")] if scores else \
+                    self.rng.permutation(active)
+        return orders
+
+    def step(self, ensemble):
+        """Commit the best next sub-network; returns (its holdout logits, CE, score)."""
+        if self.criterion == "random":
+            orders = self._orders(None)
+            if not orders:
+                raise ValueError("search: every group is down to one channel before the MACs target")
+            group = list(orders)[self.rng.randint(len(orders))]
+            self.keep = self._candidate(group, orders[group])
+            return self.evaluate(self.keep, ensemble)
+        scores = self.importance(ensemble)
+        orders = self._orders(scores)
+        if not orders:
+            raise ValueError("search: every group is down to one channel before the MACs target")
+        costs = {g: float(scores[g][o[:self.steps[g]]].sum()) for g, o in orders.items()}
+        threshold = trimmed_otsu(list(costs.values()), self.trim)
+        best = None
+        for g in orders:
+            if costs[g] > threshold:
+                continue
+            keep = self._candidate(g, orders[g])
+            result = self.evaluate(keep, ensemble)
+            if best is None or result[2] < best[1][2]:
+                best = (keep, result)
+        self.keep = best[0]
+        return best[1]
+
+    def run(self):
+        """Search until MACs <= target; returns the kept channels per group. `history` holds
+        (keep, holdout CE) of the dense net and every accepted sub-network, in order."""
+        ensemble, ce, _ = self.evaluate(self.keep, None)
+        members = 1
+        self.history = [(dict(self.keep), ce)]
+        bar = tqdm(desc=f"EKG search ({self.criterion})", disable=not self.progress, leave=False,
+                   dynamic_ncols=True)
+        while self.rate() > self.target / self.macs.full + 1e-12:
+            logits, ce, score = self.step(ensemble)
+            # Pseudo-supernet: running mean of the logits of the dense net and every chosen net.
+            ensemble = (ensemble * members + logits) / (members + 1)
+            members += 1
+            self.history.append((dict(self.keep), ce))
+            bar.update(1)
+            bar.set_postfix(macs_rate=f"{self.rate():.3f}", score=f"{score:.4f}")
+        bar.close()
+        set_masks(self.gates, self.keep)
+        return self.keep
+
+
+def pick_teachers(history, num):
+    """Memory-bank members: for k = 1..num the interim net whose holdout loss is nearest to
+    (1-k/num)*L(pruned) + (k/num)*L(dense) (the paper's spacing; the final net itself is
+    excluded). Returned sorted by loss, best first."""
+    final_loss, candidates = history[-1][1], list(range(len(history) - 1))
+    dense_loss = history[0][1]
+    chosen = []
+    for k in range(1, num + 1):
+        if not candidates:
+            break
+        target = (1 - k / num) * final_loss + (k / num) * dense_loss
+        i = min(candidates, key=lambda c: abs(history[c][1] - target))
+        chosen.append(i)
+        candidates.remove(i)
+    return sorted(chosen, key=lambda c: history[c][1])
+
+
+def memory_bank(model, history, teachers, dataset):
+    """Logits [N, K, len(teachers)] of each teacher sub-network on `dataset` (fixed order),
+    in BN batch-statistics mode like the search."""
+    gates = model_gates(model)
+    forward = batch_stat_forward(model)
+    bank = []
+    for t in teachers:
+        set_masks(gates, history[t][0])
+        bank.append(np.concatenate([forward(x).numpy() for x, _ in dataset]))
+    return np.stack(bank, axis=-1).astype(np.float32)
