@@ -1,0 +1,285 @@
+"""Knowledge Consistency: Trans-Net orders and loss, std scaling, feature cache, variance report,
+the consistency loop end to end, and (slow) consistency between two digits nets."""
+import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ke_tf.config import ConfigError, from_dict
+from ke_tf.features import cache_features, fingerprint, load_trained, tail_model, tap_model
+from ke_tf.loops.consistency import variance_report
+from ke_tf.models import build_model, model_spec
+from ke_tf.models.transnet import TransNet, std_scale, transnet_loss, transnet_model
+from ke_tf.params import load_params, save_params
+
+
+def _np_scale(x):
+    return x / (x.std(axis=(1, 2), ddof=1, keepdims=True) + 1e-5)
+
+
+def _transnet(depth=3, channels=4, beta=(0.7, -0.4, 1.1), seed=0):
+    keras.utils.set_random_seed(seed)
+    layer = TransNet(channels, depth=depth)
+    layer.build((None, 6, 5, channels))
+    layer.beta.assign(np.asarray(beta[:depth - 1], np.float32))
+    return layer
+
+
+def _x(shape=(3, 6, 5, 4), seed=1):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 2.0 + 0.5
+
+
+def test_shapes_and_config_round_trip():
+    layer = _transnet()
+    x = _x()
+    y = layer(x)
+    assert y.shape == x.shape
+    parts = layer.orders(x)
+    assert len(parts) == 3 and all(p.shape == x.shape for p in parts)
+    assert sorted(tuple(v.shape) for v in layer.weights) == [(2,)] + [(3, 3, 4, 4)] * 3
+    clone = TransNet.from_config(layer.get_config())
+    clone.build(x.shape)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(clone(x), y, atol=1e-6)
+    assert keras.saving.get_registered_object("ke_tf>TransNet") is TransNet
+    with pytest.raises(ValueError, match="same tap width"):
+        TransNet(8).build((None, 6, 5, 4))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_orders_sum_to_full_output_with_frozen_gates(depth):
+    layer = _transnet(depth=depth)
+    x = _x()
+    parts = layer.orders(x)
+    assert len(parts) == depth
+    np.testing.assert_allclose(tf.add_n(parts), layer(x), rtol=1e-5, atol=1e-5)
+    # every order carries signal (no trivially-zero component)
+    assert all(float(tf.reduce_max(tf.abs(p))) > 1e-3 for p in parts)
+
+
+def test_orders_match_hand_derivation():
+    """Y0 = W2 n(x); Y1 = W2 (p1 G1 W1 n(x) / s1); Y2 = W2 (p1 G1 W1 (p0 G0 W0 n(x) / s0) / s1)."""
+    layer = _transnet()
+    x = _x()
+    p = layer.p.numpy()
+    w0, w1, w2 = layer.convs
+    nx = _np_scale(x)
+    h0 = w0(nx).numpy()
+    s0 = h0.std(axis=(1, 2), ddof=1, keepdims=True) + 1e-5
+    h1 = w1(nx + p[0] * np.maximum(h0 / s0, 0)).numpy()
+    s1 = h1.std(axis=(1, 2), ddof=1, keepdims=True) + 1e-5
+    g0, g1 = (h0 > 0) * p[0] / s0, (h1 > 0) * p[1] / s1
+    expected = [w2(nx), w2(g1 * w1(nx).numpy()), w2(g1 * w1(g0 * h0).numpy())]
+    for got, want in zip(layer.orders(x), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer(x), w2(nx + p[1] * np.maximum(h1 / s1, 0)), rtol=1e-5, atol=1e-5)
+
+
+def test_orders_share_weights():
+    layer = _transnet()
+    assert len(layer.trainable_weights) == 4  # 3 convs + beta, shared by all orders
+    x = _x()
+    with tf.GradientTape() as tape:
+        y0 = tf.reduce_sum(layer.orders(x)[0])
+    grads = tape.gradient(y0, [c.trainable_variables[0] for c in layer.convs] + [layer.beta])
+    # order 0 = W2 n(x): only W2 (and not the gates) shapes it
+    assert grads[0] is None and grads[1] is None and grads[2] is not None and grads[3] is None
+
+
+def test_std_scale_values_and_stopped_gradient():
+    x = tf.constant(_x())
+    y, scale = std_scale(x)
+    np.testing.assert_allclose(y, _np_scale(x.numpy()), rtol=1e-5)
+    v = tf.constant(_x(seed=2))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = tf.reduce_sum(std_scale(x)[0] * v)
+    # std is a constant for the gradient: d/dx sum(v * x / s) = v / s
+    np.testing.assert_allclose(tape.gradient(out, x), v / scale, rtol=1e-5)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        s = tf.math.reduce_std(x, axis=[1, 2], keepdims=True) * np.sqrt(30 / 29) + 1e-5
+        full = tf.reduce_sum(x / s * v)
+    assert np.abs(tape.gradient(full, x) - v / scale).max() > 1e-3  # it would differ otherwise
+    one = tf.constant(_x((2, 1, 1, 3)))
+    np.testing.assert_array_equal(std_scale(one)[0], one)  # FC taps: identity
+
+
+def test_loss_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    pred, target = rng.normal(size=(2, 3, 3, 2)), rng.normal(size=(2, 3, 3, 2))
+    p = np.array([0.3, 0.8])
+    per_example = transnet_loss(tf.constant(pred, tf.float32), tf.constant(target, tf.float32),
+                                tf.constant(p, tf.float32), [0.1, 2.0]).numpy()
+    penalty = 0.1 * 0.09 + 2.0 * 0.64
+    want = [np.mean((pred[i] - target[i]) ** 2) + penalty for i in range(2)]
+    np.testing.assert_allclose(per_example, want, rtol=1e-5)
+    assert per_example.shape == (2,)
+
+
+def _tiny_nets(tmp_path, seeds=(0, 1)):
+    paths = []
+    for s in seeds:
+        keras.utils.set_random_seed(s)
+        spec = model_spec("resnet20", 3, (8, 8, 3), width_mult=0.25)
+        model = build_model(spec["arch"], 3, spec["input_shape"], **spec["options"])
+        path = str(tmp_path / f"net{s}.pkl")
+        save_params(path, model, {"model": spec})
+        paths.append(path)
+    return paths
+
+
+def _images(n=10):
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(n, 8, 8, 3)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices((images, np.arange(n, dtype=np.int32) % 3)).batch(4), images
+
+
+def test_tail_model_composes_with_tap(tmp_path):
+    model, _ = load_trained(_tiny_nets(tmp_path)[0])
+    _, images = _images()
+    tap, tail = tap_model(model, "s2b2_add"), tail_model(model, "s2b2_add")
+    np.testing.assert_allclose(tail(tap(images)), model(images), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not found"):
+        tap_model(model, "nope")
+
+
+def test_feature_cache_reuse_and_invalidation(tmp_path):
+    pa, pb = _tiny_nets(tmp_path)
+    (na, _), (nb, _) = load_trained(pa), load_trained(pb)
+    taps = tap_model(na, "s2b2_add"), tap_model(nb, "s2b2_add")
+    ds, images = _images()
+    folder = str(tmp_path / "cache")
+    ident = fingerprint([pa, pb], "digits", "train", "s2b2_add", [8, 8, 3])
+    cache, reused = cache_features(folder, *taps, ds, ident, shard_size=4)
+    assert not reused and cache.count == 10 and len(cache.shards) == 3  # 4 + 4 + 2 (one batch each)
+    xa, xb, labels = cache.arrays()
+    np.testing.assert_allclose(xa, taps[0](images), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(xb, taps[1](images), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(labels, np.arange(10) % 3)
+    stamp = os.path.getmtime(os.path.join(folder, "a_00000.npy"))
+
+    again, reused = cache_features(folder, *taps, ds, ident, shard_size=4)
+    assert reused and os.path.getmtime(os.path.join(folder, "a_00000.npy")) == stamp
+
+    # a retrained net B (different params bytes) changes the fingerprint -> rebuild with B's features
+    save_params(pb, na, load_params(pb)[1])
+    ident2 = fingerprint([pa, pb], "digits", "train", "s2b2_add", [8, 8, 3])
+    assert ident2 != ident
+    rebuilt, reused = cache_features(folder, taps[0], taps[0], ds, ident2, shard_size=8)
+    assert not reused and len(rebuilt.shards) == 2
+    np.testing.assert_allclose(rebuilt.arrays()[1], xa, rtol=1e-5, atol=1e-5)
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".npy")) == \
+        ["a_00000.npy", "a_00001.npy", "b_00000.npy", "b_00001.npy", "labels_00000.npy", "labels_00001.npy"]
+    for other in ({**ident2, "layer": "s3b2_add"}, {**ident2, "image_size": [16, 16, 3]}):
+        assert not cache_features(folder, taps[0], taps[0], ds, other, shard_size=8)[1]
+
+    # a missing shard (interrupted copy) is not reused
+    os.remove(os.path.join(folder, "b_00001.npy"))
+    assert not cache_features(folder, taps[0], taps[0], ds, other, shard_size=8)[1]
+
+
+def test_feature_dataset_is_deterministic_per_epoch(tmp_path):
+    pa, pb = _tiny_nets(tmp_path)
+    taps = tap_model(load_trained(pa)[0], "s2b2_add"), tap_model(load_trained(pb)[0], "s2b2_add")
+    ds, _ = _images()
+    cache, _ = cache_features(str(tmp_path / "c"), *taps, ds, {"k": 1}, shard_size=4)
+
+    def labels_of(epoch):
+        return np.concatenate([y.numpy() for _, y in cache.dataset(3, epoch, seed=7)])
+
+    stored = np.concatenate([y.numpy() for _, y in cache.dataset(3)])
+    np.testing.assert_array_equal(stored, np.arange(10) % 3)
+    first = [a.numpy() for (a, _), _ in cache.dataset(3, 0, seed=7)]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate([a.numpy() for (a, _), _ in cache.dataset(3, 0, seed=7)]))
+    assert sorted(labels_of(0)) == sorted(stored) and len(labels_of(1)) == 10
+    a0 = np.concatenate(first)
+    a1 = np.concatenate([a.numpy() for (a, _), _ in cache.dataset(3, 1, seed=7)])
+    assert not np.allclose(a0, a1)
+    assert sum(1 for _ in cache.dataset(3, 0, drop_remainder=True)) == 3
+
+
+def test_variance_report_matches_numpy(tmp_path):
+    pa, pb = _tiny_nets(tmp_path)
+    taps = tap_model(load_trained(pa)[0], "s2b2_add"), tap_model(load_trained(pb)[0], "s2b2_add")
+    ds, _ = _images()
+    cache, _ = cache_features(str(tmp_path / "c"), *taps, ds, {"k": 1}, shard_size=4)
+    trans = _transnet(channels=cache.feature_shape[-1])
+    rows = variance_report(trans.orders, cache, batch_size=3)  # partial last batch: exact weighting
+    xa, xb, _ = cache.arrays()
+    parts = [p.numpy().astype(np.float64) for p in trans.orders(xa)]
+
+    def var(t):  # pooled over channels around each channel's mean (reference Variance.py)
+        t = t.reshape(-1, t.shape[-1])
+        return np.mean((t - t.mean(0)) ** 2)
+
+    want = [var(p) for p in parts] + [var(xb - sum(parts)), var(xb)]
+    np.testing.assert_allclose([r["variance"] for r in rows], want, rtol=1e-4)
+    np.testing.assert_allclose([r["relative"] for r in rows], np.array(want) / want[-1], rtol=1e-4)
+    np.testing.assert_allclose(sum(r["share"] for r in rows[:-1]), 1.0, rtol=1e-6)
+    assert rows[-1]["component"] == "target x_B" and rows[3]["component"].startswith("residual")
+
+
+def test_config_validation():
+    from ke_tf.loops import register_sections
+    register_sections()
+    base = {"method": "consistency"}
+    cfg = from_dict({**base, "consistency": {"transnet": {"epochs": 3}}})
+    kc = cfg.section("consistency")
+    assert kc.transnet.epochs == 3 and kc.transnet.optimizer == "adam" and kc.transnet.final_lr == 1e-6
+    assert kc.refine.lr == 1e-5 and kc.alphas == [0.1, 0.1]
+    for bad, match in (({"alphas": [0.1]}, "consistency.alphas"), ({"net_a": "a.pkl"}, "net_b"),
+                       ({"seeds": [3, 3]}, "seeds"), ({"in_modes": [[1, 0]]}, r"in_modes\[0\]"),
+                       ({"transnet": {"schedule": "bogus"}}, "consistency.transnet.schedule")):
+        with pytest.raises(ConfigError, match=match):
+            from_dict({**base, "consistency": bad})
+
+
+def _cli(run_dir, *extra):
+    from train_cifar import main
+    return main(["--config", "configs/quickstart_consistency_digits.yaml",
+                 "--set", f"run_dir={run_dir}", "--set", "data.image_size=16",
+                 "--set", "model.options.width_mult=0.5", "--set", "train.progress=false",
+                 "--set", "consistency.transnet.progress=false", "--set", "consistency.refine.progress=false",
+                 *extra])
+
+
+def test_end_to_end_tiny_run(tmp_path, capsys):
+    run_dir = tmp_path / "kc"
+    args = ("--set", "train.epochs=1", "--set", "consistency.transnet.epochs=2",
+            "--set", "consistency.refine.epochs=1", "--set", "consistency.in_modes=[[1,0,0]]")
+    summary = _cli(run_dir, *args)
+    assert summary["method"] == "consistency" and not summary["features_reused"]
+    assert 0.0 <= summary["refine_100_top1"] <= 1.0 and summary["net_a_top1"] != summary["net_b_top1"]
+    rel = [summary[f"var_order{k}_rel"] for k in range(3)]
+    assert all(r > 0 for r in rel) and summary["var_residual_rel"] > 0
+    assert "| order 0 |" in capsys.readouterr().out
+    arrays, meta = load_params(summary["transnet_params"])
+    model = transnet_model(meta["transnet"]["feature_shape"], meta["transnet"]["depth"])
+    assert set(arrays) == {v.path for v in model.weights}
+    variance = json.loads((run_dir / "variance.json").read_text())
+    assert [r["component"] for r in variance["rows"]][:3] == ["order 0", "order 1", "order 2"]
+    assert (run_dir / "refine_100_tail.pkl").exists()
+    # nets A, B were trained from different seeds; the rerun reuses nets and feature caches
+    again = _cli(run_dir, *args)
+    assert again["features_reused"] and again["net_a_top1"] == summary["net_a_top1"]
+    np.testing.assert_allclose(again["var_order0_rel"], summary["var_order0_rel"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_digits_nets_are_mostly_consistent(tmp_path):
+    """Nets from seeds 0 and 5 on digits: the linear (order-0) component of B's s2b2_add feature
+    reconstructed from A's explains clearly more than half of its variance."""
+    start = time.time()
+    summary = _cli(tmp_path / "kc", "--set", "train.epochs=6", "--set", "consistency.transnet.epochs=40",
+                   "--set", "consistency.in_modes=[]")
+    print(f"slow consistency run: {time.time() - start:.0f}s", summary)
+    assert summary["net_a_top1"] > 0.85 and summary["net_b_top1"] > 0.85
+    assert summary["var_order0_rel"] > 0.55
+    assert summary["var_residual_rel"] < 0.45
