@@ -1,0 +1,297 @@
+"""Class-incremental learning without exemplars: LwM (Dhar et al., CVPR 2019) and its baselines.
+
+A base task is learned with CE; each later task trains a student, made from the frozen previous
+model (the teacher) with K new output units, on the new classes' data only, with
+  L = CE + beta * KD(old logits, T) + gamma * L_AD(Grad-CAM maps of the teacher's top old class)
+(lwm; lwf drops L_AD, finetune keeps CE only). After every task all seen classes are evaluated
+(argmax over all seen outputs); the accuracy matrix, average incremental accuracy and forgetting
+are written as tables, a plot and per-task params files that test.py can evaluate.
+"""
+import dataclasses
+import os
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from ke_tf.config import ConfigError, TrainConfig, register_section
+from ke_tf.data import class_order, incremental_tasks
+from ke_tf.engine.stage import load_configured_data, run_path, save_trained, train_stage
+from ke_tf.gradcam import feature_model, grad_cam, save_overlays
+from ke_tf.losses import attention_distillation, cross_entropy, kd_loss
+from ke_tf.models import build_from_spec, model_spec
+from ke_tf.report import markdown_table, plot_lines, write_json, write_table
+
+METHODS = ("lwm", "lwf", "finetune")
+
+
+@dataclasses.dataclass
+class IncrementalConfig:
+    method: str = "lwm"             # lwm | lwf | finetune
+    compare: typing.List[str] = dataclasses.field(default_factory=list)  # run these on one base model
+    order_seed: typing.Optional[int] = 1993   # class order seed (1993: iCaRL/PyCIL CIFAR-100); None: 0..n-1
+    first: int = 50                 # classes of the base task
+    increment: int = 10             # classes of every later task
+    num_tasks: typing.Optional[int] = None    # stop after this many tasks (None: all classes)
+    beta: float = 1.0               # weight of L_D (paper leaves it open; FACIL/stony-hub use 1)
+    gamma: float = 1.0              # weight of L_AD (same)
+    temperature: float = 2.0        # L_D temperature (LwF's T=2)
+    ce_over: str = "all"            # CE over all seen outputs | only the new task's outputs
+    attention_layer: typing.Optional[str] = None   # Grad-CAM layer (None: last conv block)
+    base_train: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)  # train.* overrides for task 0
+    gradcam_images: int = 8         # test images in the Grad-CAM overlay PNG (0: none)
+
+    def validate(self, key):
+        if self.method not in METHODS:
+            raise ConfigError(f"{key}.method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        bad = [m for m in self.compare if m not in METHODS]
+        if bad or len(set(self.compare)) != len(self.compare):
+            raise ConfigError(f"{key}.compare must list distinct methods of {', '.join(METHODS)}; got {self.compare}")
+        for name in ("first", "increment"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_tasks is not None and self.num_tasks < 1:
+            raise ConfigError(f"{key}.num_tasks must be >= 1, got {self.num_tasks}")
+        for name in ("beta", "gamma", "gradcam_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature must be > 0, got {self.temperature}")
+        if self.ce_over not in ("all", "new"):
+            raise ConfigError(f"{key}.ce_over must be one of all, new; got {self.ce_over!r}")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(self.base_train) - fields)
+        if unknown:
+            raise ConfigError(f"unknown config key {key}.base_train.{unknown[0]} (known: {', '.join(sorted(fields))})")
+
+
+register_section("incremental", IncrementalConfig)
+
+
+# ---- tasks and data ------------------------------------------------------------------------
+def task_split(icfg, num_classes):
+    """The class lists of the tasks, in the configured class order."""
+    order = class_order(num_classes, icfg.order_seed) if icfg.order_seed is not None else list(range(num_classes))
+    if icfg.num_tasks is not None:
+        used = icfg.first + (icfg.num_tasks - 1) * icfg.increment
+        if used > num_classes:
+            raise ConfigError(f"incremental: {icfg.num_tasks} tasks of {icfg.first}+{icfg.increment} classes "
+                              f"need {used} classes; the dataset has {num_classes}")
+        order = order[:used]
+    try:
+        return incremental_tasks(order, icfg.first, icfg.increment)
+    except ValueError as e:
+        raise ConfigError(f"incremental: {e}") from None
+
+
+class TaskData:
+    """One task's training data with labels shifted by `offset` into the seen-class index space
+    (tasks are consecutive in the class order); tests on all seen classes. Duck-types the
+    `ImageData` methods `train_stage` uses."""
+
+    def __init__(self, task_data, offset, seen_data):
+        self.info = dataclasses.replace(seen_data.info, train_size=task_data.info.train_size)
+        self._task = task_data
+        self._offset = offset
+        self._seen = seen_data
+
+    def train(self, batch_size, epoch, seed, **kwargs):
+        offset = self._offset
+        return self._task.train(batch_size, epoch, seed, **kwargs).map(lambda x, y: (x, y + offset))
+
+    def test(self, batch_size):
+        return self._seen.test(batch_size)
+
+
+# ---- model growth and losses ---------------------------------------------------------------
+def extend_head(teacher, spec):
+    """A model built from `spec` (more classes than `teacher`) with every teacher weight copied;
+    the classifier's old output columns are copied and its new columns keep their fresh init,
+    so the old outputs are unchanged."""
+    student = build_from_spec(spec)
+    source = {v.path: v for v in teacher.weights}
+    for v in student.weights:
+        old = source[v.path].numpy()
+        if old.shape == tuple(v.shape):
+            v.assign(old)
+            continue
+        if not v.path.startswith("classifier/") or old.shape[:-1] != tuple(v.shape)[:-1]:
+            raise ValueError(f"extend_head: {v.path} has shape {old.shape} in the teacher and "
+                             f"{tuple(v.shape)} in the student; only the classifier may grow")
+        new = v.numpy()
+        new[..., :old.shape[-1]] = old
+        v.assign(new)
+    return student
+
+
+def incremental_loss(method, icfg, student, teacher=None, n_old=0):
+    """Trainer `loss_fn` for one task: CE on the new labels (+ KD on the old outputs for lwf/lwm,
+    + Grad-CAM attention distillation for lwm). With no teacher (base task) it is plain CE."""
+    beta = icfg.beta if teacher is not None and method in ("lwf", "lwm") else 0.0
+    gamma = icfg.gamma if teacher is not None and method == "lwm" else 0.0
+    if gamma:
+        student_fm = feature_model(student, icfg.attention_layer)
+        teacher_fm = feature_model(teacher, icfg.attention_layer)
+
+    def loss_fn(batch, training):
+        images, labels = batch[0], tf.cast(batch[1], tf.int32)
+        if gamma:
+            # b = the teacher's top old class (paper, sec. 4); the same b drives both maps.
+            t_maps, t_logits, top = grad_cam(teacher_fm, images, training=False)
+            s_maps, logits, _ = grad_cam(student_fm, images, top, training=training)
+        else:
+            logits = student(images, training=training)
+            t_logits = teacher(images, training=False) if beta else None
+        if icfg.ce_over == "new" and teacher is not None:
+            loss = cross_entropy(logits[:, n_old:], labels - n_old)
+        else:
+            loss = cross_entropy(logits, labels)
+        if beta:
+            loss += beta * kd_loss(logits[:, :n_old], tf.stop_gradient(t_logits), icfg.temperature)
+        if gamma:
+            loss += gamma * attention_distillation(s_maps, tf.stop_gradient(t_maps))
+        return {"loss": loss, "logits": logits}
+    return loss_fn
+
+
+# ---- metrics -------------------------------------------------------------------------------
+def predict_labels(model, dataset):
+    """(predicted, true) label arrays of `model` in inference mode over `dataset`."""
+    predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
+    preds, labels = [], []
+    for images, y in dataset:
+        preds.append(predict(images).numpy())
+        labels.append(y.numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def task_accuracies(preds, labels, task_sizes):
+    """Class-incremental accuracy on each task's classes (tasks are consecutive label ranges)."""
+    bounds = np.cumsum([0] + list(task_sizes))
+    accs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mask = (labels >= lo) & (labels < hi)
+        accs.append(float(np.mean(preds[mask] == labels[mask])) if mask.any() else None)
+    return accs
+
+
+def average_incremental_accuracy(seen_accs):
+    """Mean of the all-seen-classes accuracy after every task, the first included (iCaRL)."""
+    return float(np.mean(seen_accs))
+
+
+def forgetting(matrix):
+    """FACIL forgetting after the last row of the lower-triangular accuracy `matrix`
+    (matrix[t][j]: accuracy on task j after task t): mean over old tasks j of
+    max_{j<=t<last} matrix[t][j] - matrix[last][j]; 0 after the first task."""
+    last = len(matrix) - 1
+    if last == 0:
+        return 0.0
+    return float(np.mean([max(matrix[t][j] for t in range(j, last)) - matrix[last][j] for j in range(last)]))
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def _evaluate(model, seen_data, tasks, t, batch_size):
+    preds, labels = predict_labels(model, seen_data.test(batch_size))
+    accs = task_accuracies(preds, labels, [len(c) for c in tasks[:t + 1]])
+    n_old = sum(len(c) for c in tasks[:t])
+    old = labels < n_old
+    return {"acc_seen": float(np.mean(preds == labels)),
+            "acc_old": float(np.mean(preds[old] == labels[old])) if old.any() else None,
+            "acc_new": float(np.mean(preds[~old] == labels[~old]))}, accs
+
+
+def _save_gradcam(path, model, seen_data, seen, icfg, n):
+    images, labels = next(iter(seen_data.test(n)))
+    maps, logits, preds = grad_cam(feature_model(model, icfg.attention_layer), images)
+    titles = [f"y={seen[int(y)]} p={seen[int(p)]}" for y, p in zip(labels.numpy(), preds.numpy())]
+    return save_overlays(path, images.numpy(), maps.numpy(), titles, seen_data.info.mean, seen_data.info.std)
+
+
+def run(cfg, strategy):
+    """Learn the configured task sequence with each method; returns a flat summary."""
+    icfg = cfg.section("incremental")
+    if cfg.data.classes is not None:
+        raise ConfigError("data.classes must be unset for method incremental; the tasks come from "
+                          "incremental.order_seed/first/increment/num_tasks")
+    methods = list(icfg.compare) or [icfg.method]
+    full = load_configured_data(cfg)
+    tasks = task_split(icfg, full.info.num_classes)
+    input_shape = tuple(full.info.image_shape)
+    base_cfg = dataclasses.replace(cfg.train, **icfg.base_train)
+    base_cfg.validate("incremental.base_train")
+    eval_bs = cfg.train.eval_batch_size
+
+    def seen_classes(t):
+        return [c for task in tasks[:t + 1] for c in task]
+
+    def spec(t):
+        return model_spec(cfg.model.arch, len(seen_classes(t)), input_shape, **cfg.model.options)
+
+    def save(model, t, method, method_dir, metrics):
+        path = os.path.join(method_dir, f"task_{t}", "trained_params.pkl")
+        save_trained(strategy, path, model, spec(t), cfg, metrics=metrics,
+                     data={"name": cfg.data.name, "image_size": input_shape[0], "classes": seen_classes(t)},
+                     incremental={"method": method, "task": t, "tasks": tasks})
+        return path
+
+    # Base task: plain CE, shared by every compared method.
+    base_data = load_configured_data(cfg, classes=tasks[0])
+    with strategy.scope():
+        base = build_from_spec(spec(0))
+    _, base_history, _ = train_stage(cfg, strategy, base, TaskData(base_data, 0, base_data), cfg.run_dir,
+                                     name="task_0", loss_fn=incremental_loss("finetune", icfg, base),
+                                     train_cfg=base_cfg)
+    base_metrics, base_accs = _evaluate(base, base_data, tasks, 0, eval_bs)
+    base.trainable = False
+
+    results = {}
+    for method in methods:
+        method_dir = cfg.run_dir if len(methods) == 1 else os.path.join(cfg.run_dir, method)
+        rows = [{"method": method, "task": 0, "classes": len(tasks[0]), **base_metrics, "forgetting": 0.0}]
+        matrix = [base_accs]
+        histories = {"task_0": base_history}
+        files = [save(base, 0, method, method_dir, base_metrics)]
+        teacher = base
+        for t in range(1, len(tasks)):
+            n_old = len(seen_classes(t - 1))
+            seen_data = load_configured_data(cfg, classes=seen_classes(t))
+            task_data = TaskData(load_configured_data(cfg, classes=tasks[t]), n_old, seen_data)
+            with strategy.scope():
+                student = extend_head(teacher, spec(t))
+            loss_fn = incremental_loss(method, icfg, student, teacher, n_old)
+            _, histories[f"task_{t}"], _ = train_stage(cfg, strategy, student, task_data, method_dir,
+                                                       name=f"task_{t}", loss_fn=loss_fn)
+            metrics, accs = _evaluate(student, seen_data, tasks, t, eval_bs)
+            matrix.append(accs)
+            rows.append({"method": method, "task": t, "classes": len(seen_classes(t)), **metrics,
+                         "forgetting": forgetting(matrix)})
+            files.append(save(student, t, method, method_dir, metrics))
+            student.trainable = False
+            teacher = student
+        if icfg.gradcam_images:
+            _save_gradcam(os.path.join(method_dir, "gradcam.png"), teacher,
+                          load_configured_data(cfg, classes=seen_classes(len(tasks) - 1)),
+                          seen_classes(len(tasks) - 1), icfg, icfg.gradcam_images)
+        summary = {"avg_incremental_acc": average_incremental_accuracy([r["acc_seen"] for r in rows]),
+                   "final_acc": rows[-1]["acc_seen"], "forgetting": rows[-1]["forgetting"]}
+        write_table(os.path.join(method_dir, "incremental"), rows, summary=summary)
+        write_json(os.path.join(method_dir, "results.json"),
+                   {"method": method, "tasks": tasks, "rows": rows, "accuracy_matrix": matrix,
+                    "summary": summary, "params_files": files, "history": histories})
+        results[method] = {"rows": rows, "summary": summary}
+
+    all_rows = [r for m in methods for r in results[m]["rows"]]
+    print(markdown_table(all_rows))
+    write_table(run_path(cfg, "comparison"), all_rows,
+                summary={m: results[m]["summary"] for m in methods})
+    classes = [r["classes"] for r in results[methods[0]]["rows"]]
+    plot_lines(run_path(cfg, "accuracy.png"), classes,
+               {m: [r["acc_seen"] for r in results[m]["rows"]] for m in methods},
+               "number of classes", "accuracy on all seen classes",
+               f"{cfg.data.name} class-incremental ({len(tasks[0])}+{len(tasks) - 1}x{icfg.increment})")
+    summary = {"method": "incremental", "methods": ",".join(methods), "arch": cfg.model.arch,
+               "dataset": cfg.data.name, "tasks": len(tasks)}
+    for m in methods:
+        summary.update({f"{m}_{k}": v for k, v in results[m]["summary"].items()})
+    return summary
