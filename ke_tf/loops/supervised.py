@@ -1,5 +1,6 @@
 """Plain supervised training: the baseline every method is compared with, and the quickstart."""
 from ke_tf.engine.stage import load_configured_data, run_path, save_trained, train_stage
+from ke_tf.engine.strategy import is_chief
 from ke_tf.models import build_model, model_spec
 from ke_tf.report import write_json
 
@@ -21,5 +22,6 @@ def run(cfg, strategy):
                "test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"],
                **metadata["complexity"], "epochs": len(history),
                "params_file": run_path(cfg, "trained_params.pkl")}
-    write_json(run_path(cfg, "results.json"), {"summary": summary, "history": history})
+    if is_chief(strategy):
+        write_json(run_path(cfg, "results.json"), {"summary": summary, "history": history})
     return summary
