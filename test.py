@@ -10,27 +10,23 @@ import argparse
 from ke_tf.cli import guarded
 
 
-def evaluate_params_file(path, dataset=None, data_dir=None, batch_size=256, classes=None):
-    """Rebuild, load and evaluate `path`; returns a metrics dict."""
+def evaluate_params_file(path, dataset=None, data_dir=None, batch_size=256, classes=None, with_model=False):
+    """Rebuild, load and evaluate `path`; returns a metrics dict (and the model if asked)."""
     from ke_tf.data import load_data
     from ke_tf.engine import evaluate, make_strategy
+    from ke_tf.export import load_deployable
     from ke_tf.flops import complexity
-    from ke_tf.models import build_from_spec
-    from ke_tf.params import ParamsError, apply_params, load_params
+    from ke_tf.params import ParamsError
 
-    arrays, meta = load_params(path)
-    if "model" not in meta:
-        raise ParamsError(f"{path}: metadata has no 'model' entry; cannot rebuild the network")
+    strategy = make_strategy("auto")
+    with strategy.scope():
+        model, meta = load_deployable(path)
     data_meta = meta.get("data", {})
     name = dataset or data_meta.get("name")
     if not name:
         raise ParamsError(f"{path}: no dataset recorded; pass --dataset")
-    strategy = make_strategy("auto")
     data = load_data(name, data_dir=data_dir, image_size=data_meta.get("image_size"),
                      classes=classes if classes is not None else data_meta.get("classes"))
-    with strategy.scope():
-        model = build_from_spec(meta["model"])
-        apply_params(model, arrays, source=path)
     if data.info.num_classes != meta["model"]["num_classes"]:
         raise ParamsError(f"{path}: model has {meta['model']['num_classes']} outputs but dataset "
                           f"{name} has {data.info.num_classes} classes")
@@ -42,7 +38,7 @@ def evaluate_params_file(path, dataset=None, data_dir=None, batch_size=256, clas
     if dense:
         result["params_reduction"] = 1.0 - result["params"] / dense["params"]
         result["macs_reduction"] = 1.0 - result["macs"] / dense["macs"]
-    return result
+    return (result, model) if with_model else result
 
 
 @guarded
@@ -53,9 +49,11 @@ def main(argv):
     parser.add_argument("--data_dir", help="tfds data dir or image-folder root")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.add_argument("--export", metavar="DIR", help="also export the model as SavedModel + TFLite")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    result = evaluate_params_file(args.trained_param, args.dataset, args.data_dir, args.batch_size)
+    result, model = evaluate_params_file(args.trained_param, args.dataset, args.data_dir, args.batch_size,
+                                         with_model=True)
     print(f"Test loss: {result['test_loss']:.4f}, Top-1: {100 * result['test_top1']:.2f}%, "
           f"Top-5: {100 * result['test_top5']:.2f}%")
     line = f"Params: {result['params'] / 1e6:.4f}M, MACs: {result['macs'] / 1e6:.2f}M"
@@ -66,6 +64,10 @@ def main(argv):
     if args.json:
         from ke_tf.report import write_json
         write_json(args.json, result)
+    if args.export:
+        from ke_tf.export import export_model
+        result["exported"] = export_model(model, args.export)
+        print(f"Exported SavedModel and TFLite to {args.export}")
     return result
 
 

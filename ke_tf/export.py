@@ -1,0 +1,61 @@
+"""Export a trained params file's deployable model as a SavedModel and a TFLite flatbuffer.
+
+    python -m ke_tf.export --trained_param runs/x/trained_params.pkl --out exported/
+    python test.py --trained_param runs/x/trained_params.pkl --export exported/
+
+The deployable model is what the file's metadata rebuilds: a KE slim net, an EKG-pruned net or a
+fused ReduceNet student are all plain networks, so the exported graph carries no masks or gates.
+"""
+import argparse
+import os
+
+from ke_tf.models import build_from_spec
+from ke_tf.params import ParamsError, apply_params, load_params
+
+
+def load_deployable(path):
+    """Rebuild the model a params file describes and load its weights."""
+    arrays, meta = load_params(path)
+    if "model" not in meta:
+        raise ParamsError(f"{path}: metadata has no 'model' entry; cannot rebuild the network")
+    return apply_params(build_from_spec(meta["model"]), arrays, source=path), meta
+
+
+def export_model(model, out_dir):
+    """Write `out_dir/saved_model` (serving signature: float32 NHWC images -> logits) and
+    `out_dir/model.tflite`; returns their paths."""
+    import tensorflow as tf
+    saved = os.path.join(out_dir, "saved_model")
+    model.export(saved, format="tf_saved_model", verbose=False)
+    tflite = os.path.join(out_dir, "model.tflite")
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+    from ke_tf.params import atomic_write_bytes
+    atomic_write_bytes(tflite, converter.convert())
+    return {"saved_model": saved, "tflite": tflite}
+
+
+def export_params_file(path, out_dir):
+    """Export the deployable model of params file `path` into `out_dir`."""
+    model, _ = load_deployable(path)
+    return export_model(model, out_dir)
+
+
+def main(argv=None):
+    from ke_tf.cli import guarded
+
+    @guarded
+    def run(args_list):
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--trained_param", required=True)
+        parser.add_argument("--out", required=True, help="output folder")
+        parser.add_argument("--debug", action="store_true")
+        args = parser.parse_args(args_list)
+        paths = export_params_file(args.trained_param, args.out)
+        for kind, p in paths.items():
+            print(f"{kind}: {p}")
+        return paths
+    return run(argv)
+
+
+if __name__ == "__main__":
+    main()
