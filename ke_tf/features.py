@@ -38,7 +38,7 @@ def tap_model(model, layer):
         out = model.get_layer(layer).output
     except ValueError:
         raise ValueError(f"layer {layer!r} not found in model {model.name!r}") from None
-    return keras.Model(model.inputs, out, name=f"{model.name}_{layer}")
+    return keras.Model(model.inputs[0], out, name=f"{model.name}_{layer}")
 
 
 def tail_model(model, layer):
