@@ -1,0 +1,54 @@
+"""ke_tf: Knowledge Evolution, distillation (KD, Born-Again, ReduceNet), incremental learning
+without memorizing, EKG filter pruning and knowledge consistency for TensorFlow 2 / Keras 3.
+
+The public API, by what you would use it for:
+
+- Layers (all registered serializable under "ke_tf"): `SplitConv2D`, `SplitDense` (KE split
+  masks), `ChannelGate` (pruning gates), `ReduceConv` (reparameterizable branch block, fused by
+  `get_deploy_model`), `AnnealedReLU` (VanillaNet-style (1-l)*ReLU(x)+l*x), `TransNet`.
+- Layer factories for the model builders: `LayerFactory`, `SplitLayerFactory`, `GatedLayerFactory`.
+- Models: `build_model`, `build_from_spec`, `model_spec`, `default_widths`, `register_arch`,
+  `slice_model` (physically narrower network), `get_deploy_model` (fused ReduceNet).
+- Losses: `cross_entropy`, `soft_cross_entropy`, `kd_loss`, `attention_distillation`;
+  `grad_cam` (differentiable Grad-CAM).
+- Measuring: `complexity`, `count_macs`, `count_params` (MACs, paper convention).
+- Params files: `save_params`, `load_params` (restricted unpickler), `apply_params`, `ParamsError`.
+- Training: `Trainer`, `Evaluator`, `make_strategy`; `load_data`; `load_config`, `run_method`
+  (the loop entry points: supervised, evolution, distillation, incremental, ekg, consistency).
+"""
+from ke_tf.config import ConfigError, load_config
+from ke_tf.data import load_data
+from ke_tf.engine import Evaluator, Trainer, make_strategy
+from ke_tf.flops import complexity, count_macs, count_params
+from ke_tf.gradcam import grad_cam
+from ke_tf.layers.activations import AnnealedReLU
+from ke_tf.layers.factory import LayerFactory
+from ke_tf.layers.gates import ChannelGate, GatedLayerFactory
+from ke_tf.layers.reparam import ReduceConv
+from ke_tf.layers.split import SplitConv2D, SplitDense, SplitLayerFactory
+from ke_tf.losses import attention_distillation, cross_entropy, kd_loss, soft_cross_entropy
+from ke_tf.models import build_from_spec, build_model, default_widths, model_spec, register_arch
+from ke_tf.models.reducenet import get_deploy_model
+from ke_tf.models.transnet import TransNet
+from ke_tf.params import ParamsError, apply_params, load_params, save_params
+from ke_tf.slicing import slice_model
+
+__version__ = "0.1.0"
+
+
+def run_method(cfg, strategy=None):
+    """Run the loop `cfg.method` names (what train_cifar.py/train_flower.py do) and return its
+    summary dict. `cfg` is a `ke_tf.config.Config` (see `load_config`)."""
+    from ke_tf.loops import get_loop
+    return get_loop(cfg.method).run(cfg, strategy or make_strategy(cfg.distribute.strategy,
+                                                                   cfg.distribute.cpu_replicas))
+
+
+__all__ = [
+    "AnnealedReLU", "ChannelGate", "ConfigError", "Evaluator", "GatedLayerFactory", "LayerFactory",
+    "ParamsError", "ReduceConv", "SplitConv2D", "SplitDense", "SplitLayerFactory", "Trainer", "TransNet",
+    "apply_params", "attention_distillation", "build_from_spec", "build_model", "complexity",
+    "count_macs", "count_params", "cross_entropy", "default_widths", "get_deploy_model", "grad_cam",
+    "kd_loss", "load_config", "load_data", "load_params", "make_strategy", "model_spec",
+    "register_arch", "run_method", "save_params", "slice_model", "soft_cross_entropy",
+]
