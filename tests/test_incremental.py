@@ -152,6 +152,11 @@ def test_task_split_and_config_validation():
         inc.task_split(inc.IncrementalConfig(first=3, increment=2), 10)
     with pytest.raises(ConfigError, match="need 12 classes"):
         inc.task_split(inc.IncrementalConfig(first=4, increment=4, num_tasks=3), 10)
+    from ke_tf.config import load_config
+    from ke_tf.loops import register_sections
+    register_sections()
+    cfg = load_config("configs/cifar100_lwm.yaml")
+    assert [len(t) for t in inc.task_split(cfg.section("incremental"), 100)] == [50] + [10] * 5
     with pytest.raises(ConfigError, match="incremental.compare"):
         from_dict({"method": "incremental", "incremental": {"compare": ["lwm", "icarl"]}})
     with pytest.raises(ConfigError, match="incremental.base_train.epoch"):
@@ -192,3 +197,24 @@ def test_end_to_end_digits_writes_pickles_tables_plot_and_test_py_evaluates(tmp_
     base = evaluate_params_file(os.path.join(run_dir, "finetune", "task_0", "trained_params.pkl"))
     assert base["examples"] < evaluated["examples"]
     assert base["test_top1"] == pytest.approx(results["rows"][0]["acc_seen"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_lwm_keeps_more_old_class_knowledge_than_finetuning_on_digits(tmp_path):
+    """Digits 5+5 without exemplars: fine-tuning overwrites the old classes; LwM (KD + Grad-CAM
+    attention distillation) keeps clearly more of them, while still learning the new ones."""
+    from train_cifar import main
+
+    run_dir = str(tmp_path / "run")
+    main(["--config", "configs/quickstart_lwm_digits.yaml", "--set", f"run_dir={run_dir}",
+          "--set", "train.progress=false", "--set", "train.epochs=4", "--set", "incremental.first=5",
+          "--set", "incremental.increment=5", "--set", "incremental.compare=[finetune, lwm]",
+          "--set", "incremental.gradcam_images=0"])
+    rows = {(r["method"], r["task"]): r for r in json.load(open(os.path.join(run_dir, "comparison.json")))["rows"]}
+    print({k: {m: round(v, 3) for m, v in r.items() if isinstance(v, float)} for k, r in rows.items()})
+    assert rows[("lwm", 0)]["acc_seen"] > 0.95
+    fine, lwm = rows[("finetune", 1)], rows[("lwm", 1)]
+    assert lwm["acc_old_head"] > fine["acc_old_head"] + 0.15
+    assert lwm["acc_old"] >= fine["acc_old"]
+    assert lwm["forgetting"] <= fine["forgetting"]
+    assert lwm["acc_new"] > 0.5

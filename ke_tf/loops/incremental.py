@@ -155,14 +155,14 @@ def incremental_loss(method, icfg, student, teacher=None, n_old=0):
 
 
 # ---- metrics -------------------------------------------------------------------------------
-def predict_labels(model, dataset):
-    """(predicted, true) label arrays of `model` in inference mode over `dataset`."""
-    predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
-    preds, labels = [], []
+def predict_logits(model, dataset):
+    """(logits, true labels) arrays of `model` in inference mode over `dataset`."""
+    predict = tf.function(lambda x: model(x, training=False))
+    logits, labels = [], []
     for images, y in dataset:
-        preds.append(predict(images).numpy())
+        logits.append(np.asarray(predict(images), np.float32))
         labels.append(y.numpy())
-    return np.concatenate(preds), np.concatenate(labels)
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 def task_accuracies(preds, labels, task_sizes):
@@ -192,13 +192,19 @@ def forgetting(matrix):
 
 # ---- the loop ------------------------------------------------------------------------------
 def _evaluate(model, seen_data, tasks, t, batch_size):
-    preds, labels = predict_labels(model, seen_data.test(batch_size))
+    """Class-incremental metrics after task t (argmax over all seen outputs) plus the seed
+    repository's old-head accuracy (old-class images, argmax over the old outputs only)."""
+    logits, labels = predict_logits(model, seen_data.test(batch_size))
+    preds = np.argmax(logits, axis=-1)
     accs = task_accuracies(preds, labels, [len(c) for c in tasks[:t + 1]])
     n_old = sum(len(c) for c in tasks[:t])
     old = labels < n_old
+    if not old.any():
+        return {"acc_seen": float(np.mean(preds == labels)), "acc_old": None, "acc_new": accs[-1],
+                "acc_old_head": None}, accs
     return {"acc_seen": float(np.mean(preds == labels)),
-            "acc_old": float(np.mean(preds[old] == labels[old])) if old.any() else None,
-            "acc_new": float(np.mean(preds[~old] == labels[~old]))}, accs
+            "acc_old": float(np.mean(preds[old] == labels[old])), "acc_new": accs[-1],
+            "acc_old_head": float(np.mean(np.argmax(logits[old, :n_old], axis=-1) == labels[old]))}, accs
 
 
 def _save_gradcam(path, model, seen_data, seen, icfg, n):
@@ -208,8 +214,28 @@ def _save_gradcam(path, model, seen_data, seen, icfg, n):
     return save_overlays(path, images.numpy(), maps.numpy(), titles, seen_data.info.mean, seen_data.info.std)
 
 
+class _MethodRun:
+    """One method's chain of models and its per-task results."""
+
+    def __init__(self, method, run_dir):
+        self.method, self.dir = method, run_dir
+        self.rows, self.matrix, self.files, self.history = [], [], [], {}
+        self.model = None
+
+    def record(self, t, n_classes, metrics, accs, path):
+        self.matrix.append(accs)
+        self.rows.append({"method": self.method, "task": t, "classes": n_classes, **metrics,
+                          "forgetting": forgetting(self.matrix)})
+        self.files.append(path)
+
+    def summary(self):
+        return {"avg_incremental_acc": average_incremental_accuracy([r["acc_seen"] for r in self.rows]),
+                "final_acc": self.rows[-1]["acc_seen"], "forgetting": self.rows[-1]["forgetting"]}
+
+
 def run(cfg, strategy):
-    """Learn the configured task sequence with each method; returns a flat summary."""
+    """Learn the configured task sequence with each method (all continuing from one base model,
+    task by task so each task's data is loaded once); returns a flat summary."""
     icfg = cfg.section("incremental")
     if cfg.data.classes is not None:
         raise ConfigError("data.classes must be unset for method incremental; the tasks come from "
@@ -221,6 +247,7 @@ def run(cfg, strategy):
     base_cfg = dataclasses.replace(cfg.train, **icfg.base_train)
     base_cfg.validate("incremental.base_train")
     eval_bs = cfg.train.eval_batch_size
+    runs = [_MethodRun(m, cfg.run_dir if len(methods) == 1 else os.path.join(cfg.run_dir, m)) for m in methods]
 
     def seen_classes(t):
         return [c for task in tasks[:t + 1] for c in task]
@@ -228,70 +255,57 @@ def run(cfg, strategy):
     def spec(t):
         return model_spec(cfg.model.arch, len(seen_classes(t)), input_shape, **cfg.model.options)
 
-    def save(model, t, method, method_dir, metrics):
-        path = os.path.join(method_dir, f"task_{t}", "trained_params.pkl")
+    def save(model, t, run, metrics):
+        path = os.path.join(run.dir, f"task_{t}", "trained_params.pkl")
         save_trained(strategy, path, model, spec(t), cfg, metrics=metrics,
                      data={"name": cfg.data.name, "image_size": input_shape[0], "classes": seen_classes(t)},
-                     incremental={"method": method, "task": t, "tasks": tasks})
+                     incremental={"method": run.method, "task": t, "tasks": tasks})
         return path
 
-    # Base task: plain CE, shared by every compared method.
-    base_data = load_configured_data(cfg, classes=tasks[0])
-    with strategy.scope():
-        base = build_from_spec(spec(0))
-    _, base_history, _ = train_stage(cfg, strategy, base, TaskData(base_data, 0, base_data), cfg.run_dir,
-                                     name="task_0", loss_fn=incremental_loss("finetune", icfg, base),
-                                     train_cfg=base_cfg)
-    base_metrics, base_accs = _evaluate(base, base_data, tasks, 0, eval_bs)
-    base.trainable = False
-
-    results = {}
-    for method in methods:
-        method_dir = cfg.run_dir if len(methods) == 1 else os.path.join(cfg.run_dir, method)
-        rows = [{"method": method, "task": 0, "classes": len(tasks[0]), **base_metrics, "forgetting": 0.0}]
-        matrix = [base_accs]
-        histories = {"task_0": base_history}
-        files = [save(base, 0, method, method_dir, base_metrics)]
-        teacher = base
-        for t in range(1, len(tasks)):
-            n_old = len(seen_classes(t - 1))
-            seen_data = load_configured_data(cfg, classes=seen_classes(t))
-            task_data = TaskData(load_configured_data(cfg, classes=tasks[t]), n_old, seen_data)
+    for t in range(len(tasks)):
+        n_old = len(seen_classes(t - 1)) if t else 0
+        seen_data = load_configured_data(cfg, classes=seen_classes(t))
+        task_data = TaskData(load_configured_data(cfg, classes=tasks[t]), n_old, seen_data)
+        if t == 0:  # the base task: plain CE, one model shared by every compared method
+            with strategy.scope():
+                base = build_from_spec(spec(0))
+            _, history, _ = train_stage(cfg, strategy, base, task_data, cfg.run_dir, name="task_0",
+                                        loss_fn=incremental_loss("finetune", icfg, base), train_cfg=base_cfg)
+            metrics, accs = _evaluate(base, seen_data, tasks, 0, eval_bs)
+            base.trainable = False
+            for run in runs:
+                run.model, run.history["task_0"] = base, history
+                run.record(0, len(tasks[0]), metrics, accs, save(base, 0, run, metrics))
+            continue
+        for run in runs:
+            teacher = run.model
             with strategy.scope():
                 student = extend_head(teacher, spec(t))
-            loss_fn = incremental_loss(method, icfg, student, teacher, n_old)
-            _, histories[f"task_{t}"], _ = train_stage(cfg, strategy, student, task_data, method_dir,
-                                                       name=f"task_{t}", loss_fn=loss_fn)
+            loss_fn = incremental_loss(run.method, icfg, student, teacher, n_old)
+            _, run.history[f"task_{t}"], _ = train_stage(cfg, strategy, student, task_data, run.dir,
+                                                         name=f"task_{t}", loss_fn=loss_fn)
             metrics, accs = _evaluate(student, seen_data, tasks, t, eval_bs)
-            matrix.append(accs)
-            rows.append({"method": method, "task": t, "classes": len(seen_classes(t)), **metrics,
-                         "forgetting": forgetting(matrix)})
-            files.append(save(student, t, method, method_dir, metrics))
             student.trainable = False
-            teacher = student
-        if icfg.gradcam_images:
-            _save_gradcam(os.path.join(method_dir, "gradcam.png"), teacher,
-                          load_configured_data(cfg, classes=seen_classes(len(tasks) - 1)),
-                          seen_classes(len(tasks) - 1), icfg, icfg.gradcam_images)
-        summary = {"avg_incremental_acc": average_incremental_accuracy([r["acc_seen"] for r in rows]),
-                   "final_acc": rows[-1]["acc_seen"], "forgetting": rows[-1]["forgetting"]}
-        write_table(os.path.join(method_dir, "incremental"), rows, summary=summary)
-        write_json(os.path.join(method_dir, "results.json"),
-                   {"method": method, "tasks": tasks, "rows": rows, "accuracy_matrix": matrix,
-                    "summary": summary, "params_files": files, "history": histories})
-        results[method] = {"rows": rows, "summary": summary}
+            run.model = student
+            run.record(t, len(seen_classes(t)), metrics, accs, save(student, t, run, metrics))
 
-    all_rows = [r for m in methods for r in results[m]["rows"]]
+    for run in runs:
+        if icfg.gradcam_images:
+            _save_gradcam(os.path.join(run.dir, "gradcam.png"), run.model, seen_data, seen_classes(len(tasks) - 1),
+                          icfg, icfg.gradcam_images)
+        write_table(os.path.join(run.dir, "incremental"), run.rows, summary=run.summary())
+        write_json(os.path.join(run.dir, "results.json"),
+                   {"method": run.method, "tasks": tasks, "rows": run.rows, "accuracy_matrix": run.matrix,
+                    "summary": run.summary(), "params_files": run.files, "history": run.history})
+    all_rows = [r for run in runs for r in run.rows]
     print(markdown_table(all_rows))
-    write_table(run_path(cfg, "comparison"), all_rows,
-                summary={m: results[m]["summary"] for m in methods})
-    classes = [r["classes"] for r in results[methods[0]]["rows"]]
-    plot_lines(run_path(cfg, "accuracy.png"), classes,
-               {m: [r["acc_seen"] for r in results[m]["rows"]] for m in methods},
+    write_table(run_path(cfg, "comparison"), all_rows, summary={run.method: run.summary() for run in runs})
+    plot_lines(run_path(cfg, "accuracy.png"), [r["classes"] for r in runs[0].rows],
+               {run.method: [r["acc_seen"] for r in run.rows] for run in runs},
                "number of classes", "accuracy on all seen classes",
                f"{cfg.data.name} class-incremental ({len(tasks[0])}+{len(tasks) - 1}x{icfg.increment})")
     summary = {"method": "incremental", "methods": ",".join(methods), "arch": cfg.model.arch,
                "dataset": cfg.data.name, "tasks": len(tasks)}
-    for m in methods:
-        summary.update({f"{m}_{k}": v for k, v in results[m]["summary"].items()})
+    for run in runs:
+        summary.update({f"{run.method}_{k}": v for k, v in run.summary().items()})
     return summary
