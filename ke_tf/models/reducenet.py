@@ -16,7 +16,7 @@ import numpy as np
 
 from ke_tf.layers.factory import PLAIN
 from ke_tf.layers.reparam import ReduceConv, fold_bn
-from ke_tf.models import build_from_spec, register_arch
+from ke_tf.models import build_from_spec, model_spec, register_arch
 from ke_tf.models.resnet_cifar import DEPTHS, cifar_default_widths
 
 VARIANTS = ("teacher", "student", "deploy")
@@ -99,11 +99,21 @@ def _set(layer, kernel, bias):
     layer.bias.assign(np.asarray(bias, np.float32))
 
 
-def get_deploy_model(model, spec):
-    """Fold a trained ReduceNet student `model` (built from `spec`) into its deploy model: every
-    BN folded into the conv before it, each block's branches merged into one 3x3 conv with bias.
-    Equal to `model` in inference mode up to float32 round-off."""
-    deploy = build_from_spec(deploy_spec(spec))
+def student_spec_of(model):
+    """The spec of a ReduceNet student, read from its layers (depth, channel widths, classes)."""
+    units = [layer for layer in model.layers if isinstance(layer, ReduceConv)]
+    widths = {layer.name[:-len("_rep")]: layer.filters for layer in units}
+    widths.update({f"stage{s}": model.get_layer(f"s{s}b0_conv2").filters for s in (1, 2, 3)})
+    return model_spec(f"reduce{2 * len(units) + 2}", model.get_layer("classifier").units, model.input_shape[1:],
+                      widths, variant="student")
+
+
+def get_deploy_model(model, spec=None):
+    """Fold a trained ReduceNet student `model` into its deploy model (built from
+    `deploy_spec(spec)`; `spec` defaults to `student_spec_of(model)`): every BN folded into the
+    conv before it, each block's branches merged into one 3x3 conv with bias. Equal to `model` in
+    inference mode up to float32 round-off."""
+    deploy = build_from_spec(deploy_spec(spec or student_spec_of(model)))
     src = {layer.name: layer for layer in model.layers}
     for layer in deploy.layers:
         if isinstance(layer, keras.layers.Dense):
