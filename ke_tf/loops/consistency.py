@@ -89,9 +89,15 @@ class ConsistencyConfig:
 register_section("consistency", ConsistencyConfig)
 
 
+def _net_recipe(config_dict):
+    """What determines a trained net (not the consistency settings nor progress bars)."""
+    train = {k: v for k, v in config_dict["train"].items() if k != "progress"}
+    return {"seed": config_dict["seed"], "data": config_dict["data"], "model": config_dict["model"], "train": train}
+
+
 def _trained_nets(cfg, kc, strategy):
     """Params files of nets A and B: the configured ones, or two supervised runs under
-    run_dir/net_a, net_b differing only in seed (skipped when a run with that config exists)."""
+    run_dir/net_a, net_b differing only in seed (skipped when a run with that recipe exists)."""
     if kc.net_a is not None:
         return kc.net_a, kc.net_b
     from ke_tf.loops import supervised
@@ -100,8 +106,8 @@ def _trained_nets(cfg, kc, strategy):
         sub = dataclasses.replace(cfg, method="supervised", seed=seed, run_dir=run_path(cfg, f"net_{tag}"))
         path = run_path(sub, "trained_params.pkl")
         try:
-            done = load_params(path)[1].get("config") == sub.to_dict()
-        except ValueError:
+            done = _net_recipe(load_params(path)[1]["config"]) == _net_recipe(sub.to_dict())
+        except (ValueError, KeyError):
             done = False
         if not done:
             keras.utils.set_random_seed(seed)  # different init and data order per net
