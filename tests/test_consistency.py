@@ -282,6 +282,14 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
     assert [h["epoch"] for h in history] == [0, 1, 2]
 
 
+def test_given_nets_must_fit_the_data(nets, capsys, tmp_path):
+    """consistency.net_a/net_b are used as given; nets for another input size fail with one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(tmp_path / "kc", "--set", f"consistency.net_a={nets[0][0]}", "--set", f"consistency.net_b={nets[0][1]}")
+    assert exit_info.value.code == 2
+    assert "net expects input (8, 8, 3) / 3 classes but data gives (16, 16, 3) / 10" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_digits_nets_are_mostly_consistent(tmp_path):
     """Nets from seeds 0 and 5 on digits: the linear (order-0) component of B's s2b2_add feature
