@@ -1,0 +1,112 @@
+"""Shared benchmark machinery: device description, interleaved median timing, result entries
+and small model/trainer builders (so every benchmark times the same things the same way)."""
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def cpu_model():
+    """CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description():
+    """What the numbers were measured on: CPU model, cores, GPUs, TF/Keras versions."""
+    import keras
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu_names = []
+    for g in gpus:
+        details = tf.config.experimental.get_device_details(g)
+        gpu_names.append(details.get("device_name", g.name))
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpus": gpu_names,
+            "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()}
+
+
+def uses_gpu():
+    import tensorflow as tf
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def compare(fns, warmup=1, repeats=5):
+    """Median seconds per call of each `fns[name]()`; the contenders are interleaved round-robin
+    so load changes on a shared machine hit all of them alike. Returns {name: seconds}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def entry(name, section, value, unit, ratio=None, target=None, met=None, notes="", **values):
+    """One results.json row; `values` holds the raw numbers behind `value`/`ratio`."""
+    return {"name": name, "section": section, "value": _plain(value), "values": _plain(values),
+            "unit": unit, "ratio": _plain(ratio), "target": target, "met": met, "notes": notes}
+
+
+def _plain(x):
+    """JSON-safe copy (numpy scalars -> float, rounded)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (bool, str)) or x is None:
+        return x
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    return float(f"{float(x):.4g}")
+
+
+def train_config(batch_size, jit, **overrides):
+    """A TrainConfig for timing: constant LR SGD, no weight decay (Keras fit gets the identical
+    optimizer), no checkpoints or progress bars."""
+    from ke_tf.config import TrainConfig
+    base = dict(epochs=1, batch_size=batch_size, optimizer="sgd", lr=0.01, momentum=0.9, schedule="constant",
+                weight_decay=0.0, jit_compile="on" if jit else "off", checkpoint_every_epochs=0,
+                progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def random_batch(batch_size, image_shape, num_classes, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch_size, *image_shape)).astype("float32")
+    y = rng.integers(0, num_classes, size=batch_size).astype("int32")
+    return x, y
+
+
+class EngineSteps:
+    """Times ke_tf's Trainer the way loops use it: `fit` over a dataset of `steps` identical
+    batches per epoch (each call trains one more epoch)."""
+
+    def __init__(self, strategy, model, cfg, batch, steps):
+        import tensorflow as tf
+        from ke_tf.engine import Trainer
+        from ke_tf.losses import classifier_loss
+        self.steps = steps
+        self.dataset = tf.data.Dataset.from_tensors(batch).repeat(steps)
+        self.run_dir = tempfile.mkdtemp(prefix="ke_tf_bench_")
+        self.trainer = Trainer(cfg, strategy, model, classifier_loss(model), steps, self.run_dir)
+
+    def __call__(self):
+        self.trainer.fit(lambda epoch: self.dataset, epochs=self.trainer.step // self.steps + 1, resume=False)
+
+
+def model_macs(model):
+    from ke_tf.flops import complexity
+    return complexity(model)["macs"]

@@ -1,0 +1,82 @@
+"""Benchmark 4: inference latency speed-up of the compact networks the methods produce, next to
+their MAC ratio: KE's slim network (kels sr=0.5 fit hypothesis sliced out), an EKG-style pruned
+ResNet-56 B (~50% MACs: first half of every block-inner group kept) and the fused ReduceNet
+deploy model vs its student (BN folded, branches merged)."""
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.common import compare, entry, model_macs, uses_gpu
+
+SECTION = "inference"
+BATCH = 64
+
+
+def _sizes(quick):
+    """(KE arch, classes, side), (EKG side), (ReduceNet depth) per mode."""
+    if quick:
+        return ("resnet18", 10, 32), 16, 20, 8
+    return ("resnet18", 102, 224), 32, 56, BATCH
+
+
+def ke_pair(arch, classes, side):
+    from ke_tf.layers.split import SplitLayerFactory
+    from ke_tf.loops.evolution import fit_keep
+    from ke_tf.models import build_model, model_spec
+    from ke_tf.slicing import slice_model
+    keras.utils.set_random_seed(0)
+    dense = build_model(arch, classes, (side, side, 3), layers=SplitLayerFactory(0.5, "kels"))
+    spec = model_spec(arch, classes, (side, side, 3))
+    slim, _ = slice_model(dense, spec, fit_keep(spec, 0.5))
+    return dense, slim
+
+
+def ekg_pair(depth, side):
+    from ke_tf.models import build_model, default_widths, model_spec
+    from ke_tf.slicing import slice_model
+    arch = f"resnet{depth}"
+    keras.utils.set_random_seed(0)
+    dense = build_model(arch, 10, (side, side, 3), shortcut="B")
+    spec = model_spec(arch, 10, (side, side, 3), shortcut="B")
+    keep = {g: list(range(c // 2)) for g, c in default_widths(arch).items() if re.fullmatch(r"s\d+b\d+", g)}
+    pruned, _ = slice_model(dense, spec, keep)
+    return dense, pruned
+
+
+def reduce_pair(depth, side):
+    from ke_tf.models import build_from_spec, model_spec
+    from ke_tf.models.reducenet import get_deploy_model
+    spec = model_spec(f"reduce{depth}", 10, (side, side, 3), variant="student")
+    keras.utils.set_random_seed(0)
+    student = build_from_spec(spec)
+    return student, get_deploy_model(student, spec)
+
+
+def _predictor(model, x):
+    fn = tf.function(lambda t: model(t, training=False), jit_compile=uses_gpu())
+    return lambda: fn(x).numpy()
+
+
+def run(quick=False, repeats=5, **_):
+    (ke_arch, ke_classes, ke_side), cifar_side, depth, batch = _sizes(quick)
+    pairs = {
+        f"KE slim {ke_arch} sr=0.5 vs dense ({ke_side}x{ke_side})": (ke_pair(ke_arch, ke_classes, ke_side), ke_side),
+        f"EKG pruned resnet{depth}-B ~50% MACs vs dense": (ekg_pair(depth, cifar_side), cifar_side),
+        f"ReduceNet-{depth} deploy (fused) vs student": (reduce_pair(depth, cifar_side), cifar_side),
+    }
+    rows = []
+    for name, ((big, small), side) in pairs.items():
+        x = tf.constant(np.random.default_rng(0).normal(size=(batch, side, side, 3)).astype("float32"))
+        times = compare({"big": _predictor(big, x), "small": _predictor(small, x)}, warmup=2, repeats=repeats)
+        speedup = times["big"] / times["small"]
+        mac_ratio = model_macs(big) / model_macs(small)
+        ratio = speedup / mac_ratio
+        rows.append(entry(name, SECTION, speedup, "x speed-up", ratio=ratio, target=">= 0.8 x MAC ratio",
+                          met=bool(ratio >= 0.8),
+                          notes=f"batch {batch} latency {times['big'] * 1e3:.1f} -> {times['small'] * 1e3:.1f} ms; "
+                                f"MAC ratio {mac_ratio:.2f}; ratio = speed-up / MAC ratio",
+                          latency_dense_ms=times["big"] * 1e3, latency_small_ms=times["small"] * 1e3,
+                          mac_ratio=mac_ratio))
+    return rows
