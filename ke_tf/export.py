@@ -9,8 +9,21 @@ fused ReduceNet student are all plain networks, so the exported graph carries no
 import argparse
 import os
 
+from ke_tf.layers.factory import PLAIN
 from ke_tf.models import build_from_spec
 from ke_tf.params import ParamsError, apply_params, load_params
+
+
+def layer_factory(meta):
+    """The layer factory a params file was trained with (KE's dense nets carry split masks)."""
+    layers = dict(meta.get("layers") or {"kind": "plain"})
+    kind = layers.pop("kind", "plain")
+    if kind == "split":
+        from ke_tf.layers.split import SplitLayerFactory
+        return SplitLayerFactory(**layers)
+    if kind != "plain":
+        raise ParamsError(f"unknown layer kind {kind!r} in params metadata")
+    return PLAIN
 
 
 def load_deployable(path):
@@ -18,7 +31,7 @@ def load_deployable(path):
     arrays, meta = load_params(path)
     if "model" not in meta:
         raise ParamsError(f"{path}: metadata has no 'model' entry; cannot rebuild the network")
-    return apply_params(build_from_spec(meta["model"]), arrays, source=path), meta
+    return apply_params(build_from_spec(meta["model"], layer_factory(meta)), arrays, source=path), meta
 
 
 def export_model(model, out_dir):

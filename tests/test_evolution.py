@@ -248,6 +248,9 @@ def test_two_generation_run_writes_pickles_tables_and_plot(tmp_path):
     assert result["test_top1"] == pytest.approx(rows[1]["slim_top1"], abs=1e-6)
     assert result["macs_reduction"] == pytest.approx(summary["macs_reduction"])
     assert 0.7 < summary["macs_reduction"] < 0.8
+    # The dense pickle (split masks included) rebuilds through test.py too.
+    dense = evaluate_params_file(str(tmp_path / "gen_2" / "trained_params.pkl"))
+    assert dense["test_top1"] == pytest.approx(rows[1]["dense_top1"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -82,7 +82,8 @@ def run(cfg, strategy):
         _, history, dense = train_stage(cfg, strategy, model, data, cfg.run_dir, name=f"gen_{g}")
         common = {"generation": g, "split": factory.metadata()}
         save_trained(strategy, run_path(cfg, f"gen_{g}", "trained_params.pkl"), model, spec, cfg,
-                     metrics=_prefixed("test_", dense), **common)
+                     metrics=_prefixed("test_", dense), layers={"kind": "split", **factory.metadata()},
+                     **common)
         row = {"generation": g, "epochs": len(history), "dense_top1": dense["top1"], "dense_top5": dense["top5"],
                "dense_loss": dense["loss"]}
         if ev.split_mode == "kels":
