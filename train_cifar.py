@@ -5,7 +5,7 @@
 """
 from ke_tf.cli import train_main
 
-main = train_main("configs/cifar10_resnet56.yaml", __doc__)
+main = train_main("configs/cifar10_resnet56_ekg.yaml", __doc__)
 
 if __name__ == "__main__":
     main()

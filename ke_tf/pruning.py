@@ -205,7 +205,7 @@ class GreedySearch:
         orders = self._orders(scores)
         if not orders:
             raise ValueError("search: every group is down to one channel before the MACs target")
-        costs = {g: float(scores[g][o[:self.steps[g]]].sum()) for g, o in orders.items()}
+        costs = {g: float(scores[g][o[:min(self.steps[g], len(o) - 1)]].sum()) for g, o in orders.items()}
         threshold = trimmed_otsu(list(costs.values()), self.trim)
         best = None
         for g in orders:
@@ -226,7 +226,7 @@ class GreedySearch:
         self.history = [(dict(self.keep), ce)]
         bar = tqdm(desc=f"EKG search ({self.criterion})", disable=not self.progress, leave=False,
                    dynamic_ncols=True)
-        while self.rate() > self.target / self.macs.full + 1e-12:
+        while self.macs(self.widths()) > self.target:
             logits, ce, score = self.step(ensemble)
             # Pseudo-supernet: running mean of the logits of the dense net and every chosen net.
             ensemble = (ensemble * members + logits) / (members + 1)

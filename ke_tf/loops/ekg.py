@@ -4,8 +4,20 @@ sub-networks -> physical slicing -> fine-tuning distilled from the memory bank.
 
 Writes `slimmed_params.pkl` (after search), `memory_bank.npy`, `trained_params.pkl` (after
 fine-tuning; `test.py` rebuilds the pruned net from its metadata) and `results.json`.
+
+Deliberate differences from the reference code (docs: shared/reference/ekg.md):
+- no norm-preserving kernel rescale: every gated conv feeds a BN, which cancels a per-layer scale
+  in the batch-statistics search anyway; without it the sliced net equals the masked net exactly;
+- importance |sum over a group's sites of a*dL/da| (the first-order loss change of removing the
+  channel from the whole group; the reference sums per-site absolute values);
+- MACs/target rate in the ke_tf convention (conv + FC MACs; the reference also counts BN);
+- one augmented view per image while fine-tuning (the reference's second view doubles the cost);
+- no 1-epoch learning-rate-1e-3 tune on a train subset before the search;
+- memory-bank members spaced between the pruned and dense holdout losses (the paper's formula,
+  not the code's min..max of the history).
 """
 import dataclasses
+import io
 import os
 import typing
 
@@ -20,7 +32,7 @@ from ke_tf.flops import complexity
 from ke_tf.layers.gates import GatedLayerFactory
 from ke_tf.losses import cross_entropy, kd_loss
 from ke_tf.models import build_from_spec, model_spec
-from ke_tf.params import apply_params, load_params, model_arrays
+from ke_tf.params import apply_params, atomic_write_bytes, load_params, model_arrays
 from ke_tf.pruning import GreedySearch, memory_bank, pick_teachers
 from ke_tf.report import write_json
 from ke_tf.slicing import layer_groups, slice_model
@@ -180,12 +192,14 @@ def slim(cfg, strategy, data, dense_spec):
     keep, searcher = search(cfg, strategy, data, gated)
     teachers = pick_teachers(searcher.history, e.num_teacher)
     bank = memory_bank(gated, searcher.history, teachers, data.train_eval(e.search_batch_size))
-    np.save(bank_path, bank)
+    buffer = io.BytesIO()
+    np.save(buffer, bank)
+    atomic_write_bytes(bank_path, buffer.getvalue())
     with strategy.scope():
         model, spec = slice_model(gated, dense_spec, keep)
     slimmed = evaluate_model(strategy, model, data, cfg.train.eval_batch_size)
     record = {**info, "keep": keep, "search_steps": len(searcher.history) - 1,
-              "macs_rate": searcher.rate(), "teachers": teachers,
+              "macs_rate": searcher.rate(), "holdout_ce": searcher.history[-1][1], "teachers": teachers,
               "teacher_holdout_ce": [searcher.history[t][1] for t in teachers],
               "dense_complexity": complexity(dense),
               "dense_test_top1": dense_metrics["top1"], "slimmed_test_top1": slimmed["top1"]}
@@ -212,6 +226,7 @@ def run(cfg, strategy):
     dense_c = record["dense_complexity"]
     summary = {"method": "ekg", "arch": spec["arch"], "dataset": data.info.name, "criterion": e.criterion,
                "dense_test_top1": record["dense_test_top1"], "slimmed_test_top1": record["slimmed_test_top1"],
+               "search_holdout_ce": record["holdout_ce"],
                "test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"],
                **metadata["complexity"],
                "macs_reduction": 1.0 - metadata["complexity"]["macs"] / dense_c["macs"],
