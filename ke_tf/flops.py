@@ -9,8 +9,9 @@ import math
 
 import keras
 
-# Variable names that are state, not parameters (BN statistics, split masks, pruning gates).
-NON_PARAMETER_NAMES = frozenset({"moving_mean", "moving_variance", "mask", "gate"})
+# Variable names that are state, not parameters (BN statistics, split masks, pruning gates,
+# the annealed activation's blend factor).
+NON_PARAMETER_NAMES = frozenset({"moving_mean", "moving_variance", "mask", "gate", "lam"})
 
 
 def _prod(values):
