@@ -15,21 +15,16 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ke_tf.models import build_from_spec
-from ke_tf.params import ParamsError, apply_params, atomic_write_bytes, load_params
+from ke_tf.export import load_deployable
+from ke_tf.params import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 
 
 def load_trained(path):
     """(model, spec) of a ke_tf params file, rebuilt from its metadata["model"] spec."""
-    arrays, metadata = load_params(path)
-    spec = metadata.get("model")
-    if not isinstance(spec, dict):
-        raise ParamsError(f"{path}: metadata has no 'model' spec to rebuild the network from")
-    model = build_from_spec(spec)
-    apply_params(model, arrays, source=path)
-    return model, spec
+    model, metadata = load_deployable(path)
+    return model, metadata["model"]
 
 
 def tap_model(model, layer):

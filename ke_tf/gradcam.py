@@ -5,15 +5,11 @@ block. The gradient dy^c/dA is computed with an inner tape, so when `grad_cam` r
 outer tape (the Trainer's) the map is differentiable w.r.t. the model's weights through both the
 activations A and the weights alpha (second order, like torch's create_graph=True).
 """
-import io
-import os
-import warnings
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ke_tf.params import atomic_write_bytes
+from ke_tf.report import pyplot, save_figure
 
 
 def last_block_layer(model):
@@ -61,12 +57,8 @@ def grad_cam(fmodel, images, class_ids=None, training=False):
 def save_overlays(path, images, maps, titles, mean, std):
     """PNG grid of normalised `images` [N, H, W, 3] with their Grad-CAM `maps` [N, h, w] upsampled
     and overlaid; skipped with a warning when matplotlib is missing. Returns the path or None."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib not installed (pip install ke_tf[plot]); skipping " + path)
+    plt = pyplot(path)
+    if plt is None:
         return None
     images = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
     images = np.clip(images / 255.0, 0.0, 1.0)
@@ -83,9 +75,4 @@ def save_overlays(path, images, maps, titles, mean, std):
         for ax in axes[:, i]:
             ax.axis("off")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)

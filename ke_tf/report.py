@@ -43,15 +43,34 @@ def write_json(path, data):
     atomic_write_bytes(path, json.dumps(data, indent=1, default=float).encode())
 
 
-def plot_lines(path, x, series, xlabel, ylabel, title):
-    """Line plot of `series` ({label: [y...]}) against `x` as a PNG; skipped with a notice when
-    matplotlib is not installed (extra `plot`). Returns the path or None."""
+def pyplot(path):
+    """matplotlib.pyplot on the Agg backend, or None (with a notice naming the skipped `path`)
+    when matplotlib is not installed (extra `plot`)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         warnings.warn("matplotlib not installed (pip install ke_tf[plot]); skipping plot " + path)
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure as PNG atomically and close it; returns the path."""
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_lines(path, x, series, xlabel, ylabel, title):
+    """Line plot of `series` ({label: [y...]}) against `x` as a PNG (None without matplotlib)."""
+    plt = pyplot(path)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in series.items():
@@ -62,9 +81,4 @@ def plot_lines(path, x, series, xlabel, ylabel, title):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
