@@ -182,3 +182,18 @@ def test_quickstart_reaches_90_percent(tmp_path):
     summary = main(["--config", os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
                     "--set", f"run_dir={tmp_path}", "--set", "train.progress=false"])
     assert summary["test_top1"] > 0.90
+
+
+@pytest.mark.parametrize("config,override,message", [
+    ("quickstart_ke_digits.yaml", "evolution.split_rate=1.5", "evolution.split_rate must be in (0, 1]"),
+    ("quickstart_ke_digits.yaml", "evolution.split_rate=0", "evolution.split_rate must be in (0, 1]"),
+    ("quickstart_ekg_digits.yaml", "ekg.search_target_rate=1.0", "ekg.search_target_rate must be in (0, 1)"),
+    ("quickstart_kd_digits.yaml", "train.lr=-0.01", "train.lr must be > 0"),
+    ("quickstart_lwm_digits.yaml", "incremental.bogus=1", "unknown config key incremental.bogus"),
+])
+def test_method_configs_reject_impossible_values(config, override, message):
+    from ke_tf.loops import register_sections
+    register_sections()
+    with pytest.raises(ConfigError) as exc:
+        load_config(os.path.join(ROOT, "configs", config), [override])
+    assert message in str(exc.value)
