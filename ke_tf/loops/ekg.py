@@ -28,6 +28,7 @@ from ke_tf.config import ConfigError, register_section
 from ke_tf.data.augment import epoch_seed
 from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained,
                                 train_stage)
+from ke_tf.engine.strategy import is_chief
 from ke_tf.flops import complexity
 from ke_tf.layers.gates import GatedLayerFactory
 from ke_tf.losses import cross_entropy, kd_loss
@@ -167,7 +168,7 @@ def gated_copy(strategy, dense, spec):
 
 
 def search(cfg, strategy, data, gated):
-    """Greedy search on a held-out split; returns (keep, search)."""
+    """Greedy search on a held-out split; returns (keep, searcher)."""
     e = cfg.section("ekg")
     _, holdout = data.split_holdout(e.holdout_per_class, cfg.seed)
     searcher = GreedySearch(gated, list(holdout.test(e.search_batch_size)), e.target_rate, e.search_step,
@@ -192,11 +193,13 @@ def slim(cfg, strategy, data, dense_spec):
     keep, searcher = search(cfg, strategy, data, gated)
     teachers = pick_teachers(searcher.history, e.num_teacher)
     bank = memory_bank(gated, searcher.history, teachers, data.train_eval(e.search_batch_size))
-    buffer = io.BytesIO()
-    np.save(buffer, bank)
-    atomic_write_bytes(bank_path, buffer.getvalue())
+    if is_chief(strategy):
+        buffer = io.BytesIO()
+        np.save(buffer, bank)
+        atomic_write_bytes(bank_path, buffer.getvalue())
     with strategy.scope():
         model, spec = slice_model(gated, dense_spec, keep)
+    # Inference mode with the dense net's BN statistics (uncalibrated for the pruned net: low).
     slimmed = evaluate_model(strategy, model, data, cfg.train.eval_batch_size)
     record = {**info, "keep": keep, "search_steps": len(searcher.history) - 1,
               "macs_rate": searcher.rate(), "holdout_ce": searcher.history[-1][1], "teachers": teachers,
