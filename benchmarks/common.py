@@ -91,17 +91,31 @@ def random_batch(batch_size, image_shape, num_classes, seed=0):
 
 
 class EngineSteps:
-    """Times ke_tf's Trainer the way loops use it: `fit` over a dataset of `steps` identical
-    batches per epoch (each call trains one more epoch)."""
+    """Times ke_tf's Trainer step as `fit` runs it per batch (`_compute`, the loss read-back for
+    the NaN check, `_apply`) on one fixed distributed batch, `steps` times per call. `fit` itself
+    adds a per-epoch cost (a distributed iterator, history/TensorBoard writes) that real epochs
+    amortise over hundreds of steps; `EngineFit` measures that path."""
 
     def __init__(self, strategy, model, cfg, batch, steps):
         import tensorflow as tf
-        from ke_tf.engine import Trainer
+        from ke_tf.engine import Trainer, distribute_options
         from ke_tf.losses import classifier_loss
         self.steps = steps
         self.dataset = tf.data.Dataset.from_tensors(batch).repeat(steps)
         self.run_dir = tempfile.mkdtemp(prefix="ke_tf_bench_")
         self.trainer = Trainer(cfg, strategy, model, classifier_loss(model), steps, self.run_dir)
+        self.batch = next(iter(strategy.experimental_distribute_dataset(
+            distribute_options(tf.data.Dataset.from_tensors(batch)))))
+
+    def __call__(self):
+        for _ in range(self.steps):
+            loss, _, grads = self.trainer._compute(self.batch)
+            float(loss)
+            self.trainer._apply(grads)
+
+
+class EngineFit(EngineSteps):
+    """The whole `Trainer.fit` path: one epoch of `steps` identical batches per call."""
 
     def __call__(self):
         self.trainer.fit(lambda epoch: self.dataset, epochs=self.trainer.step // self.steps + 1, resume=False)
