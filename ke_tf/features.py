@@ -5,7 +5,6 @@ A cache is reused only when its fingerprint (params files' SHA-256, dataset, spl
 size) matches; otherwise it is rebuilt. Shards are written atomically and the manifest last, so an
 interrupted build is never mistaken for a complete cache.
 """
-import hashlib
 import io
 import json
 import os
@@ -16,7 +15,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from ke_tf.export import load_deployable
-from ke_tf.params import atomic_write_bytes
+from ke_tf.params import atomic_write_bytes, file_sha256
 
 MANIFEST = "manifest.json"
 
@@ -40,14 +39,6 @@ def tail_model(model, layer):
     """Functional sub-model of `model` from the output of `layer` to the logits (it shares the
     layers, hence the weights, of `model`)."""
     return keras.Model(model.get_layer(layer).output, model.outputs[0], name=f"{model.name}_tail")
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint(params_paths, dataset, split, layer, image_size):

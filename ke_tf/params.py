@@ -5,6 +5,7 @@ a restricted unpickler that only reconstructs numpy arrays/dtypes/scalars and pl
 a pickle that would call anything else (e.g. `os.system` via `__reduce__`) is refused before any
 of it runs.
 """
+import hashlib
 import io
 import os
 import pickle
@@ -65,6 +66,15 @@ def atomic_write_bytes(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes (cache fingerprints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def model_arrays(model):

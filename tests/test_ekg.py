@@ -212,11 +212,22 @@ def test_end_to_end_cli_then_test_py(tmp_path):
     from test import evaluate_params_file
     from train_cifar import main
     run_dir = str(tmp_path / "run")
-    summary = main(["--config", "configs/quickstart_ekg_digits.yaml", "--set", f"run_dir={run_dir}",
-                    "--set", "train.epochs=1", "--set", "ekg.pretrain_epochs=1", "--set", "ekg.holdout_per_class=2",
-                    "--set", "ekg.reduction_rate=0.25", "--set", "ekg.num_teacher=2", "--set", "train.progress=false",
-                    "--set", "data.image_size=8", "--set", "train.batch_size=128"])
+    args = ["--config", "configs/quickstart_ekg_digits.yaml", "--set", f"run_dir={run_dir}",
+            "--set", "train.epochs=1", "--set", "ekg.pretrain_epochs=1", "--set", "ekg.holdout_per_class=2",
+            "--set", "ekg.num_teacher=2", "--set", "train.progress=false",
+            "--set", "data.image_size=8", "--set", "train.batch_size=128"]
+    summary = main(args + ["--set", "ekg.reduction_rate=0.25"])
     assert summary["macs_reduction"] >= 0.25
+    for png in ("pretrain_curve.png", "search.png", "finetune_curve.png"):
+        assert os.path.getsize(os.path.join(run_dir, png)) > 1000
+    # The search result is a cache: reused for the same setting, searched again for another.
+    slimmed = os.path.join(run_dir, "slimmed_params.pkl")
+    before = os.path.getmtime(slimmed)
+    assert main(args + ["--set", "ekg.reduction_rate=0.25"])["search_steps"] == summary["search_steps"]
+    assert os.path.getmtime(slimmed) == before
+    deeper = main(args + ["--set", "ekg.reduction_rate=0.4", "--set", f"run_dir={run_dir}"])
+    assert deeper["macs_reduction"] >= 0.4 and os.path.getmtime(slimmed) > before
+    summary = main(args + ["--set", "ekg.reduction_rate=0.25"])
     bank = np.load(os.path.join(run_dir, "memory_bank.npy"))
     assert bank.shape == (1437, 10, 2)
     result = evaluate_params_file(os.path.join(run_dir, "trained_params.pkl"))

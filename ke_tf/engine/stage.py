@@ -9,6 +9,7 @@ from ke_tf.engine.trainer import Trainer
 from ke_tf.flops import complexity
 from ke_tf.losses import classifier_loss
 from ke_tf.params import save_params
+from ke_tf.report import plot_lines
 
 
 def load_configured_data(cfg, classes=None):
@@ -45,7 +46,19 @@ def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None,
 
     history = trainer.fit(lambda epoch: data.train(tc.batch_size, epoch, cfg.seed), eval_fn=eval_fn)
     final = evaluator(data.test(tc.eval_batch_size))
+    if is_chief(strategy):
+        plot_history(os.path.join(run_dir, f"{name}_curve.png"), history, name)
     return trainer, history, final
+
+
+def plot_history(path, history, title):
+    """Per-epoch curves of a stage: train/test top-1 for classifiers, the training loss otherwise."""
+    epochs = [h["epoch"] + 1 for h in history]
+    if history and "test_top1" in history[-1]:
+        series = {"train top-1": [h["train_top1"] for h in history],
+                  "test top-1": [h.get("test_top1", float("nan")) for h in history]}
+        return plot_lines(path, epochs, series, "epoch", "top-1", title)
+    return plot_lines(path, epochs, {"train loss": [h["train_loss"] for h in history]}, "epoch", "loss", title)
 
 
 def save_trained(strategy, path, model, spec, cfg, metrics=None, **extra):

@@ -17,8 +17,11 @@ Deliberate differences from the reference code (docs: shared/reference/ekg.md):
   not the code's min..max of the history).
 """
 import dataclasses
+import hashlib
 import io
+import json
 import os
+import shutil
 import typing
 
 import numpy as np
@@ -33,9 +36,9 @@ from ke_tf.flops import complexity
 from ke_tf.layers.gates import GatedLayerFactory
 from ke_tf.losses import cross_entropy, kd_loss
 from ke_tf.models import build_from_spec, model_spec
-from ke_tf.params import apply_params, atomic_write_bytes, load_params, model_arrays
+from ke_tf.params import apply_params, atomic_write_bytes, file_sha256, load_params, model_arrays
 from ke_tf.pruning import GreedySearch, memory_bank, pick_teachers
-from ke_tf.report import write_json
+from ke_tf.report import plot_lines, write_json
 from ke_tf.slicing import layer_groups, slice_model
 
 
@@ -181,12 +184,19 @@ def slim(cfg, strategy, data, dense_spec):
     """Pre-train/load, search, build the memory bank and slice; resumes from slimmed_params.pkl."""
     e = cfg.section("ekg")
     slimmed_path, bank_path = run_path(cfg, "slimmed_params.pkl"), run_path(cfg, "memory_bank.npy")
+    fingerprint = search_fingerprint(cfg, dense_spec)
     if os.path.exists(slimmed_path) and os.path.exists(bank_path):
         arrays, meta = load_params(slimmed_path)
-        with strategy.scope():
-            model = build_from_spec(meta["model"])
-        apply_params(model, arrays, source=slimmed_path)
-        return model, meta["model"], np.load(bank_path), meta["ekg"]
+        bank = np.load(bank_path)
+        if meta.get("ekg", {}).get("fingerprint") == fingerprint and \
+                meta["ekg"].get("bank_sha256") == hashlib.sha256(bank.tobytes()).hexdigest():
+            with strategy.scope():
+                model = build_from_spec(meta["model"])
+            apply_params(model, arrays, source=slimmed_path)
+            return model, meta["model"], bank, meta["ekg"]
+        print(f"EKG: {slimmed_path} / {bank_path} come from another search setting or are stale; searching again")
+        if is_chief(strategy):  # fine-tuning checkpoints of the old sub-network no longer apply
+            shutil.rmtree(run_path(cfg, "checkpoints", "finetune"), ignore_errors=True)
     dense, info = dense_model(cfg, strategy, data, dense_spec)
     dense_metrics = evaluate_model(strategy, dense, data, cfg.train.eval_batch_size)
     gated = gated_copy(strategy, dense, dense_spec)
@@ -205,7 +215,14 @@ def slim(cfg, strategy, data, dense_spec):
               "macs_rate": searcher.rate(), "holdout_ce": searcher.history[-1][1], "teachers": teachers,
               "teacher_holdout_ce": [searcher.history[t][1] for t in teachers],
               "dense_complexity": complexity(dense),
-              "dense_test_top1": dense_metrics["top1"], "slimmed_test_top1": slimmed["top1"]}
+              "dense_test_top1": dense_metrics["top1"], "slimmed_test_top1": slimmed["top1"],
+              "fingerprint": fingerprint, "bank_sha256": hashlib.sha256(bank.tobytes()).hexdigest(),
+              "search_trajectory": [{"step": i, "macs": searcher.macs(searcher.widths(k)), "holdout_ce": ce}
+                                    for i, (k, ce) in enumerate(searcher.history)]}
+    if is_chief(strategy):
+        plot_lines(run_path(cfg, "search.png"), [r["macs"] / 1e6 for r in record["search_trajectory"]],
+                   {"holdout CE": [r["holdout_ce"] for r in record["search_trajectory"]]},
+                   "MACs (M) of the chosen sub-network", "holdout CE", f"EKG search ({e.criterion})")
     save_trained(strategy, slimmed_path, model, spec, cfg, metrics={"test_" + k: v for k, v in slimmed.items()},
                  dense_complexity=record["dense_complexity"], ekg=record)
     return model, spec, bank, record
@@ -235,5 +252,17 @@ def run(cfg, strategy):
                "macs_reduction": 1.0 - metadata["complexity"]["macs"] / dense_c["macs"],
                "params_reduction": 1.0 - metadata["complexity"]["params"] / dense_c["params"],
                "search_steps": record["search_steps"], "finetune_epochs": len(history), "params_file": path}
-    write_json(run_path(cfg, "results.json"), {"summary": summary, "ekg": record, "history": history})
+    if is_chief(strategy):
+        write_json(run_path(cfg, "results.json"), {"summary": summary, "ekg": record, "history": history})
     return summary
+
+
+def search_fingerprint(cfg, dense_spec):
+    """What the search result depends on: the dense net (its params file's hash, or the pre-training
+    recipe), the data, the search settings and the seed. A stale slimmed/bank pair is not reused."""
+    e = cfg.section("ekg")
+    source = {"trained_param_sha256": file_sha256(e.trained_param)} if e.trained_param else \
+        {"pretrain": dataclasses.asdict(_pretrain_config(cfg, e))}
+    search = {k: v for k, v in dataclasses.asdict(e).items() if k not in ("distill", "temperature", "trained_param")}
+    payload = {"model": dense_spec, "data": dataclasses.asdict(cfg.data), "seed": cfg.seed, "search": search, **source}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
