@@ -144,6 +144,19 @@ def test_signal_mid_epoch_saves_and_resume_matches(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_on_epoch_begin_runs_before_each_epoch_including_a_resumed_one(tmp_path):
+    cfg = _cfg(epochs=3)
+    strategy = make_strategy("one_device")
+    x, y = _data()
+    seen = []
+    for epochs in (1, None):  # stop after epoch 1, then resume to the end
+        with strategy.scope():
+            model = _model()
+        trainer = Trainer(cfg, strategy, model, classifier_loss(model), 4, str(tmp_path))
+        trainer.fit(_epoch_data(x, y, 16), epochs=epochs, on_epoch_begin=seen.append)
+    assert seen == [0, 1, 2]
+
+
 def test_non_finite_loss_stops_without_applying(tmp_path):
     strategy = make_strategy("one_device")
     with strategy.scope():

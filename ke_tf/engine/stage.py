@@ -31,9 +31,10 @@ def evaluate_model(strategy, model, data, batch_size):
 
 
 def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None, variables=None,
-                train_cfg=None, extra_checkpoint=None, eval_model=None):
+                train_cfg=None, extra_checkpoint=None, eval_model=None, on_epoch_begin=None):
     """Train `model` (built in `strategy.scope()`) on `data` for one stage; resumes from this
-    stage's checkpoints. Returns (trainer, history, final test metrics)."""
+    stage's checkpoints. `on_epoch_begin(epoch)` updates per-epoch schedule state. Returns
+    (trainer, history, final test metrics)."""
     tc = train_cfg or cfg.train
     loss_fn = loss_fn or classifier_loss(model, tc.label_smoothing)
     steps = data.info.train_size // tc.batch_size
@@ -44,7 +45,8 @@ def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None,
     def eval_fn(epoch):
         return {f"test_{k}": v for k, v in evaluator(data.test(tc.eval_batch_size)).items() if k != "count"}
 
-    history = trainer.fit(lambda epoch: data.train(tc.batch_size, epoch, cfg.seed), eval_fn=eval_fn)
+    history = trainer.fit(lambda epoch: data.train(tc.batch_size, epoch, cfg.seed), eval_fn=eval_fn,
+                          on_epoch_begin=on_epoch_begin)
     final = evaluator(data.test(tc.eval_batch_size))
     if is_chief(strategy):
         plot_history(os.path.join(run_dir, f"{name}_curve.png"), history, name)

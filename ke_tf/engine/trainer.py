@@ -162,10 +162,12 @@ class Trainer:
                 pass
         return previous
 
-    def fit(self, train_data, epochs=None, eval_fn=None, resume=True):
+    def fit(self, train_data, epochs=None, eval_fn=None, resume=True, on_epoch_begin=None):
         """Train until `epochs` (default cfg.epochs). `train_data(epoch)` returns that epoch's
         dataset of global batches (deterministic per epoch, so resuming mid-epoch skips exactly the
-        finished steps). `eval_fn(epoch)` returns a metrics dict. Returns the epoch history."""
+        finished steps). `eval_fn(epoch)` returns a metrics dict; `on_epoch_begin(epoch)` sets
+        per-epoch state such as annealing factors (also when resuming mid-epoch). Returns the
+        epoch history."""
         epochs = epochs or self.cfg.epochs
         if resume:
             self.restore()
@@ -175,6 +177,8 @@ class Trainer:
         try:
             while self.step < epochs * self.steps_per_epoch:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
+                if on_epoch_begin is not None:
+                    on_epoch_begin(epoch)
                 metrics = self._run_epoch(train_data(epoch).skip(offset), epoch, offset)
                 if eval_fn is not None and ((epoch + 1) % self.cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
                     metrics.update(eval_fn(epoch))

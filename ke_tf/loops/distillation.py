@@ -109,23 +109,6 @@ def ban_lambdas(dc, epochs):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-class EpochHook:
-    """`data` whose `train(..., epoch, ...)` first calls `on_epoch(epoch)`: the Trainer asks for
-    each epoch's dataset right before running it, so per-epoch schedule variables (annealing l,
-    BAN's lambda) are set at the right time, also when resuming."""
-
-    def __init__(self, data, on_epoch):
-        self._data = data
-        self._on_epoch = on_epoch
-
-    def train(self, batch_size, epoch, seed, **kwargs):
-        self._on_epoch(epoch)
-        return self._data.train(batch_size, epoch, seed, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._data, name)
-
-
 def inherit_weights(student, teacher):
     """Copy every teacher variable whose path and shape match a student variable (ReduceNet's
     stage 2 reuses all weights but the dropped branch); returns the student paths not copied."""
@@ -187,18 +170,19 @@ def _specs(cfg, data):
     return teacher_spec, spec
 
 
-def _annealing_hook(cfg, model, data):
-    """Wrap `data` so the student's annealed ReLUs follow VanillaNet's linear schedule, reaching
-    l = 1 (identity, fusable) by `anneal_epochs` (default: the last epoch)."""
+def _annealing_schedule(cfg, model):
+    """`on_epoch_begin` making the student's annealed ReLUs follow VanillaNet's linear schedule,
+    reaching l = 1 (identity, fusable) by `anneal_epochs` (default: the last epoch); None when the
+    model has none."""
     if not annealed_layers(model):
-        return data
+        return None
     dc = cfg.section("distillation")
     last = cfg.train.epochs - 1
     span = last if dc.anneal_epochs is None else dc.anneal_epochs
     if span > last:
         raise ConfigError(f"distillation.anneal_epochs {span} must be <= train.epochs - 1 = {last}, "
                           "or the annealed branch is still non-linear at the end and cannot be fused")
-    return EpochHook(data, lambda epoch: set_annealing(model, linear_anneal(epoch, span)))
+    return lambda epoch: set_annealing(model, linear_anneal(epoch, span))
 
 
 def run_kd(cfg, strategy, data):
@@ -215,7 +199,8 @@ def run_kd(cfg, strategy, data):
     label_smoothing = cfg.train.label_smoothing
     loss_fn = distill_objective(student, teacher, lambda s, t, y: hinton_loss(
         s, t, y, dc.alpha, dc.temperature, label_smoothing, dc.kd_class_mean))
-    _, history, final = train_stage(cfg, strategy, student, _annealing_hook(cfg, student, data), cfg.run_dir,
+    _, history, final = train_stage(cfg, strategy, student, data, cfg.run_dir,
+                                    on_epoch_begin=_annealing_schedule(cfg, student),
                                     name="student", loss_fn=loss_fn)
     teacher_cx = complexity(teacher)
     student_path = run_path(cfg, "student_params.pkl")
@@ -271,7 +256,6 @@ def run_ban(cfg, strategy, data):
     with strategy.scope():
         lam = tf.Variable(lambdas[0], trainable=False, dtype=tf.float32,
                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    hooked = EpochHook(data, lambda epoch: lam.assign(lambdas[epoch]))
     models, rows = [], []
     for g in range(dc.generations):
         keras.utils.set_random_seed(cfg.seed + 10 * g)   # KC: seed += 10 per generation
@@ -279,7 +263,8 @@ def run_ban(cfg, strategy, data):
             model = build_from_spec(spec)
         loss_fn = None if teacher is None else distill_objective(model, teacher, lambda s, t, y: ban_loss(
             s, t, y, lam, dc.ban_tau, cfg.train.label_smoothing))
-        _, _, final = train_stage(cfg, strategy, model, hooked, cfg.run_dir, name=f"gen{g}", loss_fn=loss_fn)
+        _, _, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name=f"gen{g}", loss_fn=loss_fn,
+                                  on_epoch_begin=lambda epoch: lam.assign(lambdas[epoch]))
         path = run_path(cfg, f"gen{g}_params.pkl")
         save_trained(strategy, path, model, spec, cfg, metrics=_metrics(final), stage=f"gen{g}", generation=g)
         models.append(model)
