@@ -27,8 +27,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rss_mib():
+    """This process's peak RSS. Linux's VmHWM belongs to the address space, so it starts fresh at
+    exec; ru_maxrss would inherit the (large) peak of the benchmark process that spawned us."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB; macOS: bytes
 
 
 def child(arch, classes, side, batch_size, accum, out):
