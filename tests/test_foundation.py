@@ -197,3 +197,16 @@ def test_method_configs_reject_impossible_values(config, override, message):
     with pytest.raises(ConfigError) as exc:
         load_config(os.path.join(ROOT, "configs", config), [override])
     assert message in str(exc.value)
+
+
+def test_mac_counter_hand_values_for_conv_depthwise_grouped_and_dense():
+    import keras
+    inputs = keras.Input((16, 16, 8))
+    x = keras.layers.Conv2D(12, 3, strides=2, padding="same")(inputs)          # 8x8x12: 64*9*8*12
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2)(x)  # 8x8x24: 64*9*24
+    x = keras.layers.Conv2D(6, 1, groups=3)(x)                                  # 8x8x6: 64*1*8*6
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5)(x)                                          # 6*5
+    model = keras.Model(inputs, outputs)
+    assert complexity(model)["macs"] == 64 * 9 * 8 * 12 + 64 * 9 * 24 + 64 * 8 * 6 + 6 * 5
+    assert complexity(model)["params"] == model.count_params()
