@@ -205,11 +205,14 @@ def test_schedules_hand_values():
     assert WarmupSchedule.from_config(log.get_config()).get_config() == log.get_config()
 
 
-def test_bf16_mixed_precision_trains(tmp_path):
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+@pytest.mark.parametrize("mode,policy,dtype", [("bf16", "mixed_bfloat16", "bfloat16"),
+                                               ("fp16", "mixed_float16", "float16")])
+def test_mixed_precision_trains(tmp_path, mode, policy, dtype):
+    keras.mixed_precision.set_global_policy(policy)
     try:
-        model, trainer = _train(tmp_path, _cfg(epochs=1, mixed_precision="bf16"))
-        assert model.layers[1].compute_dtype == "bfloat16"
+        model, trainer = _train(tmp_path, _cfg(epochs=1, mixed_precision=mode))
+        assert model.layers[1].compute_dtype == dtype
+        assert (type(trainer.optimizer).__name__ == "LossScaleOptimizer") == (mode == "fp16")
         assert math.isfinite(trainer.history[-1]["train_loss"])
     finally:
         keras.mixed_precision.set_global_policy("float32")
