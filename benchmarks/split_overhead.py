@@ -29,6 +29,6 @@ def run(quick=False, repeats=5, **_):
     ratio = times["split"] / times["plain"]
     return [entry(f"split-mask step overhead {arch} b{batch_size}", SECTION, ratio, "x step time",
                   ratio=ratio, target="<= 1.05", met=bool(ratio <= 1.05),
-                  notes="split step time / plain step time (engine fit, kels sr=0.5, jit "
+                  notes="split step time / plain step time (engine step, kels sr=0.5, jit "
                         f"{'on' if jit else 'off'}); masks are non-trainable and stay out of the forward pass",
                   plain_s=times["plain"] / steps, split_s=times["split"] / steps)]
