@@ -101,7 +101,10 @@ class Trainer:
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
         for i in range(k):
-            micro = _split(batch, k, i) if k > 1 else batch
+            # Order the micro-batches: without the dependency the executor may start the next
+            # forward pass while this one's activations are alive, and accumulation saves no memory.
+            with tf.control_dependencies(grads if i else []):
+                micro = tf.nest.map_structure(tf.identity, _split(batch, k, i)) if k > 1 else batch
             with tf.GradientTape() as tape:
                 out = self.loss_fn(micro, training=True)
                 loss = tf.nn.compute_average_loss(tf.cast(out["loss"], tf.float32), global_batch_size=global_batch)
