@@ -11,7 +11,8 @@ from ke_tf.cli import guarded
 
 
 def evaluate_params_file(path, dataset=None, data_dir=None, batch_size=256, classes=None, with_model=False):
-    """Rebuild, load and evaluate `path`; returns a metrics dict (and the model if asked)."""
+    """Rebuild, load and evaluate `path`; returns a metrics dict (and the model and metadata if
+    asked)."""
     from ke_tf.data import load_data
     from ke_tf.engine import evaluate, make_strategy
     from ke_tf.export import load_deployable
@@ -38,7 +39,7 @@ def evaluate_params_file(path, dataset=None, data_dir=None, batch_size=256, clas
     if dense:
         result["params_reduction"] = 1.0 - result["params"] / dense["params"]
         result["macs_reduction"] = 1.0 - result["macs"] / dense["macs"]
-    return (result, model) if with_model else result
+    return (result, model, meta) if with_model else result
 
 
 @guarded
@@ -52,8 +53,8 @@ def main(argv):
     parser.add_argument("--export", metavar="DIR", help="also export the model as SavedModel + TFLite")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    result, model = evaluate_params_file(args.trained_param, args.dataset, args.data_dir, args.batch_size,
-                                         with_model=True)
+    result, model, meta = evaluate_params_file(args.trained_param, args.dataset, args.data_dir, args.batch_size,
+                                               with_model=True)
     print(f"Test loss: {result['test_loss']:.4f}, Top-1: {100 * result['test_top1']:.2f}%, "
           f"Top-5: {100 * result['test_top5']:.2f}%")
     line = f"Params: {result['params'] / 1e6:.4f}M, MACs: {result['macs'] / 1e6:.2f}M"
@@ -65,8 +66,8 @@ def main(argv):
         from ke_tf.report import write_json
         write_json(args.json, result)
     if args.export:
-        from ke_tf.export import export_model
-        result["exported"] = export_model(model, args.export)
+        from ke_tf.export import deployable, export_model
+        result["exported"] = export_model(deployable(model, meta), args.export)
         print(f"Exported SavedModel and TFLite to {args.export}")
     return result
 

@@ -1,7 +1,8 @@
 """Benchmark 4: inference latency speed-up of the compact networks the methods produce, next to
 their MAC ratio: KE's slim network (kels sr=0.5 fit hypothesis sliced out), an EKG-style pruned
 ResNet-56 B (~50% MACs: first half of every block-inner group kept) and the fused ReduceNet
-deploy model vs its student (BN folded, branches merged)."""
+deploy model vs its student (BN folded, branches merged). KE and EKG pairs are compared as they
+are exported: BN folded into the convs of both networks (`ke_tf.folding`)."""
 import re
 
 import keras
@@ -9,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks.common import compare, entry, model_macs, uses_gpu
+from ke_tf.folding import fold_batchnorm
 
 SECTION = "inference"
 BATCH = 64
@@ -29,8 +31,8 @@ def ke_pair(arch, classes, side):
     keras.utils.set_random_seed(0)
     dense = build_model(arch, classes, (side, side, 3), layers=SplitLayerFactory(0.5, "kels"))
     spec = model_spec(arch, classes, (side, side, 3))
-    slim, _ = slice_model(dense, spec, fit_keep(spec, 0.5))
-    return dense, slim
+    slim, slim_spec = slice_model(dense, spec, fit_keep(spec, 0.5))
+    return fold_batchnorm(dense, spec), fold_batchnorm(slim, slim_spec)
 
 
 def ekg_pair(depth, side):
@@ -41,8 +43,8 @@ def ekg_pair(depth, side):
     dense = build_model(arch, 10, (side, side, 3), shortcut="B")
     spec = model_spec(arch, 10, (side, side, 3), shortcut="B")
     keep = {g: list(range(c // 2)) for g, c in default_widths(arch).items() if re.fullmatch(r"s\d+b\d+", g)}
-    pruned, _ = slice_model(dense, spec, keep)
-    return dense, pruned
+    pruned, pruned_spec = slice_model(dense, spec, keep)
+    return fold_batchnorm(dense, spec), fold_batchnorm(pruned, pruned_spec)
 
 
 def reduce_pair(depth, side):
@@ -62,8 +64,9 @@ def _predictor(model, x):
 def run(quick=False, repeats=5, **_):
     (ke_arch, ke_classes, ke_side), cifar_side, depth, batch = _sizes(quick)
     pairs = {
-        f"KE slim {ke_arch} sr=0.5 vs dense ({ke_side}x{ke_side})": (ke_pair(ke_arch, ke_classes, ke_side), ke_side),
-        f"EKG pruned resnet{depth}-B ~50% MACs vs dense": (ekg_pair(depth, cifar_side), cifar_side),
+        f"KE slim {ke_arch} sr=0.5 vs dense ({ke_side}x{ke_side}, BN folded)":
+            (ke_pair(ke_arch, ke_classes, ke_side), ke_side),
+        f"EKG pruned resnet{depth}-B ~50% MACs vs dense (BN folded)": (ekg_pair(depth, cifar_side), cifar_side),
         f"ReduceNet-{depth} deploy (fused) vs student": (reduce_pair(depth, cifar_side), cifar_side),
     }
     rows = []

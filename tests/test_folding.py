@@ -1,0 +1,38 @@
+"""BN folding for deployment keeps inference outputs and MACs."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+
+from ke_tf.flops import complexity
+from ke_tf.folding import fold_batchnorm
+from ke_tf.models import build_from_spec, model_spec
+
+
+@pytest.mark.parametrize("spec", [
+    model_spec("resnet20", 10, (16, 16, 3), shortcut="B", widths={"s1b0": 5, "stage2": 20}),
+    model_spec("resnet20", 10, (16, 16, 3)),
+    model_spec("resnet50", 7, (32, 32, 3)),
+], ids=["pruned-resnet20-B", "resnet20-A", "resnet50"])
+def test_folded_network_equals_bn_network(spec):
+    rng = np.random.default_rng(0)
+    model = build_from_spec(spec)
+    for v in model.weights:
+        if v.name == "moving_variance":
+            v.assign(rng.uniform(0.5, 2.0, v.shape).astype("float32"))
+        elif v.name in ("moving_mean", "beta", "gamma"):
+            v.assign(rng.normal(0, 0.5, v.shape).astype("float32"))
+    folded = fold_batchnorm(model, spec)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    x = rng.normal(size=(2,) + tuple(spec["input_shape"])).astype("float32")
+    np.testing.assert_allclose(folded(x), model(x, training=False), atol=1e-5)
+    assert complexity(folded)["macs"] == complexity(model)["macs"]
+
+
+def test_models_without_bn_are_returned_unchanged():
+    spec = model_spec("reduce20", 10, (16, 16, 3), variant="deploy")
+    model = build_from_spec(spec)
+    assert fold_batchnorm(model, spec) is model
