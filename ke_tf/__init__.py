@@ -8,7 +8,8 @@ The public API, by what you would use it for:
   `get_deploy_model`), `AnnealedReLU` (VanillaNet-style (1-l)*ReLU(x)+l*x), `TransNet`.
 - Layer factories for the model builders: `LayerFactory`, `SplitLayerFactory`, `GatedLayerFactory`.
 - Models: `build_model`, `build_from_spec`, `model_spec`, `default_widths`, `register_arch`,
-  `slice_model` (physically narrower network), `get_deploy_model` (fused ReduceNet).
+  `slice_model` (physically narrower network), `get_deploy_model` (fused ReduceNet),
+  `fold_batchnorm` (BN folded into convs for deployment).
 - Losses: `cross_entropy`, `soft_cross_entropy`, `kd_loss`, `attention_distillation`;
   `grad_cam` (differentiable Grad-CAM).
 - Measuring: `complexity`, `count_macs`, `count_params` (MACs, paper convention).
@@ -20,6 +21,7 @@ from ke_tf.config import ConfigError, load_config
 from ke_tf.data import load_data
 from ke_tf.engine import Evaluator, Trainer, make_strategy
 from ke_tf.flops import complexity, count_macs, count_params
+from ke_tf.folding import fold_batchnorm
 from ke_tf.gradcam import grad_cam
 from ke_tf.layers.activations import AnnealedReLU
 from ke_tf.layers.factory import LayerFactory
@@ -48,7 +50,8 @@ __all__ = [
     "AnnealedReLU", "ChannelGate", "ConfigError", "Evaluator", "GatedLayerFactory", "LayerFactory",
     "ParamsError", "ReduceConv", "SplitConv2D", "SplitDense", "SplitLayerFactory", "Trainer", "TransNet",
     "apply_params", "attention_distillation", "build_from_spec", "build_model", "complexity",
-    "count_macs", "count_params", "cross_entropy", "default_widths", "get_deploy_model", "grad_cam",
+    "count_macs", "count_params", "cross_entropy", "default_widths", "fold_batchnorm", "get_deploy_model",
+    "grad_cam",
     "kd_loss", "load_config", "load_data", "load_params", "make_strategy", "model_spec",
     "register_arch", "run_method", "save_params", "slice_model", "soft_cross_entropy",
 ]
