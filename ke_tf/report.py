@@ -1,10 +1,13 @@
-"""Results tables (markdown, CSV, JSON) and PNG plots; matplotlib is optional."""
+"""Results tables (markdown, CSV, JSON) and PNG plots; matplotlib is optional.
+
+Only the chief process of a multi-worker run writes files (workers compute the same results)."""
 import csv
 import io
 import json
 import os
 import warnings
 
+from ke_tf.engine.strategy import chief_process
 from ke_tf.params import atomic_write_bytes
 
 
@@ -31,16 +34,18 @@ def write_table(path_stem, rows, columns=None, summary=None):
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(path_stem + ".md", (md + "\n").encode())
-    atomic_write_bytes(path_stem + ".csv", buf.getvalue().encode())
-    atomic_write_bytes(path_stem + ".json",
-                       json.dumps({"rows": rows, **({"summary": summary} if summary else {})},
-                                  indent=1, default=float).encode())
+    if chief_process():
+        atomic_write_bytes(path_stem + ".md", (md + "\n").encode())
+        atomic_write_bytes(path_stem + ".csv", buf.getvalue().encode())
+        atomic_write_bytes(path_stem + ".json",
+                           json.dumps({"rows": rows, **({"summary": summary} if summary else {})},
+                                      indent=1, default=float).encode())
     return md
 
 
 def write_json(path, data):
-    atomic_write_bytes(path, json.dumps(data, indent=1, default=float).encode())
+    if chief_process():
+        atomic_write_bytes(path, json.dumps(data, indent=1, default=float).encode())
 
 
 def pyplot(path):

@@ -210,3 +210,16 @@ def test_mac_counter_hand_values_for_conv_depthwise_grouped_and_dense():
     model = keras.Model(inputs, outputs)
     assert complexity(model)["macs"] == 64 * 9 * 8 * 12 + 64 * 9 * 24 + 64 * 8 * 6 + 6 * 5
     assert complexity(model)["params"] == model.count_params()
+
+
+def test_only_the_chief_process_writes_reports(tmp_path, monkeypatch):
+    from ke_tf.report import plot_lines, write_json, write_table
+    worker = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(worker))
+    assert "| a |" in write_table(str(tmp_path / "t"), [{"a": 1}])
+    write_json(str(tmp_path / "r.json"), {"a": 1})
+    assert plot_lines(str(tmp_path / "p.png"), [1, 2], {"s": [1, 2]}, "x", "y", "t") is None
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("TF_CONFIG", json.dumps({**worker, "task": {"type": "worker", "index": 0}}))
+    write_table(str(tmp_path / "t"), [{"a": 1}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.json", "t.md"]

@@ -57,6 +57,19 @@ def resolve_jit(setting, strategy):
     return setting == "on"
 
 
+def chief_process():
+    """Whether this process is the chief of its cluster, from TF_CONFIG alone (no TF_CONFIG: a
+    single process, the chief). Agrees with `is_chief` for MultiWorkerMirroredStrategy."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task") or {}
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and \
+        "chief" not in config.get("cluster", {})
+
+
 def is_chief(strategy):
     """Only the chief writes params, reports and real checkpoints."""
     resolver = getattr(strategy, "cluster_resolver", None)
