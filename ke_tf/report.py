@@ -49,8 +49,10 @@ def write_json(path, data):
 
 
 def pyplot(path):
-    """matplotlib.pyplot on the Agg backend, or None (with a notice naming the skipped `path`)
-    when matplotlib is not installed (extra `plot`)."""
+    """matplotlib.pyplot on the Agg backend, or None when this is not the chief process or (with
+    a notice naming the skipped `path`) when matplotlib is not installed (extra `plot`)."""
+    if not chief_process():
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
