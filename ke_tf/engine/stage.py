@@ -75,5 +75,10 @@ def save_trained(strategy, path, model, spec, cfg, metrics=None, **extra):
     return metadata
 
 
+def test_metrics(metrics):
+    """An evaluation dict as `test_*` entries for params metadata and summaries."""
+    return {f"test_{k}": v for k, v in metrics.items() if k != "count"}
+
+
 def run_path(cfg, *parts):
     return os.path.join(cfg.run_dir, *parts)

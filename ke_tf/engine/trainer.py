@@ -14,7 +14,6 @@ import signal
 import tempfile
 import time
 
-import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 

@@ -21,7 +21,8 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError, register_section
 from ke_tf.engine.evaluate import Evaluator
-from ke_tf.engine.stage import evaluate_model, load_configured_data, run_path, save_trained, train_stage
+from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained, test_metrics,
+                                train_stage)
 from ke_tf.flops import complexity
 from ke_tf.layers.activations import annealed_layers, linear_anneal, set_annealing
 from ke_tf.losses import cross_entropy, kd_loss, soft_cross_entropy
@@ -125,13 +126,9 @@ def _check_compatible(spec, data, source):
                           f"but the data has {data.info.num_classes} / {tuple(data.info.image_shape)}")
 
 
-def _metrics(m):
-    return {"test_top1": m["top1"], "test_top5": m["top5"], "test_loss": m["loss"]}
-
-
 def _row(stage, spec, model, metrics):
     return {"stage": stage, "arch": spec["arch"], "variant": spec["options"].get("variant", ""),
-            **complexity(model), **_metrics(metrics)}
+            **complexity(model), **test_metrics(metrics)}
 
 
 def obtain_teacher(cfg, strategy, data, spec):
@@ -153,7 +150,7 @@ def obtain_teacher(cfg, strategy, data, spec):
     tc = dataclasses.replace(cfg.train, epochs=dc.teacher_epochs or cfg.train.epochs)
     _, history, final = train_stage(cfg, strategy, teacher, data, cfg.run_dir, name="teacher", train_cfg=tc)
     path = run_path(cfg, "teacher_params.pkl")
-    save_trained(strategy, path, teacher, spec, cfg, metrics=_metrics(final), stage="teacher")
+    save_trained(strategy, path, teacher, spec, cfg, metrics=test_metrics(final), stage="teacher")
     return teacher, spec, final, path
 
 
@@ -204,7 +201,7 @@ def run_kd(cfg, strategy, data):
                                     name="student", loss_fn=loss_fn)
     teacher_cx = complexity(teacher)
     student_path = run_path(cfg, "student_params.pkl")
-    save_trained(strategy, student_path, student, student_spec, cfg, metrics=_metrics(final), stage="student",
+    save_trained(strategy, student_path, student, student_spec, cfg, metrics=test_metrics(final), stage="student",
                  teacher_params=teacher_path, dense_complexity=teacher_cx)
     rows.append(_row("student", student_spec, student, final))
     summary = {"method": "distillation", "mode": dc.mode, "dataset": data.info.name,
@@ -230,7 +227,7 @@ def _deploy(cfg, strategy, data, student, student_spec, teacher_cx, rows):
     spec = deploy_spec(student_spec)
     final = evaluate_model(strategy, deploy, data, cfg.train.eval_batch_size)
     path = run_path(cfg, "deploy_params.pkl")
-    save_trained(strategy, path, deploy, spec, cfg, metrics=_metrics(final), stage="deploy",
+    save_trained(strategy, path, deploy, spec, cfg, metrics=test_metrics(final), stage="deploy",
                  dense_complexity=teacher_cx)
     rows.append(_row("deploy", spec, deploy, final))
     return {"deploy_top1": final["top1"], "deploy_params": rows[-1]["params"], "deploy_macs": rows[-1]["macs"],
@@ -266,7 +263,7 @@ def run_ban(cfg, strategy, data):
         _, _, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name=f"gen{g}", loss_fn=loss_fn,
                                   on_epoch_begin=lambda epoch: lam.assign(lambdas[epoch]))
         path = run_path(cfg, f"gen{g}_params.pkl")
-        save_trained(strategy, path, model, spec, cfg, metrics=_metrics(final), stage=f"gen{g}", generation=g)
+        save_trained(strategy, path, model, spec, cfg, metrics=test_metrics(final), stage=f"gen{g}", generation=g)
         models.append(model)
         ensemble = Evaluator(strategy, ensemble_predict(models))(data.test(cfg.train.eval_batch_size))
         rows.append({"generation": g, "test_top1": final["top1"], "test_top5": final["top5"],

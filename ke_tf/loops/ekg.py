@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError, register_section
 from ke_tf.data.augment import epoch_seed
-from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained,
+from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained, test_metrics,
                                 train_stage)
 from ke_tf.engine.strategy import is_chief
 from ke_tf.flops import complexity
@@ -155,7 +155,7 @@ def dense_model(cfg, strategy, data, spec):
     _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name="pretrain",
                                     train_cfg=_pretrain_config(cfg, e))
     save_trained(strategy, run_path(cfg, "dense_params.pkl"), model, spec, cfg,
-                 metrics={"test_" + k: v for k, v in final.items()})
+                 metrics=test_metrics(final))
     return model, {"pretrain_epochs": len(history)}
 
 
@@ -219,11 +219,10 @@ def slim(cfg, strategy, data, dense_spec):
               "fingerprint": fingerprint, "bank_sha256": hashlib.sha256(bank.tobytes()).hexdigest(),
               "search_trajectory": [{"step": i, "macs": searcher.macs(searcher.widths(k)), "holdout_ce": ce}
                                     for i, (k, ce) in enumerate(searcher.history)]}
-    if is_chief(strategy):
-        plot_lines(run_path(cfg, "search.png"), [r["macs"] / 1e6 for r in record["search_trajectory"]],
-                   {"holdout CE": [r["holdout_ce"] for r in record["search_trajectory"]]},
-                   "MACs (M) of the chosen sub-network", "holdout CE", f"EKG search ({e.criterion})")
-    save_trained(strategy, slimmed_path, model, spec, cfg, metrics={"test_" + k: v for k, v in slimmed.items()},
+    plot_lines(run_path(cfg, "search.png"), [r["macs"] / 1e6 for r in record["search_trajectory"]],
+               {"holdout CE": [r["holdout_ce"] for r in record["search_trajectory"]]},
+               "MACs (M) of the chosen sub-network", "holdout CE", f"EKG search ({e.criterion})")
+    save_trained(strategy, slimmed_path, model, spec, cfg, metrics=test_metrics(slimmed),
                  dense_complexity=record["dense_complexity"], ekg=record)
     return model, spec, bank, record
 
@@ -241,7 +240,7 @@ def run(cfg, strategy):
     else:
         _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name="finetune")
     path = run_path(cfg, "trained_params.pkl")
-    metadata = save_trained(strategy, path, model, spec, cfg, metrics={"test_" + k: v for k, v in final.items()},
+    metadata = save_trained(strategy, path, model, spec, cfg, metrics=test_metrics(final),
                             dense_complexity=record["dense_complexity"], ekg=record)
     dense_c = record["dense_complexity"]
     summary = {"method": "ekg", "arch": spec["arch"], "dataset": data.info.name, "criterion": e.criterion,
@@ -252,8 +251,7 @@ def run(cfg, strategy):
                "macs_reduction": 1.0 - metadata["complexity"]["macs"] / dense_c["macs"],
                "params_reduction": 1.0 - metadata["complexity"]["params"] / dense_c["params"],
                "search_steps": record["search_steps"], "finetune_epochs": len(history), "params_file": path}
-    if is_chief(strategy):
-        write_json(run_path(cfg, "results.json"), {"summary": summary, "ekg": record, "history": history})
+    write_json(run_path(cfg, "results.json"), {"summary": summary, "ekg": record, "history": history})
     return summary
 
 

@@ -11,7 +11,7 @@ forward pass). After each generation the dense and (kels) slim nets are evaluate
 import dataclasses
 
 from ke_tf.config import ConfigError, register_section
-from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained,
+from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained, test_metrics,
                                 train_stage)
 from ke_tf.flops import complexity
 from ke_tf.layers.split import (REINIT_RULES, SPLIT_MODES, SplitLayerFactory, fit_count,
@@ -82,7 +82,7 @@ def run(cfg, strategy):
         _, history, dense = train_stage(cfg, strategy, model, data, cfg.run_dir, name=f"gen_{g}")
         common = {"generation": g, "split": factory.metadata()}
         save_trained(strategy, run_path(cfg, f"gen_{g}", "trained_params.pkl"), model, spec, cfg,
-                     metrics=_prefixed("test_", dense), layers={"kind": "split", **factory.metadata()},
+                     metrics=test_metrics(dense), layers={"kind": "split", **factory.metadata()},
                      **common)
         row = {"generation": g, "epochs": len(history), "dense_top1": dense["top1"], "dense_top5": dense["top5"],
                "dense_loss": dense["loss"]}
@@ -90,7 +90,7 @@ def run(cfg, strategy):
             slim, slim_spec = extract_slim(strategy, model, spec, ev.split_rate)
             slim_metrics = evaluate_model(strategy, slim, data, cfg.train.eval_batch_size)
             meta = save_trained(strategy, run_path(cfg, f"gen_{g}", "slim_params.pkl"), slim, slim_spec, cfg,
-                                metrics=_prefixed("test_", slim_metrics), dense_complexity=dense_cx, **common)
+                                metrics=test_metrics(slim_metrics), dense_complexity=dense_cx, **common)
             slim_cx = meta["complexity"]
             row.update(slim_top1=slim_metrics["top1"], slim_top5=slim_metrics["top5"],
                        slim_loss=slim_metrics["loss"])
@@ -108,10 +108,6 @@ def run(cfg, strategy):
                        slim_params_file=run_path(cfg, f"gen_{ev.generations}", "slim_params.pkl"))
     write_json(run_path(cfg, "results.json"), {"summary": summary, "generations": rows})
     return summary
-
-
-def _prefixed(prefix, metrics):
-    return {prefix + k: v for k, v in metrics.items()}
 
 
 def _report(cfg, rows):

@@ -1,6 +1,5 @@
 """Plain supervised training: the baseline every method is compared with, and the quickstart."""
-from ke_tf.engine.stage import load_configured_data, run_path, save_trained, train_stage
-from ke_tf.engine.strategy import is_chief
+from ke_tf.engine.stage import load_configured_data, run_path, save_trained, test_metrics, train_stage
 from ke_tf.models import build_model, model_spec
 from ke_tf.report import write_json
 
@@ -17,11 +16,10 @@ def run(cfg, strategy):
         model = build_model(spec["arch"], spec["num_classes"], spec["input_shape"], **spec["options"])
     _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir)
     metadata = save_trained(strategy, run_path(cfg, "trained_params.pkl"), model, spec, cfg,
-                            metrics={"test_" + k: v for k, v in final.items()})
+                            metrics=test_metrics(final))
     summary = {"method": "supervised", "arch": spec["arch"], "dataset": data.info.name,
                "test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"],
                **metadata["complexity"], "epochs": len(history),
                "params_file": run_path(cfg, "trained_params.pkl")}
-    if is_chief(strategy):
-        write_json(run_path(cfg, "results.json"), {"summary": summary, "history": history})
+    write_json(run_path(cfg, "results.json"), {"summary": summary, "history": history})
     return summary
