@@ -6,11 +6,11 @@ variants of the *same* code.
 """
 import keras
 
+from ke_tf.layers.batchnorm import batch_norm
+
 # PyTorch-compatible defaults: the published recipes (ResNet, KE, EKG) were tuned with torch BN
-# (momentum 0.1 on the running stats == Keras momentum 0.9, eps 1e-5), He fan-out conv init
-# (torchvision ResNet) and torch's default Linear kernel init U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
+# (momentum/epsilon: ke_tf.layers.batchnorm), He fan-out conv init (torchvision ResNet) and torch's
+# default Linear kernel init U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
 
 def conv_initializer():
@@ -45,9 +45,7 @@ class LayerFactory:
             units, kernel_initializer=dense_initializer(), name=name)
 
     def bn(self, name=None, zero_gamma=False):
-        return keras.layers.BatchNormalization(
-            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name,
-            gamma_initializer="zeros" if zero_gamma else "ones")
+        return batch_norm(name, zero_gamma)
 
     def gate(self, x, group, name=None):
         """Hook after each channel group's activation; plain models pass `x` through."""

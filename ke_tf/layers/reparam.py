@@ -8,7 +8,8 @@ import keras
 import numpy as np
 
 from ke_tf.layers.activations import AnnealedReLU
-from ke_tf.layers.factory import BN_EPSILON, BN_MOMENTUM, conv_initializer
+from ke_tf.layers.batchnorm import batch_norm
+from ke_tf.layers.factory import conv_initializer
 
 
 def _np(value):
@@ -46,11 +47,6 @@ def _conv(filters, kernel_size, strides, name):
                                kernel_initializer=conv_initializer(), name=name)
 
 
-def _bn(name, zero_gamma=False):
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name,
-                                           gamma_initializer="zeros" if zero_gamma else "ones")
-
-
 @keras.saving.register_keras_serializable(package="ke_tf")
 class ReduceConv(keras.layers.Layer):
     """ReduceNet's unit before a block's first ReLU: BN(conv3x3(x) [+ bottleneck(x)] [+ lora(x)]).
@@ -78,17 +74,17 @@ class ReduceConv(keras.layers.Layer):
         self.lora = bool(lora)
         self.lora_act = lora_act
         self.conv = _conv(self.filters, 3, self.strides, "conv")
-        self.bn = _bn("bn")
+        self.bn = batch_norm("bn")
         if self.bottleneck:
             self.mid = max(1, int(round(self.filters * self.expansion)))
             self.b1_conv1 = _conv(self.mid, 3, self.strides, "b1_conv1")
-            self.b1_bn1 = _bn("b1_bn1")
+            self.b1_bn1 = batch_norm("b1_bn1")
             self.b1_conv2 = _conv(self.filters, 1, 1, "b1_conv2")
-            self.b1_bn2 = _bn("b1_bn2")
+            self.b1_bn2 = batch_norm("b1_bn2")
         if self.lora:
             # Stride 1 on the input subsampled at the 3x3 conv's window centres (see call()).
             self.lora_conv = _conv(self.filters, 1, 1, "lora_conv")
-            self.lora_bn = _bn("lora_bn", zero_gamma=True)
+            self.lora_bn = batch_norm("lora_bn", zero_gamma=True)
             self.lora_activation = AnnealedReLU(name="lora_act") if lora_act == "annealed" else None
 
     def build(self, input_shape):
