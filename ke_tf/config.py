@@ -57,6 +57,12 @@ class TrainConfig:
     weight_decay_mode: str = "coupled"   # coupled (L2 added to gradients, SGD+L2 recipes) | decoupled
     label_smoothing: float = 0.0
     accum_steps: int = 1
+    # Steps run by one tf.function call (metrics read once per call). 0 = auto: about 2 s of work
+    # per call, at most 100 steps; loops always stop at epoch ends and step checkpoints.
+    steps_per_loop: int = 0
+    # With >1 replica: BN batch statistics over the global batch (N replicas == 1 device). Off:
+    # per-replica statistics, moving statistics averaged across replicas every step.
+    sync_bn: bool = True
     jit_compile: str = "auto"       # auto (GPU on, CPU off) | on | off
     mixed_precision: str = "none"   # none | bf16 | fp16
     checkpoint_every_epochs: int = 1
@@ -75,7 +81,7 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "warmup_epochs", "final_lr", "checkpoint_every_epochs",
-                     "checkpoint_every_steps"):
+                     "checkpoint_every_steps", "steps_per_loop"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:

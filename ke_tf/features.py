@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from ke_tf.data.stream import InputShard
 from ke_tf.export import load_deployable
 from ke_tf.params import atomic_write_bytes, file_sha256
 
@@ -80,25 +81,46 @@ class FeatureCache:
         parts = [self.shard(i, mmap=False) for i in range(len(self.shards))]
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
-    def dataset(self, batch_size, epoch=None, seed=0, drop_remainder=False):
-        """tf.data of ((x_A, x_B), labels) batches. With `epoch`, shard order and rows inside
-        each shard are shuffled deterministically per (seed, epoch) (so Trainer resumes skip the
-        right steps); without it the stored order is kept."""
+    def _signature(self):
         shape = self.feature_shape
-
-        def gen():
-            rng = np.random.default_rng([seed, epoch]) if epoch is not None else None
-            order = rng.permutation(len(self.shards)) if rng is not None else range(len(self.shards))
-            for i in order:
-                a, b, y = self.shard(int(i), mmap=False)
-                rows = rng.permutation(len(y)) if rng is not None else slice(None)
-                yield a[rows], b[rows], y[rows]
-
-        spec = (tf.TensorSpec((None,) + shape, tf.float32), tf.TensorSpec((None,) + shape, tf.float32),
+        return (tf.TensorSpec((None,) + shape, tf.float32), tf.TensorSpec((None,) + shape, tf.float32),
                 tf.TensorSpec((None,), tf.int32))
-        ds = tf.data.Dataset.from_generator(gen, output_signature=spec).unbatch()
+
+    def _batches(self, chunks, batch_size, drop_remainder):
+        ds = tf.data.Dataset.from_generator(chunks, output_signature=self._signature()).unbatch()
         ds = ds.map(lambda a, b, y: ((a, b), y))
         return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+    def dataset(self, batch_size):
+        """tf.data of ((x_A, x_B), labels) batches in the stored order, last partial batch kept."""
+        return self._batches(lambda: (self.shard(i, mmap=False) for i in range(len(self.shards))),
+                             batch_size, drop_remainder=False)
+
+    def stream(self, batch_size, seed, first_epoch, last_epoch, skip_steps=0, shard=None):
+        """Training input of one pipeline (see `ke_tf.data.stream`): each epoch visits the shard
+        files in a (seed, epoch)-seeded order and their rows shuffled (reads stay local), and
+        this pipeline keeps only its replicas' positions of that order."""
+        shard = shard or InputShard()
+        steps = self.count // batch_size
+        if steps < 1:
+            raise ValueError(f"{self.count} cached examples leave no full batch of {batch_size}")
+        first = shard.positions(batch_size, steps, skip_steps)
+        full = shard.positions(batch_size, steps)
+
+        def chunks():
+            for epoch in range(first_epoch, last_epoch):
+                keep = np.zeros(self.count, bool)
+                keep[first if epoch == first_epoch else full] = True
+                rng = np.random.default_rng([seed, epoch])
+                start = 0
+                for i in rng.permutation(len(self.shards)):
+                    a, b, y = self.shard(int(i))
+                    rows = rng.permutation(len(y))[keep[start:start + len(y)]]
+                    start += len(y)
+                    if len(rows):
+                        yield a[rows], b[rows], y[rows]
+
+        return self._batches(chunks, shard.replica_batch(batch_size), drop_remainder=True)
 
 
 def _read_manifest(folder):

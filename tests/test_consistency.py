@@ -190,23 +190,28 @@ def test_feature_cache_reuse_and_invalidation(tmp_path, nets):
     assert not cache_features(folder, taps[0], taps[0], ds, other, shard_size=8)[1]
 
 
-def test_feature_dataset_is_deterministic_per_epoch(tmp_path, nets):
+def test_feature_stream_is_deterministic_per_epoch_and_sharded(tmp_path, nets):
+    from ke_tf.data.stream import InputShard
     taps = nets[1]
     ds, _ = _images()
     cache, _ = cache_features(str(tmp_path / "c"), *taps, ds, {"k": 1}, shard_size=4)
 
-    def labels_of(epoch):
-        return np.concatenate([y.numpy() for _, y in cache.dataset(3, epoch, seed=7)])
+    def rows(epoch, shard=None, skip=0):
+        return [(a.numpy(), y.numpy()) for (a, _), y in cache.stream(2, 7, epoch, epoch + 1, skip, shard)]
 
     stored = np.concatenate([y.numpy() for _, y in cache.dataset(3)])
     np.testing.assert_array_equal(stored, np.arange(10) % 3)
-    first = [a.numpy() for (a, _), _ in cache.dataset(3, 0, seed=7)]
-    np.testing.assert_array_equal(np.concatenate(first), np.concatenate([a.numpy() for (a, _), _ in cache.dataset(3, 0, seed=7)]))
-    assert sorted(labels_of(0)) == sorted(stored) and len(labels_of(1)) == 10
-    a0 = np.concatenate(first)
-    a1 = np.concatenate([a.numpy() for (a, _), _ in cache.dataset(3, 1, seed=7)])
-    assert not np.allclose(a0, a1)
-    assert sum(1 for _ in cache.dataset(3, 0, drop_remainder=True)) == 3
+    first = rows(0)
+    assert len(first) == 5 and all(len(y) == 2 for _, y in first)
+    np.testing.assert_array_equal(np.concatenate([a for a, _ in first]), np.concatenate([a for a, _ in rows(0)]))
+    assert sorted(np.concatenate([y for _, y in first])) == sorted(stored)
+    assert not np.allclose(np.concatenate([a for a, _ in first]), np.concatenate([a for a, _ in rows(1)]))
+    # Two pipelines x one replica each: their batches interleave into the one-pipeline batches.
+    halves = [rows(0, InputShard(2, p, 2)) for p in (0, 1)]
+    for step, (a, y) in enumerate(first):
+        np.testing.assert_array_equal(np.concatenate([halves[0][step][0], halves[1][step][0]]), a)
+    resumed = rows(0, skip=3)
+    np.testing.assert_array_equal(np.concatenate([a for a, _ in resumed]), np.concatenate([a for a, _ in first[3:]]))
 
 
 def test_variance_report_matches_numpy(tmp_path, nets):

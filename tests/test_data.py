@@ -16,6 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ke_tf.data import DatasetInfo, ImageData, class_order, incremental_tasks, load_data  # noqa: E402
 
 
+def _batches(ds):
+    return [(x.numpy(), y.numpy()) for x, y in ds]
+
+
 def _collect(ds):
     xs, ys = [], []
     for x, y in ds:
@@ -93,6 +97,36 @@ def test_train_is_deterministic_per_seed_and_epoch(digits):
     full = digits.train(128, epoch=3, seed=1, drop_remainder=False)
     _, y_full = _collect(full)
     np.testing.assert_array_equal(np.bincount(y_full, minlength=10), np.bincount(digits.train_labels, minlength=10))
+
+
+def test_stream_shards_rebuild_the_global_batches(digits):
+    """Per-replica batches of every input pipeline concatenate, step by step, into the global
+    batches `train` yields for the same epochs; resuming skips exactly the finished steps."""
+    from ke_tf.data.stream import InputShard
+    batch, steps = 64, digits.info.train_size // 64
+    full = [x for e in (2, 3) for x, _ in _batches(digits.train(batch, epoch=e, seed=1))][:2 * steps]
+    one = [x for x, _ in _batches(digits.stream(batch, 1, 2, 4))]
+    assert len(one) == 2 * steps
+    for a, b in zip(full, one):
+        np.testing.assert_array_equal(a, b)
+    for replicas, pipelines in ((2, 1), (2, 2), (4, 2)):
+        parts = [[x for x, _ in _batches(digits.stream(batch, 1, 2, 4, shard=InputShard(replicas, p, pipelines)))]
+                 for p in range(pipelines)]
+        local = replicas // pipelines
+        for step, expected in enumerate(full):
+            got = np.concatenate([parts[p][step * local + r] for p in range(pipelines) for r in range(local)])
+            np.testing.assert_array_equal(got, expected)
+    resumed = [x for x, _ in _batches(digits.stream(batch, 1, 2, 4, skip_steps=5))]
+    for a, b in zip(one[5:], resumed):
+        np.testing.assert_array_equal(a, b)
+    assert len(resumed) == 2 * steps - 5
+    with pytest.raises(ValueError, match="not divisible by 3 replicas"):
+        digits.stream(batch, 1, 0, 1, shard=InputShard(3))
+
+
+def test_stream_carries_example_indices(digits):
+    x, y, index = next(iter(digits.stream(32, 4, 0, 1, with_index=True)))
+    np.testing.assert_array_equal(y.numpy(), digits.train_labels[index.numpy()])
 
 
 def test_digits_augmentation_changes_images_keeps_size(digits):

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from ke_tf.config import TrainConfig
+from ke_tf.data.stream import TensorData
 from ke_tf.engine import NonFiniteLossError, Trainer, WarmupSchedule, make_strategy
 from ke_tf.losses import classifier_loss, cross_entropy
 
@@ -39,24 +40,16 @@ def _model(bn=False, seed=0):
     return keras.Model(inputs, keras.layers.Dense(5, name="fc")(x))
 
 
-def _train(tmp_path, cfg, model=None, epochs=None, name="train", data=None):
+def _train(tmp_path, cfg, model=None, epochs=None, name="train", data=None, loss=None):
     strategy = make_strategy("one_device")
     if model is None or callable(model) and not isinstance(model, keras.Model):
         with strategy.scope():
             model = (model or _model)()
     x, y = data or _data()
-    trainer = Trainer(cfg, strategy, model, classifier_loss(model, cfg.label_smoothing),
+    trainer = Trainer(cfg, strategy, model, (loss or classifier_loss)(model, cfg.label_smoothing),
                       len(x) // cfg.batch_size, str(tmp_path), name=name)
-    trainer.fit(_epoch_data(x, y, cfg.batch_size), epochs=epochs)
+    trainer.fit(TensorData(x, y), seed=0, epochs=epochs)
     return model, trainer
-
-
-def _epoch_data(x, y, batch_size):
-    """Per-epoch order that depends only on the epoch (as ImageData.train), not on TF's seed."""
-    def data(epoch):
-        order = np.random.default_rng(epoch).permutation(len(x))
-        return tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size, drop_remainder=True)
-    return data
 
 
 def _weights(model):
@@ -76,10 +69,10 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_xla_loss_and_gradients_match_graph_mode(tmp_path):
+def test_xla_whole_step_matches_graph_mode(tmp_path):
     plain, _ = _train(tmp_path / "a", _cfg())
     jit, trainer = _train(tmp_path / "b", _cfg(jit_compile="on"))
-    assert trainer.jit
+    assert trainer.jit == "step"  # one device: forward, gradients and update in one XLA cluster
     for a, b in zip(_weights(plain), _weights(jit)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -100,10 +93,38 @@ def test_sgd_step_matches_hand_computed_coupled_l2_and_momentum(tmp_path):
         np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6)
 
 
-def test_decoupled_weight_decay_differs_from_coupled(tmp_path):
-    coupled, _ = _train(tmp_path / "a", _cfg(weight_decay=0.05))
-    decoupled, _ = _train(tmp_path / "b", _cfg(weight_decay=0.05, weight_decay_mode="decoupled"))
-    assert not np.allclose(_weights(coupled)[0], _weights(decoupled)[0])
+def test_decoupled_weight_decay_matches_hand_computed_step(tmp_path):
+    """Decoupled (Keras/AdamW-style) decay: w1 = w0 - lr * wd * w0 - lr * dCE/dw."""
+    cfg = _cfg(epochs=1, batch_size=64, momentum=0.0, schedule="constant", lr=0.5, weight_decay=0.01,
+               weight_decay_mode="decoupled")
+    with make_strategy("one_device").scope():
+        model = _model()
+    x, y = _data()
+    w0 = [v.numpy() for v in model.trainable_variables]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(cross_entropy(model(x, training=True), y))
+    grads = tape.gradient(loss, model.trainable_variables)
+    expected = [w - 0.5 * 0.01 * w - 0.5 * g.numpy() for w, g in zip(w0, grads)]
+    _train(tmp_path, cfg, model=model, data=(x, y))
+    for e, v in zip(expected, model.trainable_variables):
+        np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_loop_length_changes_calls_not_results(tmp_path):
+    """Steps per tf.function call: one call per loop, loops end at epoch ends, same weights."""
+    one, _ = _train(tmp_path / "a", _cfg(steps_per_loop=1))
+    strategy = make_strategy("one_device")
+    with strategy.scope():
+        model = _model()
+    x, y = _data()
+    trainer = Trainer(_cfg(steps_per_loop=3), strategy, model, classifier_loss(model), 4, str(tmp_path / "b"))
+    calls = []
+    loop = trainer._loop_fn
+    trainer._loop_fn = lambda it, n, stop: calls.append(int(n)) or loop(it, n, stop)
+    trainer.fit(TensorData(x, y), seed=0)
+    assert calls == [3, 1, 3, 1]  # 4 steps per epoch: never across an epoch end
+    for a, b in zip(_weights(one), _weights(model)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_resume_after_stop_reaches_the_same_weights(tmp_path):
@@ -119,26 +140,34 @@ def test_resume_after_stop_reaches_the_same_weights(tmp_path):
     assert [h["epoch"] for h in history] == [0, 1, 2]
 
 
-def test_signal_mid_epoch_saves_and_resume_matches(tmp_path):
-    cfg = _cfg(epochs=2)
-    full, _ = _train(tmp_path / "full", cfg)
+def _signal_at(step):
+    """A loss wrapper that sends this process a real SIGTERM during training step `step`."""
+    count = [0]
 
-    strategy = make_strategy("one_device")
-    with strategy.scope():
-        model = _model()
-    x, y = _data()
-    trainer = Trainer(cfg, strategy, model, classifier_loss(model), 4, str(tmp_path / "stopped"))
-    apply = trainer._apply
-
-    def apply_then_signal(grads):  # a real SIGTERM arrives in the middle of epoch 2
-        apply(grads)
-        if trainer.step == 6:
+    def tick():
+        count[0] += 1
+        if count[0] == step:
             os.kill(os.getpid(), signal.SIGTERM)
-    trainer._apply = apply_then_signal
+        return np.int32(0)
+
+    def wrap(model, label_smoothing=0.0):
+        base = classifier_loss(model, label_smoothing)
+
+        def loss_fn(batch, training):
+            with tf.control_dependencies([tf.numpy_function(tick, [], tf.int32)]):
+                return base(tf.nest.map_structure(tf.identity, batch), training)
+        return loss_fn
+    return wrap
+
+
+def test_signal_mid_epoch_saves_and_resume_matches(tmp_path):
+    cfg = _cfg(epochs=2, steps_per_loop=1)
+    full, _ = _train(tmp_path / "full", cfg, model=lambda: _model(bn=True))
     from ke_tf.engine import StopRequested
     with pytest.raises(StopRequested, match="step 6"):
-        trainer.fit(_epoch_data(x, y, 16))
-    resumed, trainer = _train(tmp_path / "stopped", cfg, model=lambda: _model(seed=3))
+        _train(tmp_path / "stopped", cfg, model=lambda: _model(bn=True), loss=_signal_at(6))
+    assert tf.train.latest_checkpoint(str(tmp_path / "stopped" / "checkpoints" / "train")).endswith("ckpt-6")
+    resumed, _ = _train(tmp_path / "stopped", cfg, model=lambda: _model(bn=True, seed=3))
     for a, b in zip(_weights(full), _weights(resumed)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -152,35 +181,54 @@ def test_on_epoch_begin_runs_before_each_epoch_including_a_resumed_one(tmp_path)
         with strategy.scope():
             model = _model()
         trainer = Trainer(cfg, strategy, model, classifier_loss(model), 4, str(tmp_path))
-        trainer.fit(_epoch_data(x, y, 16), epochs=epochs, on_epoch_begin=seen.append)
+        trainer.fit(TensorData(x, y), seed=0, epochs=epochs, on_epoch_begin=seen.append)
     assert seen == [0, 1, 2]
 
 
-def test_non_finite_loss_stops_without_applying(tmp_path):
-    strategy = make_strategy("one_device")
-    with strategy.scope():
-        model, other = _model(), _model()
+def _poisoned(model, label_smoothing=0.0):
+    """The NaN image makes its example's loss NaN."""
+    base = classifier_loss(model)
+
+    def loss_fn(batch, training):
+        out = base(batch, training)
+        return {**out, "loss": out["loss"] + 0.0 * tf.reduce_sum(batch[0], axis=[1, 2, 3])}
+    return loss_fn
+
+
+def test_non_finite_loss_stops_without_applying_or_is_skipped(tmp_path):
+    from ke_tf.data.stream import epoch_order
     x, y = _data()
     x[20] = np.nan
+    bad_step = int(np.flatnonzero(epoch_order(64, 0, 0).numpy() == 20)[0]) // 16
+    with pytest.raises(NonFiniteLossError, match=f"step {bad_step}"):
+        _, _ = _train(tmp_path / "stop", _cfg(epochs=1, steps_per_loop=4), data=(x, y), loss=_poisoned)
+    strategy = make_strategy("one_device")
+    with strategy.scope():
+        model = _model(bn=True)
     before = _weights(model)
-
-    def poisoned(m):  # the NaN image makes its example's loss NaN
-        base = classifier_loss(m)
-
-        def loss_fn(batch, training):
-            out = base(batch, training)
-            return {**out, "loss": out["loss"] + 0.0 * tf.reduce_sum(batch[0], axis=[1, 2, 3])}
-        return loss_fn
-    trainer = Trainer(_cfg(epochs=1, batch_size=16), strategy, model, poisoned(model), 4, str(tmp_path))
-    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
-        trainer.fit(lambda e: tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True))
-    assert trainer.step == 1  # the first batch was applied, the NaN batch was not
-    skip = Trainer(_cfg(epochs=1, batch_size=16, on_nan="skip"), strategy, other, poisoned(other),
-                   4, str(tmp_path / "skip"))
-    skip.fit(lambda e: tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True))
+    stopped = Trainer(_cfg(epochs=1), strategy, model, _poisoned(model), 4, str(tmp_path / "stop2"))
+    with pytest.raises(NonFiniteLossError):
+        stopped.fit(TensorData(x, y), seed=0)
+    assert stopped.step == bad_step  # the steps before the NaN batch were applied, that one was not
+    assert int(stopped.optimizer.iterations.numpy()) == bad_step
+    with strategy.scope():
+        other = _model(bn=True)
+    skip = Trainer(_cfg(epochs=1, on_nan="skip", steps_per_loop=1), strategy, other, _poisoned(other), 4,
+                   str(tmp_path / "skip"))
+    skip.fit(TensorData(x, y), seed=0)
     assert skip.step == 4  # the skipped step still counts, so epochs stay aligned with the data
-    assert not any(np.isnan(w).any() for w in _weights(other))
+    assert skip.history[-1]["skipped_steps"] == 1
+    assert not any(np.isnan(w).any() for w in _weights(other))  # BN statistics too: restored on skip
     assert not np.allclose(_weights(other)[0], before[0])
+
+
+def test_batch_not_divisible_by_accumulation_is_a_config_error():
+    from ke_tf.config import ConfigError
+    strategy = make_strategy("one_device")
+    with strategy.scope():
+        model = _model()
+    with pytest.raises(ConfigError, match="train.batch_size 18 is not divisible by 1 replica"):
+        Trainer(_cfg(batch_size=18, accum_steps=4), strategy, model, classifier_loss(model), 3, "/tmp/unused")
 
 
 def test_label_smoothing_matches_hand_value():
@@ -211,15 +259,44 @@ def test_mixed_precision_trains(tmp_path, mode, policy, dtype):
     try:
         model, trainer = _train(tmp_path, _cfg(epochs=1, mixed_precision=mode))
         assert model.layers[1].compute_dtype == dtype
-        assert (type(trainer.optimizer).__name__ == "LossScaleOptimizer") == (mode == "fp16")
+        assert (trainer.loss_scale is not None) == (mode == "fp16")
         assert math.isfinite(trainer.history[-1]["train_loss"])
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
 
-def _run_worker(out, replicas, env=None):
-    return subprocess.run([sys.executable, WORKER, str(out), str(replicas)], env=env,
-                          capture_output=True, text=True, timeout=300)
+def test_fp16_coupled_l2_decay_equals_fp32(tmp_path):
+    """With a loss whose gradient is zero, one step only applies the L2 term: fp16 (loss-scaled)
+    must decay the weights exactly as fp32 does (L2 is added to the unscaled gradients)."""
+    def zero_gradient(model, label_smoothing=0.0):
+        def loss_fn(batch, training):
+            logits = model(batch[0], training=training)
+            return {"loss": 0.0 * tf.reduce_sum(tf.cast(logits, tf.float32), axis=-1), "logits": logits}
+        return loss_fn
+    cfg = dict(epochs=1, batch_size=64, momentum=0.0, schedule="constant", lr=0.5, weight_decay=0.01)
+    decays = {}
+    for mode, policy in (("none", "float32"), ("fp16", "mixed_float16")):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            strategy = make_strategy("one_device")
+            with strategy.scope():
+                model = _model()
+            w0 = [v.numpy() for v in model.trainable_variables]
+            _train(tmp_path / mode, _cfg(mixed_precision=mode, **cfg), model=model, loss=zero_gradient)
+            decays[mode] = [w - v.numpy() for w, v in zip(w0, model.trainable_variables)]
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    assert np.abs(decays["none"][0]).max() > 1e-4  # the conv kernel decayed
+    for fp32, fp16 in zip(decays["none"], decays["fp16"]):
+        np.testing.assert_allclose(fp16, fp32, rtol=1e-3, atol=1e-9)
+
+
+# ---- several replicas and workers (subprocesses: the device split precedes TF's start) ----------
+def _worker(out, *args, env=None, wait=True):
+    command = [sys.executable, WORKER, str(out), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _load(path):
@@ -227,14 +304,51 @@ def _load(path):
         return {k: f[k] for k in f.files}
 
 
-def test_two_replicas_equal_one_replica(tmp_path):
-    for r in (1, 2):
-        proc = _run_worker(tmp_path / f"r{r}.npz", r)
+def _weights_of(result):
+    return {k[3:]: v for k, v in result.items() if k.startswith("w__")}
+
+
+def _assert_close(a, b, tol=1e-5):
+    """Equal to `tol` relative to each tensor's scale (a BN-cancelled value near 0 has no scale)."""
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=tol * max(1.0, float(np.abs(a[k]).max())), err_msg=k)
+
+
+def test_two_replicas_with_sync_bn_equal_one_device_and_without_it_replicas_agree(tmp_path):
+    """A BN ResNet-20 on batches whose two halves have different statistics: with sync_bn, 2
+    replicas train the same weights and BN statistics as 1 device; without it each replica
+    normalises with its own half, but the moving statistics stay identical on both replicas."""
+    results = {}
+    for name, replicas, sync in (("one", 1, 1), ("sync", 2, 1), ("local", 2, 0)):
+        proc = _worker(tmp_path / f"{name}.npz", "--replicas", replicas, "--sync-bn", sync, "--model", "resnet20",
+                       "--data", "noise")
         assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = _load(tmp_path / "r1.npz"), _load(tmp_path / "r2.npz")
-    assert int(one.pop("replicas")) == 1 and int(two.pop("replicas")) == 2
-    for k in one:
-        np.testing.assert_allclose(one[k], two[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        results[name] = _load(tmp_path / f"{name}.npz")
+    assert int(results["sync"]["replicas"]) == 2 and int(results["sync"]["step"]) == 4
+    _assert_close(_weights_of(results["one"]), _weights_of(results["sync"]))
+    local = results["local"]
+    stats = [k for k in local if k.startswith("replica0__") and "moving_" in k]
+    assert len(stats) == 2 * 19  # every BN layer of ResNet-20
+    for k in stats:
+        np.testing.assert_array_equal(local[k], local[k.replace("replica0__", "replica1__")], err_msg=k)
+    # Per-replica statistics are a real difference (so the agreement above is not vacuous).
+    assert not np.allclose(local["w__stem_bn/moving_mean"], results["sync"]["w__stem_bn/moving_mean"], atol=1e-4)
+
+
+def test_fp16_overflow_on_one_replica_skips_the_step_on_every_replica(tmp_path):
+    """An overflow in replica 1's gradients only: no replica applies the step, weights stay
+    finite and equal across replicas, the loss scale halves and the step counter advances."""
+    proc = _worker(tmp_path / "fp16.npz", "--replicas", 2, "--fp16-overflow", "--epochs", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = _load(tmp_path / "fp16.npz")
+    steps = int(r["step"])
+    assert steps > 1 and int(r["iterations"]) == steps
+    assert float(r["loss_scale"]) == 2.0 ** 15 / 2 ** steps
+    for k in (k for k in r if k.startswith("init__")):
+        np.testing.assert_array_equal(r["w__" + k[6:]], r[k], err_msg=k)
+    for k in (k for k in r if k.startswith("replica0__")):
+        assert np.isfinite(r[k]).all()
+        np.testing.assert_array_equal(r[k], r[k.replace("replica0__", "replica1__")], err_msg=k)
 
 
 def _free_port():
@@ -243,28 +357,64 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_multi_worker_matches_single_process(tmp_path):
-    """Two localhost workers (own TF_CONFIG) end with identical weights equal to one process
-    with the same global batch; only the chief writes outputs."""
-    single = _run_worker(tmp_path / "single.npz", 1)
-    assert single.returncode == 0, single.stderr[-3000:]
+def _two_workers(tmp_path, tag, args_by_worker, run_dirs=None):
+    """Run two localhost MultiWorkerMirroredStrategy workers; returns their (returncode, stderr)."""
     ports = [_free_port(), _free_port()]
     procs = []
     for i in range(2):
         env = dict(os.environ, TF_CONFIG=json.dumps({
             "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": i}}))
-        out = tmp_path / f"mw{i}.npz"
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(out), "0", "multi_worker"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        run_dir = (run_dirs or [tmp_path / f"{tag}_run"] * 2)[i]
+        procs.append(_worker(tmp_path / f"{tag}.npz", "--multi-worker", "--run-dir", run_dir, *args_by_worker[i],
+                             env=env, wait=False))
+    outcome = []
     for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    chief = _load(tmp_path / "mw0.npz")
-    assert not (tmp_path / "mw1.npz").exists()  # only the chief writes
-    worker = _load(str(tmp_path / "mw1.npz") + ".worker.npz")
-    ref = _load(tmp_path / "single.npz")
-    assert int(chief.pop("replicas")) == 2
-    ref.pop("replicas")
-    for k in ref:
-        np.testing.assert_array_equal(chief[k], worker[k], err_msg=k)
-        np.testing.assert_allclose(chief[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        _, err = p.communicate(timeout=600)
+        outcome.append((p.returncode, err))
+    return outcome
+
+
+def test_multi_worker_matches_single_process_and_shards_input_per_worker(tmp_path):
+    """Two localhost workers end with identical weights equal to one process with the same
+    global batch; only the chief writes outputs; each worker decodes half of the images."""
+    single = _worker(tmp_path / "single.npz", "--replicas", 1, "--data", "noise")
+    assert single.returncode == 0, single.stderr[-3000:]
+    for code, err in _two_workers(tmp_path, "mw", [["--data", "noise"]] * 2):
+        assert code == 0, err[-3000:]
+    chief, worker = _load(tmp_path / "mw.npz"), _load(str(tmp_path / "mw.npz") + ".worker1.npz")
+    assert not (tmp_path / "mw.npz.worker0.npz").exists()
+    assert int(chief["replicas"]) == 2
+    for k, v in _weights_of(chief).items():
+        np.testing.assert_array_equal(v, worker["w__" + k], err_msg=k)
+    _assert_close(_weights_of(_load(tmp_path / "single.npz")), _weights_of(chief))
+    # Input sharding: on digits (real decode + augment), each worker maps half the images.
+    one = _worker(tmp_path / "count1.npz", "--replicas", 1, "--epochs", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for code, err in _two_workers(tmp_path, "count", [["--epochs", 1]] * 2):
+        assert code == 0, err[-3000:]
+    total = int(_load(tmp_path / "count1.npz")["input_count"])
+    assert total == int(_load(tmp_path / "count1.npz")["step"]) * 32
+    assert int(_load(tmp_path / "count.npz")["input_count"]) == total // 2
+    assert int(_load(str(tmp_path / "count.npz") + ".worker1.npz")["input_count"]) == total // 2
+
+
+def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step_and_resumes(tmp_path):
+    """A real SIGTERM to worker 1 mid-epoch: both workers checkpoint at the same step and exit
+    130; rerunning both ends with the weights of an uninterrupted run. A worker that cannot see
+    the chief's checkpoints fails with a clear error on every worker instead of hanging."""
+    args = ["--data", "noise", "--epochs", 3, "--steps-per-loop", 1]
+    single = _worker(tmp_path / "single.npz", "--replicas", 1, *args)
+    assert single.returncode == 0, single.stderr[-3000:]
+    stopped = _two_workers(tmp_path, "pre", [args, args + ["--kill-at", 3]])
+    assert [code for code, _ in stopped] == [130, 130], [err[-2000:] for _, err in stopped]
+    assert "stopped by another worker's signal at step 3" in stopped[0][1]
+    assert "stopped by signal 15 at step 3" in stopped[1][1]
+    assert tf.train.latest_checkpoint(str(tmp_path / "pre_run" / "checkpoints" / "train")).endswith("ckpt-3")
+    lost = _two_workers(tmp_path, "lost", [args, args], run_dirs=[tmp_path / "pre_run", tmp_path / "elsewhere"])
+    for code, err in lost:
+        assert code != 0 and "workers restored different steps" in err, err[-2000:]
+    for code, err in _two_workers(tmp_path, "pre", [args, args]):
+        assert code == 0, err[-3000:]
+    resumed = _load(tmp_path / "pre.npz")
+    assert int(resumed["step"]) == 6
+    _assert_close(_weights_of(_load(tmp_path / "single.npz")), _weights_of(resumed))

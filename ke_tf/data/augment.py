@@ -6,14 +6,7 @@ this is what makes checkpoint resume bit-exact.
 """
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 31-bit integer derived from (seed, epoch) only."""
-    state = np.random.SeedSequence([int(seed) % 2**32, int(epoch) % 2**32]).generate_state(1)
-    return int(state[0]) & 0x7FFFFFFF
 
 
 def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:

@@ -1,11 +1,11 @@
 """`ImageData`: a train/test `Source` pair plus the deterministic tf.data
 pipelines the trainers consume.
 
-Determinism: the epoch order is a numpy permutation seeded by
-hash(seed, epoch), and each example's augmentation uses stateless ops seeded
-by (hash(seed, epoch), original example index). Parallel maps run with
-deterministic=True, so `train(..., epoch=e, seed=s)` is bit-identical across
-calls and processes (needed for exact checkpoint resume).
+Determinism: the epoch order is a stateless permutation keyed by (seed, epoch)
+and each example's augmentation uses stateless ops keyed by (seed, epoch,
+example index) (`ke_tf.data.stream`). Parallel maps run with
+deterministic=True, so `train(..., epoch=e, seed=s)` and `stream(...)` are
+bit-identical across calls and processes (needed for exact checkpoint resume).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from ke_tf.data import augment
+from ke_tf.data import stream
 from ke_tf.data.info import DatasetInfo
 from ke_tf.data.source import Source
 
@@ -45,45 +45,62 @@ class ImageData:
     # ------------------------------------------------------------------ pipelines
     def train(self, batch_size: int, epoch: int, seed: int, augment: bool = True,
               drop_remainder: bool = True) -> tf.data.Dataset:
-        """Batched (float32 NHWC normalised image, int32 label) for ONE epoch.
-
-        Order and augmentation depend only on (seed, epoch)."""
+        """Batched (float32 NHWC normalised image, int32 label) for ONE epoch, in the epoch
+        order `stream` uses; order and augmentation depend only on (seed, epoch)."""
         _check_batch(batch_size)
-        src = self._train
-        mixed = _epoch_seed(seed, epoch)
-        perm = np.random.RandomState(mixed).permutation(len(src))
-        ds = tf.data.Dataset.from_tensor_slices(
-            (src.items[perm], src.labels[perm].astype(np.int32), perm.astype(np.int64)))
+        n = len(self._train)
+        index = tf.data.Dataset.from_tensor_slices(stream.epoch_order(n, seed, epoch))
+        rows = index.map(lambda i: (tf.constant(epoch, tf.int64), i))
+        return self._examples(rows, seed, augment).map(lambda x, y, i: (x, y)).batch(
+            batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+
+    def stream(self, batch_size: int, seed: int, first_epoch: int, last_epoch: int, skip_steps: int = 0,
+               shard: stream.InputShard | None = None, with_index: bool = False) -> tf.data.Dataset:
+        """A training stage's input for one pipeline: per-replica batches of (image, label[,
+        example index]) from step `skip_steps` of `first_epoch` to the end of `last_epoch - 1`
+        (see `ke_tf.data.stream`); only this pipeline's images are decoded and augmented."""
+        shard = shard or stream.InputShard()
+        rows = stream.index_stream(len(self._train), batch_size, shard, seed, first_epoch, last_epoch, skip_steps)
+        examples = self._examples(rows, seed, augment=True)
+        if not with_index:
+            examples = examples.map(lambda x, y, i: (x, y))
+        return examples.batch(shard.replica_batch(batch_size), drop_remainder=True).prefetch(AUTOTUNE)
+
+    def _examples(self, rows, seed, augment):
+        """(image, label, index) of (epoch, index) rows; augmentation keyed by (seed, epoch, index)."""
+        items = tf.constant(self._train.items)
+        labels = tf.constant(self._train.labels.astype(np.int32))
         transform = self._transform
 
-        if augment:
-            base = tf.constant(mixed, tf.int64)
+        def example(epoch, index):
+            item = tf.gather(items, index)
+            if augment:
+                image = transform.train(item, stream.example_key(stream.epoch_key(seed, epoch), index))
+            else:
+                image = transform.eval(item)
+            return image, tf.gather(labels, index), index
 
-            def fn(item, label, index):
-                return transform.train(item, tf.stack([base, index])), label
-        else:
-            def fn(item, label, index):
-                return transform.eval(item), label
+        return rows.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
 
-        ds = ds.map(fn, num_parallel_calls=AUTOTUNE, deterministic=True)
-        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
-
-    def test(self, batch_size: int) -> tf.data.Dataset:
-        """Test split in fixed order, no augmentation, last partial batch kept."""
-        return self._eval_pipeline(self._test, batch_size)
+    def test(self, batch_size: int, shard: stream.InputShard | None = None) -> tf.data.Dataset:
+        """Test split in fixed order, no augmentation, last partial batch kept. With `shard`
+        (evaluation under a strategy): this pipeline's rows only, in per-replica batches."""
+        return self._eval_pipeline(self._test, batch_size, shard)
 
     def train_eval(self, batch_size: int) -> tf.data.Dataset:
         """Training split in fixed order, no augmentation, partial batch kept
         (for memory banks / feature caching)."""
         return self._eval_pipeline(self._train, batch_size)
 
-    def _eval_pipeline(self, src: Source, batch_size: int) -> tf.data.Dataset:
+    def _eval_pipeline(self, src: Source, batch_size: int, shard=None) -> tf.data.Dataset:
         _check_batch(batch_size)
         transform = self._transform
-        ds = tf.data.Dataset.from_tensor_slices((src.items, src.labels.astype(np.int32)))
-        ds = ds.map(lambda item, label: (transform.eval(item), label),
-                    num_parallel_calls=AUTOTUNE, deterministic=True)
-        return ds.batch(batch_size).prefetch(AUTOTUNE)
+        items = tf.constant(src.items)
+        labels = tf.constant(src.labels.astype(np.int32))
+        rows = shard.rows(len(src)) if shard is not None else tf.data.Dataset.range(len(src))
+        ds = rows.map(lambda i: (transform.eval(tf.gather(items, i)), tf.gather(labels, i)),
+                      num_parallel_calls=AUTOTUNE, deterministic=True)
+        return ds.batch(shard.eval_batch(batch_size) if shard is not None else batch_size).prefetch(AUTOTUNE)
 
     # ------------------------------------------------------------------ splitting
     def split_holdout(self, per_class: int, seed: int) -> tuple["ImageData", "ImageData"]:
@@ -111,10 +128,6 @@ class ImageData:
         holdout = ImageData(dataclasses.replace(self.info, train_size=len(held), test_size=len(held)),
                             hold_src, hold_src, self._transform)
         return remain, holdout
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return augment.epoch_seed(seed, epoch)
 
 
 def _check_batch(batch_size: int) -> None:

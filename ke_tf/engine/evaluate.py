@@ -1,42 +1,58 @@
 """Evaluation under a strategy: loss, top-1, top-5 with BN moving statistics (inference mode)."""
 import tensorflow as tf
-from tqdm.auto import tqdm
 
-from ke_tf.engine.trainer import distribute_options
+from ke_tf.data.stream import InputShard
+
+
+def distribute_eval_input(strategy, source):
+    """A distributed dataset of evaluation batches. `source` is either `shard -> dataset of
+    per-replica batches` (each input pipeline reads only its share, before decoding; e.g.
+    `lambda shard: data.test(256, shard)`) or a dataset of global batches (every worker reads it
+    all and keeps its share)."""
+    if isinstance(source, tf.data.Dataset):
+        options = tf.data.Options()
+        # Shard by data, not files: in-memory/tfds pipelines have fewer files than workers.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return strategy.experimental_distribute_dataset(source.with_options(options))
+    return strategy.distribute_datasets_from_function(lambda context: source(InputShard.from_context(context)))
 
 
 class Evaluator:
-    """Loss/top-1/top-5 of `predict(images) -> logits` over datasets of (images, labels, ...)
-    batches, with the distributed step traced once and reused across epochs."""
+    """Loss/top-1/top-5 of `predict(images) -> logits` over batches of (images, labels, ...).
+    A whole pass is one tf.function call (traced once per evaluator, whatever the last batch's
+    size) with one host read at the end."""
 
     def __init__(self, strategy, predict):
         self.strategy = strategy
         self.predict = predict
-        self._step = tf.function(self._distributed_step)
+        self._run = tf.function(self._evaluate)
 
     def _replica(self, batch):
         images, labels = batch[0], tf.cast(batch[1], tf.int32)
         logits = tf.cast(self.predict(images), tf.float32)
         ce = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         k5 = min(5, int(logits.shape[-1]))
-        return (tf.reduce_sum(ce),
-                tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)),
-                tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k5), tf.float32)),
-                tf.cast(tf.shape(labels)[0], tf.float32))
+        return tf.stack([tf.reduce_sum(ce),
+                         tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)),
+                         tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k5), tf.float32)),
+                         tf.cast(tf.shape(labels)[0], tf.float32)])
 
-    def _distributed_step(self, batch):
-        return [self.strategy.reduce("SUM", v, axis=None) for v in self.strategy.run(self._replica, args=(batch,))]
+    def _evaluate(self, batches):
+        totals = tf.zeros([4], tf.float32)
+        for batch in batches:
+            sums = self.strategy.run(self._replica, args=(batch,))
+            totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+        return totals
 
-    def __call__(self, dataset, desc="eval", progress=False):
-        """{"loss", "top1", "top5", "count"} with the loss as mean cross-entropy."""
-        totals = [0.0, 0.0, 0.0, 0.0]
-        dist = self.strategy.experimental_distribute_dataset(distribute_options(dataset))
-        for batch in tqdm(dist, desc=desc, disable=not progress, leave=False):
-            totals = [t + float(v) for t, v in zip(totals, self._step(batch))]
-        n = max(totals[3], 1.0)
-        return {"loss": totals[0] / n, "top1": totals[1] / n, "top5": totals[2] / n, "count": int(totals[3])}
+    def __call__(self, source):
+        """{"loss", "top1", "top5", "count"} with the loss as mean cross-entropy; `source` as in
+        `distribute_eval_input`."""
+        batches = iter(distribute_eval_input(self.strategy, source))
+        loss, top1, top5, count = self._run(batches).numpy().tolist()
+        n = max(count, 1.0)
+        return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "count": int(count)}
 
 
-def evaluate(strategy, predict, dataset, desc="eval", progress=False):
+def evaluate(strategy, predict, source):
     """One-off evaluation (see `Evaluator`)."""
-    return Evaluator(strategy, predict)(dataset, desc, progress)
+    return Evaluator(strategy, predict)(source)

@@ -1,6 +1,7 @@
 """Shared machinery of the method loops: load the configured data, train one stage of a loop
 with the Trainer and evaluate it, save params with rebuild metadata."""
 import os
+import weakref
 
 from ke_tf.data import load_data
 from ke_tf.engine.evaluate import Evaluator
@@ -20,34 +21,50 @@ def load_configured_data(cfg, classes=None):
                      on_bad_file=d.on_bad_file, **({"test_split": d.test_split} if d.name == "image_folder" else {}))
 
 
+_EVALUATORS = weakref.WeakKeyDictionary()
+
+
 def model_evaluator(strategy, model):
-    """Evaluator of `model` in inference mode (BN moving statistics)."""
-    return Evaluator(strategy, lambda x: model(x, training=False))
+    """Evaluator of `model` in inference mode (BN moving statistics); one per model and strategy,
+    so its traced pass is reused across stages, generations and tasks."""
+    cached = _EVALUATORS.get(model)
+    if cached is None or cached.strategy is not strategy:
+        cached = _EVALUATORS[model] = Evaluator(strategy, lambda x: model(x, training=False))
+    return cached
+
+
+def test_source(data, batch_size):
+    """`data`'s test split as an evaluation source (each input pipeline reads its own rows)."""
+    return lambda shard: data.test(batch_size, shard)
 
 
 def evaluate_model(strategy, model, data, batch_size):
     """Test-set loss/top-1/top-5 of `model` in inference mode."""
-    return model_evaluator(strategy, model)(data.test(batch_size))
+    return model_evaluator(strategy, model)(test_source(data, batch_size))
 
 
 def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None, variables=None,
                 train_cfg=None, extra_checkpoint=None, eval_model=None, on_epoch_begin=None):
-    """Train `model` (built in `strategy.scope()`) on `data` for one stage; resumes from this
-    stage's checkpoints. `on_epoch_begin(epoch)` updates per-epoch schedule state. Returns
-    (trainer, history, final test metrics)."""
+    """Train `model` (built in `strategy.scope()`) on `data` (anything with `stream(...)`,
+    `test(batch_size, shard)` and `info`) for one stage; resumes from this stage's checkpoints.
+    `on_epoch_begin(epoch)` updates per-epoch schedule state. Returns (trainer, history, final
+    test metrics)."""
     tc = train_cfg or cfg.train
     loss_fn = loss_fn or classifier_loss(model, tc.label_smoothing)
     steps = data.info.train_size // tc.batch_size
     trainer = Trainer(tc, strategy, model, loss_fn, steps, run_dir, variables=variables,
                       extra_checkpoint=extra_checkpoint, name=name)
     evaluator = model_evaluator(strategy, eval_model or model)
+    source = test_source(data, tc.eval_batch_size)
+    last = {}
 
     def eval_fn(epoch):
-        return {f"test_{k}": v for k, v in evaluator(data.test(tc.eval_batch_size)).items() if k != "count"}
+        last.update(epoch=epoch, metrics=evaluator(source))
+        return test_metrics(last["metrics"])
 
-    history = trainer.fit(lambda epoch: data.train(tc.batch_size, epoch, cfg.seed), eval_fn=eval_fn,
-                          on_epoch_begin=on_epoch_begin)
-    final = evaluator(data.test(tc.eval_batch_size))
+    history = trainer.fit(data, cfg.seed, eval_fn=eval_fn, on_epoch_begin=on_epoch_begin)
+    # The last epoch is always evaluated; re-evaluate only when this call trained nothing (resumed done).
+    final = last["metrics"] if last.get("epoch") == tc.epochs - 1 else evaluator(source)
     if is_chief(strategy):
         plot_history(os.path.join(run_dir, f"{name}_curve.png"), history, name)
     return trainer, history, final

@@ -49,12 +49,27 @@ def uses_gpu(strategy):
     return any("GPU" in d.upper() for d in devices) or bool(tf.config.list_logical_devices("GPU"))
 
 
-def resolve_jit(setting, strategy):
-    """`auto` = XLA on GPU, off on CPU: on 2-core CPUs XLA measured 1.5-3x slower than oneDNN
-    (DESIGN.md); on GPUs it usually wins."""
-    if setting == "auto":
-        return uses_gpu(strategy)
-    return setting == "on"
+def jit_scope(setting, strategy, sync_bn=False):
+    """What XLA compiles: "off", "gradients" (loss + gradients; all-reduce and update outside) or
+    "step" (the whole replica step including the update). `auto` = on for GPUs, off for CPUs, where
+    XLA measured 1.5-3x slower than oneDNN (DESIGN.md). With one replica the whole step compiles;
+    with several, jit-compiling the update fails (DESIGN.md), so only loss + gradients are compiled,
+    and nothing when synchronised BN puts all-reduces inside the forward pass (they do not compile
+    on CPU devices and are unverified on GPUs here)."""
+    if setting == "off" or (setting == "auto" and not uses_gpu(strategy)):
+        return "off"
+    if strategy.num_replicas_in_sync == 1:
+        return "step"
+    return "off" if sync_bn else "gradients"
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` spans several processes (MultiWorkerMirroredStrategy with >1 worker)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return False
+    return sum(len(tasks) for name, tasks in resolver.cluster_spec().as_dict().items()
+               if name in ("chief", "worker")) > 1
 
 
 def chief_process():

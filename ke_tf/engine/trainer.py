@@ -1,25 +1,48 @@
 """The training engine every method loop runs on.
 
-A loop supplies `loss_fn(batch, training) -> {"loss": per-example loss [B], "logits": [B, K]}`
-and a per-epoch dataset function; the Trainer runs it under the strategy: per-replica loss +
-gradients (XLA-compiled when jit is on), gradient accumulation over micro-batches, coupled L2,
-then `apply_gradients` outside XLA (jit-compiling the apply fails with >1 replica, DESIGN.md),
-checkpoints, resume, tqdm, TensorBoard and a metrics dict per epoch.
+A loop supplies `loss_fn(batch, training) -> {"loss": per-example loss [B], "logits": [B, K]}` and
+a data source with `stream(batch_size, seed, first_epoch, last_epoch, skip_steps, shard)` (see
+`ke_tf.data.stream`). The Trainer runs one stage of it under the strategy:
+
+- input: ONE distributed dataset per stage (`distribute_datasets_from_function`), each input
+  pipeline decoding only its replicas' rows, from the resume point to the last epoch;
+- steps: one `tf.function` call runs a loop of up to `steps_per_loop` steps over the distributed
+  iterator (forward, gradients, micro-batch accumulation, all-reduce, update) and returns the
+  loop's loss/accuracy sums as one tensor, read once per loop; loops stop at epoch ends and step
+  checkpoints, where evaluation, checkpoints, signals and progress happen;
+- per replica: loss + gradients over `accum_steps` micro-batches, ONE all-reduce of gradients and
+  metrics, then decisions every replica takes identically on the reduced values: a non-finite loss
+  (`on_nan`: stop before applying, or skip), an fp16 overflow (skip, halve the loss scale), coupled
+  L2 added to the unscaled global gradients, the optimizer update in replica context; BN moving
+  statistics are averaged across replicas after every step, or BN uses global batch statistics
+  (`sync_bn`), so every replica holds the same model;
+- checkpoints, exact resume, SIGINT/SIGTERM stops agreed by every worker, tqdm, TensorBoard, a
+  metrics dict and one log line per epoch.
 """
 import json
-import math
 import os
 import shutil
 import signal
 import tempfile
 import time
 
+import keras
+import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
+from ke_tf.config import ConfigError
+from ke_tf.data.stream import InputShard
+from ke_tf.engine.loss_scale import LossScale
 from ke_tf.engine.optim import make_optimizer
-from ke_tf.engine.strategy import is_chief, resolve_jit
+from ke_tf.engine.strategy import is_chief, is_multi_worker, jit_scope
 from ke_tf.params import atomic_write_bytes
+from ke_tf.progress import log_line, progress_bar
+
+# Automatic loop length: about this many seconds of work per call (the latency of signals and
+# progress), at most MAX_STEPS_PER_LOOP steps.
+AUTO_LOOP_SECONDS = 2.0
+MAX_STEPS_PER_LOOP = 100
+_RESULTS = ("loss", "correct", "applied", "skipped", "overflows", "steps", "nan_stop", "stopped")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,11 +53,10 @@ class StopRequested(RuntimeError):
     """Raised after SIGINT/SIGTERM once a checkpoint has been written."""
 
 
-def distribute_options(ds):
-    """Shard by data, not files: in-memory/tfds pipelines have fewer files than workers."""
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options)
+def batch_norm_layers(model):
+    """Every BatchNormalization layer inside `model` (nested models included)."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def _split(batch, k, i):
@@ -45,17 +67,13 @@ def _split(batch, k, i):
     return tf.nest.map_structure(cut, batch)
 
 
-def _labels(batch):
-    return batch[1]
-
-
-def _correct(logits, labels, k=1):
-    return tf.reduce_sum(tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32), k),
+def _correct(logits, labels):
+    return tf.reduce_sum(tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32), 1),
                                  tf.float32))
 
 
 class Trainer:
-    """Runs `loss_fn` over `variables` of `model` for a loop. Build models inside
+    """Runs `loss_fn` over `variables` of `model` for one stage of a loop. Build models inside
     `strategy.scope()` before constructing the Trainer."""
 
     def __init__(self, cfg, strategy, model, loss_fn, steps_per_epoch, run_dir, variables=None,
@@ -70,7 +88,18 @@ class Trainer:
         self.run_dir = run_dir
         self.name = name
         self.chief = is_chief(strategy)
-        self.jit = resolve_jit(cfg.jit_compile, strategy)
+        self.multi_worker = is_multi_worker(strategy)
+        self.replicas = strategy.num_replicas_in_sync
+        if cfg.batch_size % (self.replicas * cfg.accum_steps):
+            raise ConfigError(
+                f"train.batch_size {cfg.batch_size} is not divisible by {self.replicas} replica(s) x "
+                f"train.accum_steps {cfg.accum_steps}: every replica needs equal micro-batches")
+        self.sync_bn = bool(cfg.sync_bn) and self.replicas > 1
+        batch_norms = batch_norm_layers(model)
+        for layer in batch_norms:
+            layer.synchronized = self.sync_bn
+        self.moving_stats = [v for layer in batch_norms for v in (layer.moving_mean, layer.moving_variance)]
+        self.jit = jit_scope(cfg.jit_compile, strategy, self.sync_bn)
         self.history = []
         with strategy.scope():
             self.variables = list(variables if variables is not None else model.trainable_variables)
@@ -79,23 +108,29 @@ class Trainer:
             self.optimizer = make_optimizer(cfg, self.steps_per_epoch)
             # Built eagerly in scope: lazy building inside strategy.run fails with >1 replica.
             self.optimizer.build(self.variables)
-            self.checkpoint = tf.train.Checkpoint(model=model, optimizer=self.optimizer,
+            self.loss_scale = LossScale() if cfg.mixed_precision == "fp16" else None
+            scaling = {"loss_scale": self.loss_scale} if self.loss_scale is not None else {}
+            self.checkpoint = tf.train.Checkpoint(model=model, optimizer=self.optimizer, **scaling,
                                                   **(extra_checkpoint or {}))
         self.ckpt_dir = os.path.join(run_dir, "checkpoints", name)
         write_dir = self.ckpt_dir if self.chief else tempfile.mkdtemp(prefix="ke_tf_ckpt_")
         self.manager = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep=cfg.keep_checkpoints)
-        self._grads_fn = (tf.function(self._loss_and_grads, jit_compile=True) if self.jit
-                          else self._loss_and_grads)
-        self._compute = tf.function(self._distributed_compute)
-        self._apply = tf.function(self._distributed_apply)
+        self._grads_fn = tf.function(self._gradients, jit_compile=True) if self.jit == "gradients" \
+            else self._gradients
+        self._step_fn = tf.function(self._replica_step, jit_compile=True) if self.jit == "step" \
+            else self._replica_step
+        self._loop_fn = tf.function(self._loop)
+        self._steps_per_loop = cfg.steps_per_loop or None   # None: calibrated on the second loop
+        self._loops = 0
         self._stop_signal = None
+        self.step = 0
 
-    # ---- one step ------------------------------------------------------------------------
-    def _loss_and_grads(self, batch):
-        """Loss + gradients of one replica's batch, accumulated over `accum_steps` micro-batches;
-        the loss is scaled by the global batch so replica gradients sum to the global mean."""
+    # ---- one step (replica context) ------------------------------------------------------
+    def _gradients(self, batch):
+        """Loss, correct count and gradients of one replica's batch over `accum_steps`
+        micro-batches; the loss is scaled by the global batch so replica gradients sum to the
+        global mean (and by the fp16 loss scale)."""
         k = self.cfg.accum_steps
-        global_batch = self.cfg.batch_size
         grads = [tf.zeros_like(v) for v in self.variables]
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
@@ -106,49 +141,131 @@ class Trainer:
                 micro = tf.nest.map_structure(tf.identity, _split(batch, k, i)) if k > 1 else batch
             with tf.GradientTape() as tape:
                 out = self.loss_fn(micro, training=True)
-                loss = tf.nn.compute_average_loss(tf.cast(out["loss"], tf.float32), global_batch_size=global_batch)
-                scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+                loss = tf.nn.compute_average_loss(tf.cast(out["loss"], tf.float32),
+                                                  global_batch_size=self.cfg.batch_size)
+                scaled = loss * self.loss_scale.scale if self.loss_scale is not None else loss
             micro_grads = tape.gradient(scaled, self.variables)
             grads = [g if mg is None else g + tf.cast(mg, g.dtype) for g, mg in zip(grads, micro_grads)]
             loss_sum += loss
             if "logits" in out:
-                correct += _correct(out["logits"], _labels(micro))
+                correct += _correct(out["logits"], micro[1])
         return loss_sum, correct, grads
 
-    def _distributed_compute(self, batch):
-        loss, correct, grads = self.strategy.run(self._grads_fn, args=(batch,))
-        return (self.strategy.reduce("SUM", loss, axis=None),
-                self.strategy.reduce("SUM", correct, axis=None), grads)
+    def _replica_step(self, batch):
+        """One training step on this replica; every decision is taken on all-reduced values, so
+        all replicas agree. Returns (global loss, correct, loss finite, gradients finite)."""
+        skippable = self.cfg.on_nan == "skip" or self.loss_scale is not None
+        saved = [tf.identity(v.value) for v in self.moving_stats] if skippable else None
+        loss, correct, grads = self._grads_fn(batch)
+        context = tf.distribute.get_replica_context()
+        if self.replicas > 1:
+            loss, correct, *grads = context.all_reduce(tf.distribute.ReduceOp.SUM, [loss, correct, *grads])
+        loss_ok = tf.math.is_finite(loss)
+        grads_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        apply = loss_ok & grads_ok
+        tf.cond(apply, lambda: self._apply(grads), lambda: tf.constant(False))
+        if saved is not None:  # a skipped step leaves the BN statistics as they were too
+            for v, s in zip(self.moving_stats, saved):
+                v.assign(tf.where(apply, v.value, s))
+        if self.replicas > 1 and not self.sync_bn and self.moving_stats:
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in self.moving_stats])
+            for v, m in zip(self.moving_stats, means):
+                v.assign(m)
+        return loss, correct, loss_ok, grads_ok
 
-    def _apply_replica(self, grads):
-        wd = self.cfg.weight_decay if self.cfg.weight_decay_mode == "coupled" else 0.0
-        if wd:
-            # Coupled L2 (PyTorch SGD weight_decay, EKG's g + wd*v): gradients are summed over
-            # replicas, so each replica adds its share.
-            n = self.strategy.num_replicas_in_sync
-            grads = [g + (wd / n) * tf.cast(v, g.dtype) if id(v) in self.decay_variables else g
-                     for g, v in zip(grads, self.variables)]
-        self.optimizer.apply_gradients(zip(grads, self.variables))
+    def _apply(self, grads):
+        """Update every variable from the global gradients, in replica context (identical on
+        every replica): unscale (fp16), weight decay, then the optimizer's update rule."""
+        if self.loss_scale is not None:
+            grads = [g / self.loss_scale.scale for g in grads]
+        lr = self.optimizer.learning_rate
+        wd = self.cfg.weight_decay
+        coupled = self.cfg.weight_decay_mode == "coupled"
+        for g, v in zip(grads, self.variables):
+            if wd and id(v) in self.decay_variables:
+                if coupled:  # PyTorch SGD weight_decay / EKG's g + wd*v, on the global gradient
+                    g = g + wd * tf.cast(v, g.dtype)
+                else:        # Keras/AdamW decoupled decay, applied before the update as Keras does
+                    v.assign_sub(v * tf.cast(wd * lr, v.dtype))
+            self.optimizer.update_step(g, v, tf.cast(lr, v.dtype))
+        return tf.constant(True)
 
-    def _distributed_apply(self, grads):
-        self.strategy.run(self._apply_replica, args=(grads,))
+    # ---- a loop of steps (cross-replica context, one tf.function call) ----------------------
+    def _loop(self, iterator, num_steps, stop_requested):
+        """Up to `num_steps` steps; returns the `_RESULTS` sums as one float64 vector. Stops early
+        before applying a non-finite step (`on_nan: stop`); under MultiWorkerMirroredStrategy a
+        stop requested on any worker makes every worker run zero steps (agreed by an all-reduce)."""
+        zero = tf.constant(0.0, tf.float64)
+        loss_sum, correct, applied, skipped, overflows, steps = zero, zero, zero, zero, zero, zero
+        nan_stop = tf.constant(False)
+        stopped = tf.constant(False)
+        if self.multi_worker:
+            votes = self.strategy.run(lambda: tf.cast(stop_requested, tf.float32))
+            stopped = self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None) > 0
+            num_steps = tf.where(stopped, 0, num_steps)
+        fp16 = self.loss_scale is not None
+        for _ in tf.range(num_steps):
+            out = self.strategy.run(self._step_fn, args=(next(iterator),))
+            loss, n_correct, loss_ok, grads_ok = [self.strategy.experimental_local_results(o)[0] for o in out]
+            bad = ~loss_ok if fp16 else ~(loss_ok & grads_ok)   # fp16: non-finite grads = overflow
+            if self.cfg.on_nan == "stop" and bad:
+                nan_stop = True
+                break
+            self.optimizer.iterations.assign_add(1)   # skipped steps count: epochs stay aligned with data
+            if fp16:
+                self.loss_scale.update(grads_ok | ~loss_ok)
+            ok = loss_ok & grads_ok
+            steps += 1.0
+            applied += tf.cast(ok, tf.float64)
+            skipped += tf.cast(bad, tf.float64)
+            overflows += tf.cast(~bad & ~ok, tf.float64)
+            loss_sum += tf.where(ok, tf.cast(loss, tf.float64), zero)
+            correct += tf.where(ok, tf.cast(n_correct, tf.float64), zero)
+        return tf.stack([loss_sum, correct, applied, skipped, overflows, steps,
+                         tf.cast(nan_stop, tf.float64), tf.cast(stopped, tf.float64)])
 
-    # ---- loop ----------------------------------------------------------------------------
-    @property
-    def step(self):
-        return int(self.optimizer.iterations.numpy())
+    def _loop_length(self):
+        """Steps of the next loop: calibrated (or configured) length, never past an epoch end
+        or a step checkpoint."""
+        limit = self.steps_per_epoch - self.step % self.steps_per_epoch
+        every = self.cfg.checkpoint_every_steps
+        if every:
+            limit = min(limit, every - self.step % every)
+        return min(limit, self._steps_per_loop or 1)
 
+    def _calibrate(self, seconds_per_step):
+        """Fix the automatic loop length from a timed loop; workers agree on the mean time (the
+        loop length must be the same everywhere: its steps contain collectives)."""
+        if self.multi_worker:
+            seconds_per_step = self._cluster_mean(seconds_per_step)
+        self._steps_per_loop = int(np.clip(round(AUTO_LOOP_SECONDS / max(seconds_per_step, 1e-6)), 1,
+                                           MAX_STEPS_PER_LOOP))
+
+    def _cluster_mean(self, value):
+        values = self.strategy.run(lambda: tf.constant(float(value), tf.float64))
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None))
+
+    # ---- checkpoints and signals ------------------------------------------------------------
     def restore(self):
-        """Resume from the newest checkpoint of this stage; returns True if one was found."""
+        """Resume from the newest checkpoint of this stage; returns True if one was found. Every
+        worker must restore the same step: a mismatch raises here, on every worker."""
         latest = tf.train.latest_checkpoint(self.ckpt_dir)
-        if latest is None:
-            return False
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
-        history = os.path.join(self.run_dir, f"{self.name}_history.json")
-        if os.path.exists(history):
-            with open(history) as f:
-                self.history = [h for h in json.load(f) if h["epoch"] < self.step // self.steps_per_epoch]
-        return True
+        if latest is not None:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        self.step = int(self.optimizer.iterations.numpy())
+        if self.multi_worker:
+            mean = self._cluster_mean(self.step)
+            if mean != self.step or self._cluster_mean(self.step ** 2) != mean ** 2:
+                raise RuntimeError(
+                    f"{self.name}: workers restored different steps (this worker: step {self.step} from "
+                    f"{latest or 'no checkpoint'}; cluster mean {mean:g}). Every worker must see the "
+                    f"chief's checkpoints: put run_dir on a filesystem all workers share.")
+        if latest is not None:
+            history = os.path.join(self.run_dir, f"{self.name}_history.json")
+            if os.path.exists(history):
+                with open(history) as f:
+                    self.history = [h for h in json.load(f) if h["epoch"] < self.step // self.steps_per_epoch]
+        return latest is not None
 
     def save_checkpoint(self):
         self.manager.save(checkpoint_number=self.step)
@@ -164,28 +281,37 @@ class Trainer:
                 pass
         return previous
 
-    def fit(self, train_data, epochs=None, eval_fn=None, resume=True, on_epoch_begin=None):
-        """Train until `epochs` (default cfg.epochs). `train_data(epoch)` returns that epoch's
-        dataset of global batches (deterministic per epoch, so resuming mid-epoch skips exactly the
-        finished steps). `eval_fn(epoch)` returns a metrics dict; `on_epoch_begin(epoch)` sets
+    # ---- the stage --------------------------------------------------------------------------
+    def fit(self, data, seed, epochs=None, eval_fn=None, resume=True, on_epoch_begin=None):
+        """Train until `epochs` (default cfg.epochs) on `data.stream(...)` seeded by `seed`
+        (order and augmentation depend only on (seed, epoch), so resuming mid-epoch skips exactly
+        the finished steps). `eval_fn(epoch)` returns a metrics dict; `on_epoch_begin(epoch)` sets
         per-epoch state such as annealing factors (also when resuming mid-epoch). Returns the
         epoch history."""
         epochs = epochs or self.cfg.epochs
         if resume:
             self.restore()
+        else:
+            self.step = int(self.optimizer.iterations.numpy())
+        total = epochs * self.steps_per_epoch
+        if self.step >= total:
+            return self.history
+        iterator = self._input(data, seed, epochs)
+        self._log(f"{self.name}: {self._setup_summary()}" + (f", resumed at step {self.step}" if self.step else ""))
         previous = self._install_signal_handlers()
         writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", self.name)) \
             if self.chief else None
         try:
-            while self.step < epochs * self.steps_per_epoch:
-                epoch, offset = divmod(self.step, self.steps_per_epoch)
+            while self.step < total:
+                epoch = self.step // self.steps_per_epoch
                 if on_epoch_begin is not None:
                     on_epoch_begin(epoch)
-                metrics = self._run_epoch(train_data(epoch).skip(offset), epoch, offset)
+                metrics = self._run_epoch(iterator, epoch)
                 if eval_fn is not None and ((epoch + 1) % self.cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
                     metrics.update(eval_fn(epoch))
                 self.history.append(metrics)
                 self._write_history(writer, metrics)
+                self._log(self._epoch_line(metrics, epochs))
                 if self.cfg.checkpoint_every_epochs and ((epoch + 1) % self.cfg.checkpoint_every_epochs == 0
                                                          or epoch + 1 == epochs):
                     self.save_checkpoint()
@@ -196,48 +322,86 @@ class Trainer:
                 shutil.rmtree(self.manager.directory, ignore_errors=True)
         return self.history
 
-    def _run_epoch(self, dataset, epoch, offset):
-        dist = self.strategy.experimental_distribute_dataset(distribute_options(dataset))
-        total = self.steps_per_epoch
-        bar = tqdm(total=total, initial=offset, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs}",
-                   disable=not (self.cfg.progress and self.chief), leave=False, dynamic_ncols=True)
-        loss_sum = correct = 0.0
-        steps = 0
+    def _input(self, data, seed, epochs):
+        """The stage's distributed iterator, from the current step to the last epoch."""
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        batch = self.cfg.batch_size
+
+        def pipeline(context):
+            return data.stream(batch, seed, epoch, epochs, offset, InputShard.from_context(context))
+        return iter(self.strategy.distribute_datasets_from_function(pipeline))
+
+    def _run_epoch(self, iterator, epoch):
+        """Loops until the end of `epoch`; returns its training metrics."""
+        end = (epoch + 1) * self.steps_per_epoch
+        sums = dict.fromkeys(_RESULTS, 0.0)
+        bar = progress_bar(total=self.steps_per_epoch, initial=self.step - epoch * self.steps_per_epoch,
+                           desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs}", unit="step",
+                           disable=not (self.cfg.progress and self.chief))
         start = time.time()
-        for batch in dist:
-            if self.step >= (epoch + 1) * total:
-                break
-            loss, n_correct, grads = self._compute(batch)
-            loss = float(loss)
-            if not math.isfinite(loss):
-                if self.cfg.on_nan == "stop":
-                    raise NonFiniteLossError(
-                        f"{self.name}: non-finite loss ({loss}) at epoch {epoch + 1}, step {self.step}; "
-                        f"stopped before applying it. Last good checkpoint: "
-                        f"{tf.train.latest_checkpoint(self.ckpt_dir) or 'none yet'}")
-                bar.write(f"{self.name}: skipped a step with non-finite loss at step {self.step}")
-                # Count it so the epoch/schedule position stays aligned with the data.
-                self.optimizer.iterations.assign_add(1)
-                bar.update(1)
-                continue
-            self._apply(grads)
-            loss_sum += loss
-            correct += float(n_correct)
-            steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
-            if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0:
-                self.save_checkpoint()
-            if self._stop_signal is not None:
-                self.save_checkpoint()
-                bar.close()
-                raise StopRequested(f"{self.name}: stopped by signal {self._stop_signal} at step "
-                                    f"{self.step}; checkpoint saved in {self.ckpt_dir}")
-        bar.close()
+        with bar:
+            while self.step < end:
+                n = self._loop_length()
+                began = time.time()
+                result = dict(zip(_RESULTS, self._loop_fn(
+                    iterator, tf.constant(n, tf.int32),
+                    tf.constant(self._stop_signal is not None)).numpy().tolist()))
+                self._loops += 1
+                if self._loops == 2 and self._steps_per_loop is None:
+                    self._calibrate((time.time() - began) / max(result["steps"], 1.0))
+                for key in sums:
+                    sums[key] += result[key]
+                self.step += int(result["steps"])
+                bar.update(int(result["steps"]))
+                if sums["applied"]:
+                    bar.set_postfix(loss=f"{sums['loss'] / sums['applied']:.4f}")
+                self._after_loop(result, epoch)
         seconds = time.time() - start
-        return {"epoch": epoch, "lr": float(self.optimizer.learning_rate), "train_loss": loss_sum / max(steps, 1),
-                "train_top1": correct / max(steps * self.cfg.batch_size, 1), "seconds": seconds,
-                "images_per_sec": steps * self.cfg.batch_size / max(seconds, 1e-9)}
+        images = sums["steps"] * self.cfg.batch_size
+        return {"epoch": epoch, "lr": float(self.optimizer.learning_rate),
+                "train_loss": sums["loss"] / max(sums["applied"], 1.0),
+                "train_top1": sums["correct"] / max(sums["applied"] * self.cfg.batch_size, 1.0),
+                "skipped_steps": int(sums["skipped"]), "overflow_steps": int(sums["overflows"]),
+                "seconds": seconds, "images_per_sec": images / max(seconds, 1e-9)}
+
+    def _after_loop(self, result, epoch):
+        """Host-side consequences of a loop: NaN stop, skipped steps, signals, step checkpoints."""
+        if result["nan_stop"]:
+            raise NonFiniteLossError(
+                f"{self.name}: non-finite loss at epoch {epoch + 1}, step {self.step}; stopped before "
+                f"applying it. Last good checkpoint: {tf.train.latest_checkpoint(self.ckpt_dir) or 'none yet'}")
+        if result["skipped"]:
+            self._log(f"{self.name}: skipped {int(result['skipped'])} step(s) with a non-finite loss "
+                      f"before step {self.step}")
+        if result["stopped"] or (self._stop_signal is not None and not self.multi_worker):
+            self.save_checkpoint()
+            cause = f"signal {self._stop_signal}" if self._stop_signal is not None else "another worker's signal"
+            raise StopRequested(f"{self.name}: stopped by {cause} at step {self.step}; checkpoint saved in "
+                                f"{self.ckpt_dir}")
+        if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0:
+            self.save_checkpoint()
+
+    # ---- reporting --------------------------------------------------------------------------
+    def _setup_summary(self):
+        bn = ("synchronised BN" if self.sync_bn else "BN statistics averaged") if self.replicas > 1 else "one replica"
+        loop = self._steps_per_loop or "auto"
+        xla = {"off": "off", "gradients": "loss+gradients", "step": "whole step"}[self.jit]
+        return (f"{self.replicas} replica(s) ({type(self.strategy).__name__}, {bn}), XLA {xla}, "
+                f"steps per loop {loop}, precision {self.cfg.mixed_precision}")
+
+    def _epoch_line(self, m, epochs):
+        parts = [f"{self.name} epoch {m['epoch'] + 1}/{epochs}", f"loss {m['train_loss']:.4f}",
+                 f"top-1 {100 * m['train_top1']:.2f}%"]
+        if "test_top1" in m:
+            parts.append(f"test top-1 {100 * m['test_top1']:.2f}%")
+        parts += [f"lr {m['lr']:.3g}", f"{m['images_per_sec']:.0f} img/s", f"{m['seconds']:.1f}s"]
+        if m["skipped_steps"] or m["overflow_steps"]:
+            parts.append(f"skipped {m['skipped_steps']} / fp16 overflows {m['overflow_steps']}")
+        return " | ".join(parts)
+
+    def _log(self, message):
+        if self.chief and self.cfg.progress:
+            log_line(message)
 
     def _write_history(self, writer, metrics):
         if not self.chief:

@@ -166,8 +166,7 @@ def _train_transnet(cfg, kc, strategy, train_cache):
 
     trainer = Trainer(tc, strategy, model, loss_fn, train_cache.count // tc.batch_size, cfg.run_dir,
                       name="transnet")
-    history = trainer.fit(lambda epoch: train_cache.dataset(tc.batch_size, epoch, cfg.seed, drop_remainder=True),
-                          eval_fn=eval_fn)
+    history = trainer.fit(train_cache, cfg.seed, eval_fn=eval_fn)
     return model, trans, history
 
 
@@ -195,8 +194,7 @@ def _refine(cfg, kc, strategy, path_b, orders_fn, mode, train_cache, test_cache)
     before = test_metrics()
     name = "refine_" + "".join(map(str, mode))
     trainer = Trainer(tc, strategy, tail, loss_fn, train_cache.count // tc.batch_size, cfg.run_dir, name=name)
-    trainer.fit(lambda epoch: train_cache.dataset(tc.batch_size, epoch, cfg.seed, drop_remainder=True),
-                eval_fn=lambda epoch: {"test_" + k: v for k, v in test_metrics().items()})
+    trainer.fit(train_cache, cfg.seed, eval_fn=lambda epoch: {"test_" + k: v for k, v in test_metrics().items()})
     return before, test_metrics(), tail
 
 

@@ -22,7 +22,7 @@ import tensorflow as tf
 from ke_tf.config import ConfigError, register_section
 from ke_tf.engine.evaluate import Evaluator
 from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained, test_metrics,
-                                train_stage)
+                                test_source, train_stage)
 from ke_tf.flops import complexity
 from ke_tf.layers.activations import annealed_layers, linear_anneal, set_annealing
 from ke_tf.losses import cross_entropy, kd_loss, soft_cross_entropy
@@ -265,7 +265,7 @@ def run_ban(cfg, strategy, data):
         path = run_path(cfg, f"gen{g}_params.pkl")
         save_trained(strategy, path, model, spec, cfg, metrics=test_metrics(final), stage=f"gen{g}", generation=g)
         models.append(model)
-        ensemble = Evaluator(strategy, ensemble_predict(models))(data.test(cfg.train.eval_batch_size))
+        ensemble = Evaluator(strategy, ensemble_predict(models))(test_source(data, cfg.train.eval_batch_size))
         rows.append({"generation": g, "test_top1": final["top1"], "test_top5": final["top5"],
                      "test_loss": final["loss"], "ensemble_top1": ensemble["top1"],
                      "ensemble_loss": ensemble["loss"], "params_file": path})

@@ -28,7 +28,6 @@ import numpy as np
 import tensorflow as tf
 
 from ke_tf.config import ConfigError, register_section
-from ke_tf.data.augment import epoch_seed
 from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained, test_metrics,
                                 train_stage)
 from ke_tf.engine.strategy import is_chief
@@ -85,31 +84,22 @@ register_section("ekg", EKGConfig)
 
 # ---- memory-bank distillation ------------------------------------------------------------------
 class BankData:
-    """`ImageData` whose training batches also carry each image's memory-bank logits. The epoch
-    order of `ImageData.train` is a permutation seeded by `epoch_seed(seed, epoch)`; the bank is
-    permuted the same way and every batch asserts that the labels agree, so a change of that
-    order fails loudly instead of pairing images with the wrong teachers."""
+    """`ImageData` whose training batches also carry each image's memory-bank logits, looked up
+    by the example index the training stream carries (so the pairing cannot drift from the
+    epoch order)."""
 
     def __init__(self, data, bank):
         if len(bank) != data.info.train_size:
             raise ValueError(f"memory bank has {len(bank)} rows but the training set {data.info.train_size}")
         self.data, self.bank, self.info = data, bank, data.info
 
-    def train(self, batch_size, epoch, seed, augment=True, drop_remainder=True):
-        perm = np.random.RandomState(epoch_seed(seed, epoch)).permutation(len(self.bank))
-        bank = tf.data.Dataset.from_tensor_slices((self.bank[perm], self.data.train_labels[perm].astype(np.int32)))
-        images = self.data.train(batch_size, epoch, seed, augment, drop_remainder)
-        pairs = tf.data.Dataset.zip((images, bank.batch(batch_size, drop_remainder=drop_remainder)))
+    def stream(self, batch_size, seed, first_epoch, last_epoch, skip_steps=0, shard=None):
+        bank = tf.constant(self.bank)
+        images = self.data.stream(batch_size, seed, first_epoch, last_epoch, skip_steps, shard, with_index=True)
+        return images.map(lambda x, y, index: (x, y, tf.gather(bank, index)))
 
-        def join(image_batch, bank_batch):
-            check = tf.debugging.assert_equal(image_batch[1], bank_batch[1],
-                                              message="memory bank out of step with the training order")
-            with tf.control_dependencies([check]):
-                return image_batch[0], tf.identity(image_batch[1]), bank_batch[0]
-        return pairs.map(join)
-
-    def test(self, batch_size):
-        return self.data.test(batch_size)
+    def test(self, batch_size, shard=None):
+        return self.data.test(batch_size, shard)
 
 
 def bank_distillation_loss(model, temperature):

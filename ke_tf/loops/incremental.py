@@ -95,12 +95,12 @@ class TaskData:
         self._offset = offset
         self._seen = seen_data
 
-    def train(self, batch_size, epoch, seed, **kwargs):
+    def stream(self, *args, **kwargs):
         offset = self._offset
-        return self._task.train(batch_size, epoch, seed, **kwargs).map(lambda x, y: (x, y + offset))
+        return self._task.stream(*args, **kwargs).map(lambda x, y: (x, y + offset))
 
-    def test(self, batch_size):
-        return self._seen.test(batch_size)
+    def test(self, batch_size, shard=None):
+        return self._seen.test(batch_size, shard)
 
 
 # ---- model growth and losses ---------------------------------------------------------------
