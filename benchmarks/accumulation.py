@@ -46,7 +46,7 @@ def child(arch, classes, side, batch_size, accum, out):
     import keras
     import tensorflow as tf
 
-    from benchmarks.common import EngineSteps, random_batch, train_config, uses_gpu
+    from benchmarks.common import EngineRun, random_batch, train_config, uses_gpu
     from ke_tf.engine import make_strategy
     from ke_tf.models import build_model
 
@@ -55,8 +55,8 @@ def child(arch, classes, side, batch_size, accum, out):
     with strategy.scope():
         model = build_model(arch, classes, (side, side, 3))
     batch = random_batch(batch_size, (side, side, 3), classes)
-    steps = EngineSteps(strategy, model, train_config(batch_size, uses_gpu(), accum_steps=accum), batch, 1)
-    steps.trainer.loss_fn = _frozen_bn_loss(model)
+    steps = EngineRun(strategy, model, train_config(batch_size, uses_gpu(), accum_steps=accum), batch, 1,
+                      loss_fn=_frozen_bn_loss(model))
     initial = [v.numpy() for v in model.trainable_variables]
     before = _rss_mib()
     gpu = uses_gpu()

@@ -39,9 +39,9 @@ def uses_gpu():
     return bool(tf.config.list_logical_devices("GPU"))
 
 
-def compare(fns, warmup=1, repeats=5):
-    """Median seconds per call of each `fns[name]()`; the contenders are interleaved round-robin
-    so load changes on a shared machine hit all of them alike. Returns {name: seconds}."""
+def compare_samples(fns, warmup=1, repeats=5):
+    """Seconds per call of each `fns[name]()` in every repeat; the contenders are interleaved
+    round-robin so load changes on a shared machine hit all of them alike. {name: [seconds]}."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -51,7 +51,12 @@ def compare(fns, warmup=1, repeats=5):
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def compare(fns, warmup=1, repeats=5):
+    """Median seconds per call of each `fns[name]()` (see `compare_samples`). {name: seconds}."""
+    return {name: statistics.median(s) for name, s in compare_samples(fns, warmup, repeats).items()}
 
 
 def entry(name, section, value, unit, ratio=None, target=None, met=None, notes="", **values):
@@ -75,7 +80,7 @@ def _plain(x):
 
 def train_config(batch_size, jit, **overrides):
     """A TrainConfig for timing: constant LR SGD, no weight decay (Keras fit gets the identical
-    optimizer), no checkpoints or progress bars."""
+    optimizer), no checkpoints, progress bars or log lines."""
     from ke_tf.config import TrainConfig
     base = dict(epochs=1, batch_size=batch_size, optimizer="sgd", lr=0.01, momentum=0.9, schedule="constant",
                 weight_decay=0.0, jit_compile="on" if jit else "off", checkpoint_every_epochs=0,
@@ -90,35 +95,23 @@ def random_batch(batch_size, image_shape, num_classes, seed=0):
     return x, y
 
 
-class EngineSteps:
-    """Times ke_tf's Trainer step as `fit` runs it per batch (`_compute`, the loss read-back for
-    the NaN check, `_apply`) on one fixed distributed batch, `steps` times per call. `fit` itself
-    adds a per-epoch cost (a distributed iterator, history/TensorBoard writes) that real epochs
-    amortise over hundreds of steps; `EngineFit` measures that path."""
+class EngineRun:
+    """Times ke_tf's real `Trainer.fit` path (the stage's distributed iterator over `data`'s
+    stream, the loop tf.function, one host read per loop, history): each call trains one more
+    epoch of `steps` steps. `data` defaults to `batch` repeated `steps` times (TensorData)."""
 
-    def __init__(self, strategy, model, cfg, batch, steps):
-        import tensorflow as tf
-        from ke_tf.engine import Trainer, distribute_options
+    def __init__(self, strategy, model, cfg, batch, steps, data=None, loss_fn=None):
+        from ke_tf.data.stream import TensorData
+        from ke_tf.engine import Trainer
         from ke_tf.losses import classifier_loss
-        self.steps = steps
-        self.dataset = tf.data.Dataset.from_tensors(batch).repeat(steps)
+        self.data = data if data is not None else TensorData(*(np.concatenate([a] * steps) for a in batch))
         self.run_dir = tempfile.mkdtemp(prefix="ke_tf_bench_")
-        self.trainer = Trainer(cfg, strategy, model, classifier_loss(model), steps, self.run_dir)
-        self.batch = next(iter(strategy.experimental_distribute_dataset(
-            distribute_options(tf.data.Dataset.from_tensors(batch)))))
+        self.trainer = Trainer(cfg, strategy, model, loss_fn or classifier_loss(model), steps, self.run_dir)
+        self.epochs = 0
 
     def __call__(self):
-        for _ in range(self.steps):
-            loss, _, grads = self.trainer._compute(self.batch)
-            float(loss)
-            self.trainer._apply(grads)
-
-
-class EngineFit(EngineSteps):
-    """The whole `Trainer.fit` path: one epoch of `steps` identical batches per call."""
-
-    def __call__(self):
-        self.trainer.fit(lambda epoch: self.dataset, epochs=self.trainer.step // self.steps + 1, resume=False)
+        self.epochs += 1
+        self.trainer.fit(self.data, seed=0, epochs=self.epochs, resume=False)
 
 
 def model_macs(model):

@@ -22,7 +22,7 @@ def child(arch, classes, side, batch_size, steps, repeats):
     gpu = len(tf.config.list_physical_devices("GPU")) >= 2
     import keras
 
-    from benchmarks.common import EngineSteps, compare, random_batch, train_config
+    from benchmarks.common import EngineRun, compare, random_batch, train_config
     from ke_tf.engine import make_strategy
 
     if gpu:
@@ -38,7 +38,7 @@ def child(arch, classes, side, batch_size, steps, repeats):
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = build_model(arch, classes, (side, side, 3))
-        fns[name] = EngineSteps(strategy, model, train_config(batch_size, gpu), batch, steps)
+        fns[name] = EngineRun(strategy, model, train_config(batch_size, gpu), batch, steps)
     times = compare(fns, warmup=1, repeats=repeats)
     print("RESULT " + json.dumps({"gpu": gpu, **{k: steps * batch_size / t for k, t in times.items()}}))
 

@@ -2,7 +2,7 @@
 kernels carry a fit-hypothesis mask variable) relative to the plain network."""
 import keras
 
-from benchmarks.common import EngineSteps, compare, entry, random_batch, train_config, uses_gpu
+from benchmarks.common import EngineRun, compare, entry, random_batch, train_config, uses_gpu
 
 SECTION = "split_overhead"
 FULL = ("resnet56", 10, 32, 128, 2)
@@ -24,7 +24,7 @@ def run(quick=False, repeats=5, **_):
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = build_model(arch, classes, (side, side, 3), layers=layers)
-        fns[name] = EngineSteps(strategy, model, train_config(batch_size, jit), batch, steps)
+        fns[name] = EngineRun(strategy, model, train_config(batch_size, jit), batch, steps)
     times = compare(fns, warmup=1, repeats=repeats)
     ratio = times["split"] / times["plain"]
     return [entry(f"split-mask step overhead {arch} b{batch_size}", SECTION, ratio, "x step time",

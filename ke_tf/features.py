@@ -8,6 +8,7 @@ interrupted build is never mistaken for a complete cache.
 import io
 import json
 import os
+import tempfile
 
 import keras
 import numpy as np
@@ -96,6 +97,14 @@ class FeatureCache:
         return self._batches(lambda: (self.shard(i, mmap=False) for i in range(len(self.shards))),
                              batch_size, drop_remainder=False)
 
+    def test(self, batch_size, shard):
+        """Evaluation input of one pipeline: its rows in whole per-replica batches of ((x_A, x_B),
+        label), padded with label -1 rows (see `InputShard.eval_rows`)."""
+        a, b, y = (tf.constant(t) for t in self.arrays())
+        rows = shard.eval_rows(self.count, batch_size)
+        ds = rows.map(lambda i, valid: ((tf.gather(a, i), tf.gather(b, i)), tf.where(valid, tf.gather(y, i), -1)))
+        return ds.batch(shard.eval_batch(batch_size)).prefetch(tf.data.AUTOTUNE)
+
     def stream(self, batch_size, seed, first_epoch, last_epoch, skip_steps=0, shard=None):
         """Training input of one pipeline (see `ke_tf.data.stream`): each epoch visits the shard
         files in a (seed, epoch)-seeded order and their rows shuffled (reads stay local), and
@@ -135,13 +144,17 @@ def _complete(folder, manifest):
     return all(os.path.isfile(os.path.join(folder, s[k])) for s in manifest["shards"] for k in ("a", "b", "labels"))
 
 
-def cache_features(folder, tap_a, tap_b, dataset, identity, shard_size=4096, desc="features"):
+def cache_features(folder, tap_a, tap_b, dataset, identity, shard_size=4096, desc="features", write=True):
     """The FeatureCache of `dataset` (batches of (images, labels, ...), fixed order) through
     `tap_a` and `tap_b` (image -> feature models) in `folder`: reused when its manifest's
-    fingerprint equals `identity`, rebuilt otherwise. Returns (cache, reused)."""
+    fingerprint equals `identity`, rebuilt otherwise. With `write=False` (a non-chief worker:
+    `folder` is the chief's) a valid cache there is read, and a missing one is built in a private
+    temporary folder instead. Returns (cache, reused)."""
     manifest = _read_manifest(folder)
     if manifest is not None and manifest.get("fingerprint") == identity and _complete(folder, manifest):
         return FeatureCache(folder, manifest), True
+    if not write:
+        folder, manifest = tempfile.mkdtemp(prefix="ke_tf_features_"), None
     os.makedirs(folder, exist_ok=True)
     if manifest is not None:  # invalidate first: a crash mid-rebuild must not look complete
         os.remove(os.path.join(folder, MANIFEST))

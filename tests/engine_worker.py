@@ -127,6 +127,9 @@ def main():
 
     run_dir = args.run_dir or os.path.join(os.path.dirname(args.out), f"run_{os.getpid()}")
     initial = {v.path: v.numpy() for v in model.weights}
+    from ke_tf.engine.stage import evaluate_model
+    test_data = data if args.data == "digits" else load_data("digits", image_size=16)
+    evaluation = evaluate_model(strategy, model, test_data, 64)   # uneven: 72 or 360 images, batch 64
     trainer = Trainer(cfg, strategy, model, loss_fn, steps, run_dir)
     code = 0
     try:
@@ -139,6 +142,7 @@ def main():
         for r, value in enumerate(strategy.experimental_local_results(v.value)):
             arrays[f"replica{r}__{v.path}"] = value.numpy()
     arrays.update({f"init__{k}": v for k, v in initial.items()})
+    arrays.update({f"eval_{k}": v for k, v in evaluation.items()})
     arrays.update(replicas=strategy.num_replicas_in_sync, step=trainer.step, input_count=counter[0],
                   iterations=int(trainer.optimizer.iterations.numpy()))
     if trainer.loss_scale is not None:

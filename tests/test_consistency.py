@@ -173,6 +173,14 @@ def test_feature_cache_reuse_and_invalidation(tmp_path, nets):
     again, reused = cache_features(folder, *taps, ds, ident, shard_size=4)
     assert reused and os.path.getmtime(os.path.join(folder, "a_00000.npy")) == stamp
 
+    # A non-chief worker reads the chief's valid cache, and never writes into the shared folder.
+    worker, reused = cache_features(folder, *taps, ds, ident, shard_size=4, write=False)
+    assert reused and worker.folder == folder
+    private = str(tmp_path / "chief_has_none")
+    worker, reused = cache_features(private, *taps, ds, ident, shard_size=4, write=False)
+    assert not reused and not os.path.exists(private) and worker.count == 10
+    np.testing.assert_allclose(worker.arrays()[0], xa, rtol=1e-5, atol=1e-5)
+
     # a retrained net B (different params bytes) changes the fingerprint -> rebuild with B's features
     save_params(pb, load_trained(pa)[0], load_params(pb)[1])
     ident2 = fingerprint([pa, pb], "digits", "train", "s2b2_add", [8, 8, 3])

@@ -326,6 +326,12 @@ def test_two_replicas_with_sync_bn_equal_one_device_and_without_it_replicas_agre
         results[name] = _load(tmp_path / f"{name}.npz")
     assert int(results["sync"]["replicas"]) == 2 and int(results["sync"]["step"]) == 4
     _assert_close(_weights_of(results["one"]), _weights_of(results["sync"]))
+    # Evaluation of the untrained net on 360 test images in batches of 64 split over 2 replicas:
+    # every image counted once (the padded rows are not), the same loss and accuracy.
+    for name in ("sync", "local"):
+        assert int(results[name]["eval_count"]) == int(results["one"]["eval_count"]) == 360
+        for key in ("eval_loss", "eval_top1", "eval_top5"):
+            np.testing.assert_allclose(results[name][key], results["one"][key], rtol=1e-5, err_msg=key)
     local = results["local"]
     stats = [k for k in local if k.startswith("replica0__") and "moving_" in k]
     assert len(stats) == 2 * 19  # every BN layer of ResNet-20

@@ -84,7 +84,8 @@ class ImageData:
 
     def test(self, batch_size: int, shard: stream.InputShard | None = None) -> tf.data.Dataset:
         """Test split in fixed order, no augmentation, last partial batch kept. With `shard`
-        (evaluation under a strategy): this pipeline's rows only, in per-replica batches."""
+        (evaluation under a strategy): this pipeline's rows only, in whole per-replica batches
+        padded with label -1 rows (which `Evaluator` ignores)."""
         return self._eval_pipeline(self._test, batch_size, shard)
 
     def train_eval(self, batch_size: int) -> tf.data.Dataset:
@@ -97,8 +98,12 @@ class ImageData:
         transform = self._transform
         items = tf.constant(src.items)
         labels = tf.constant(src.labels.astype(np.int32))
-        rows = shard.rows(len(src)) if shard is not None else tf.data.Dataset.range(len(src))
-        ds = rows.map(lambda i: (transform.eval(tf.gather(items, i)), tf.gather(labels, i)),
+        if shard is None:
+            rows = tf.data.Dataset.range(len(src)).map(lambda i: (i, True))
+        else:  # padding rows carry label -1 (evaluation skips them)
+            rows = shard.eval_rows(len(src), batch_size)
+        ds = rows.map(lambda i, valid: (transform.eval(tf.gather(items, i)),
+                                        tf.where(valid, tf.gather(labels, i), -1)),
                       num_parallel_calls=AUTOTUNE, deterministic=True)
         return ds.batch(shard.eval_batch(batch_size) if shard is not None else batch_size).prefetch(AUTOTUNE)
 

@@ -55,9 +55,15 @@ class InputShard:
         local = grid[skip:, self.pipeline * self.local_replicas:(self.pipeline + 1) * self.local_replicas]
         return local.reshape(-1)
 
-    def rows(self, n):
-        """Evaluation rows of this pipeline among n: every P-th, starting at its id."""
-        return tf.data.Dataset.range(n).shard(self.num_pipelines, self.pipeline)
+    def eval_rows(self, n, global_batch):
+        """Dataset of (index, valid) evaluation rows of this pipeline: every P-th of the n rows,
+        padded (valid False, index clamped to n-1) so that every replica gets whole batches in
+        every step. An empty per-replica batch, which uneven inputs would otherwise produce,
+        breaks some kernels (oneDNN convolutions return the wrong shape)."""
+        chunk = self.replicas * self.eval_batch(global_batch)
+        padded = -(-n // chunk) * chunk
+        rows = tf.data.Dataset.range(padded).shard(self.num_pipelines, self.pipeline)
+        return rows.map(lambda i: (tf.minimum(i, n - 1), i < n))
 
 
 def epoch_key(seed, epoch):

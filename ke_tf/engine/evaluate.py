@@ -28,14 +28,17 @@ class Evaluator:
         self._run = tf.function(self._evaluate)
 
     def _replica(self, batch):
+        """Sums over the batch's real rows (label >= 0; sharded sources pad with label -1)."""
         images, labels = batch[0], tf.cast(batch[1], tf.int32)
+        valid = tf.cast(labels >= 0, tf.float32)
+        labels = tf.maximum(labels, 0)
         logits = tf.cast(self.predict(images), tf.float32)
         ce = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         k5 = min(5, int(logits.shape[-1]))
-        return tf.stack([tf.reduce_sum(ce),
-                         tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)),
-                         tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k5), tf.float32)),
-                         tf.cast(tf.shape(labels)[0], tf.float32)])
+        return tf.stack([tf.reduce_sum(ce * valid),
+                         tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32) * valid),
+                         tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k5), tf.float32) * valid),
+                         tf.reduce_sum(valid)])
 
     def _evaluate(self, batches):
         totals = tf.zeros([4], tf.float32)

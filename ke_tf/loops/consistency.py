@@ -9,6 +9,7 @@ the val loader); (5) for each `in_modes` order selection, fine-tune B's layers a
 the selected components and report test accuracy.
 """
 import dataclasses
+import shutil
 import typing
 
 import keras
@@ -189,7 +190,8 @@ def _refine(cfg, kc, strategy, path_b, orders_fn, mode, train_cache, test_cache)
     evaluator = Evaluator(strategy, lambda feats: tail(select(feats[0]), training=False))
 
     def test_metrics():
-        return {k: v for k, v in evaluator(test_cache.dataset(tc.eval_batch_size)).items() if k != "count"}
+        return {k: v for k, v in evaluator(lambda shard: test_cache.test(tc.eval_batch_size, shard)).items()
+                if k != "count"}
 
     before = test_metrics()
     name = "refine_" + "".join(map(str, mode))
@@ -211,11 +213,12 @@ def run(cfg, strategy):
     taps = tap_model(net_a, kc.layer), tap_model(net_b, kc.layer)
     data_id = {"name": cfg.data.name, "classes": cfg.data.classes, "split_seed": cfg.data.split_seed}
     caches, reused = {}, {}
+    chief = is_chief(strategy)
     for split, ds in (("train", data.train_eval), ("test", data.test)):
         identity = fingerprint([path_a, path_b], data_id, split, kc.layer, list(data.info.image_shape))
         caches[split], reused[split] = cache_features(
             run_path(cfg, "features", split), *taps, ds(kc.feature_batch_size), identity,
-            shard_size=kc.shard_size, desc=f"{kc.layer} {split} features")
+            shard_size=kc.shard_size, desc=f"{kc.layer} {split} features", write=chief)
 
     model, trans, history = _train_transnet(cfg, kc, strategy, caches["train"])
     orders_fn = tf.function(lambda xa: trans.orders(xa))
@@ -228,7 +231,6 @@ def run(cfg, strategy):
     meta = {"layer": kc.layer, "net_a": path_a, "net_b": path_b, "p": p, "variance": rows,
             "transnet": {"feature_shape": list(caches["train"].feature_shape), "depth": kc.depth,
                          "learn_p": kc.learn_p, "alphas": kc.alphas}, "config": cfg.to_dict()}
-    chief = is_chief(strategy)
     if chief:
         save_params(run_path(cfg, "transnet_params.pkl"), model, meta)
 
@@ -252,4 +254,7 @@ def run(cfg, strategy):
     summary["transnet_params"] = run_path(cfg, "transnet_params.pkl")
     write_json(run_path(cfg, "results.json"), {"summary": summary, "variance": rows, "refine": refine,
                                                "transnet_history": history})
+    for cache in caches.values():  # a non-chief worker's private copies
+        if not cache.folder.startswith(run_path(cfg, "features")):
+            shutil.rmtree(cache.folder, ignore_errors=True)
     return summary
