@@ -60,9 +60,10 @@ class TrainConfig:
     # Steps run by one tf.function call (metrics read once per call). 0 = auto: about 2 s of work
     # per call, at most 100 steps; loops always stop at epoch ends and step checkpoints.
     steps_per_loop: int = 0
-    # With >1 replica: BN batch statistics over the global batch (N replicas == 1 device). Off:
-    # per-replica statistics, moving statistics averaged across replicas every step.
-    sync_bn: bool = True
+    # With >1 replica, BN batch statistics over the global batch ("on": N replicas compute what one
+    # device computes) or per replica with the moving statistics averaged every step ("off").
+    # "auto": on when a replica's micro-batch is below 32 images (README: Clusters; engine.trainer).
+    sync_bn: str = "auto"
     jit_compile: str = "auto"       # auto (GPU on, CPU off) | on | off
     mixed_precision: str = "none"   # none | bf16 | fp16
     checkpoint_every_epochs: int = 1
@@ -94,6 +95,7 @@ class TrainConfig:
         _choice(f"{key}.jit_compile", self.jit_compile, ("auto", "on", "off"))
         _choice(f"{key}.mixed_precision", self.mixed_precision, ("none", "bf16", "fp16"))
         _choice(f"{key}.on_nan", self.on_nan, ("stop", "skip"))
+        _choice(f"{key}.sync_bn", self.sync_bn, ("auto", "on", "off"))
         if self.schedule == "logspace" and self.final_lr <= 0:
             raise ConfigError(f"{key}.final_lr must be > 0 for the logspace schedule")
         if self.batch_size % self.accum_steps:

@@ -95,7 +95,7 @@ def main():
         data = TensorData(x, rng.integers(0, 10, size=2 * batch).astype("int32"))
         steps = 2
     cfg = TrainConfig(epochs=args.epochs, batch_size=batch, lr=0.02, momentum=0.9, schedule="cosine",
-                      weight_decay=1e-3, progress=False, jit_compile="off", sync_bn=bool(args.sync_bn),
+                      weight_decay=1e-3, progress=False, jit_compile="off", sync_bn="on" if args.sync_bn else "off",
                       steps_per_loop=args.steps_per_loop, mixed_precision="fp16" if args.fp16_overflow else "none")
     with strategy.scope():
         model = build(keras, args.model)

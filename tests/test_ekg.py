@@ -249,7 +249,7 @@ def test_end_to_end_on_two_replicas(tmp_path):
          "--set", "data.image_size=8", "--set", "train.batch_size=64"],
         cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 replica(s) (MirroredStrategy, synchronised BN)" in proc.stdout + proc.stderr
+    assert "2 replica(s) (MirroredStrategy" in proc.stdout + proc.stderr
     with open(os.path.join(run_dir, "results.json")) as f:
         summary = json.load(f)["summary"]
     assert summary["macs_reduction"] >= 0.25 and summary["test_top1"] > 0.3   # learnt beyond chance (0.1)

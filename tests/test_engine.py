@@ -231,6 +231,16 @@ def test_batch_not_divisible_by_accumulation_is_a_config_error():
         Trainer(_cfg(batch_size=18, accum_steps=4), strategy, model, classifier_loss(model), 3, "/tmp/unused")
 
 
+def test_sync_bn_auto_synchronises_small_replica_batches_only():
+    from ke_tf.engine.trainer import synchronise_bn
+    assert not synchronise_bn(_cfg(batch_size=256, sync_bn="on"), 1)          # one replica: nothing to sync
+    assert synchronise_bn(_cfg(batch_size=256, sync_bn="on"), 2)
+    assert not synchronise_bn(_cfg(batch_size=16, sync_bn="off"), 8)
+    assert not synchronise_bn(_cfg(batch_size=128, sync_bn="auto"), 4)        # 32 images per replica
+    assert synchronise_bn(_cfg(batch_size=128, sync_bn="auto"), 8)            # 16
+    assert synchronise_bn(_cfg(batch_size=128, accum_steps=2, sync_bn="auto"), 4)   # BN sees micro-batches of 16
+
+
 def test_label_smoothing_matches_hand_value():
     logits = np.array([[2.0, 0.5, -1.0]], "float32")
     eps = 0.1

@@ -42,6 +42,7 @@ from ke_tf.progress import log_line, progress_bar
 # progress), at most MAX_STEPS_PER_LOOP steps.
 AUTO_LOOP_SECONDS = 2.0
 MAX_STEPS_PER_LOOP = 100
+SYNC_BN_BELOW = 32   # sync_bn auto: synchronise BN below this many images per replica micro-batch
 _RESULTS = ("loss", "correct", "applied", "skipped", "overflows", "steps", "nan_stop", "stopped")
 
 
@@ -51,6 +52,15 @@ class NonFiniteLossError(RuntimeError):
 
 class StopRequested(RuntimeError):
     """Raised after SIGINT/SIGTERM once a checkpoint has been written."""
+
+
+def synchronise_bn(cfg, replicas):
+    """Whether BN uses global batch statistics: `sync_bn` on, or auto with fewer than
+    SYNC_BN_BELOW images per replica micro-batch (where per-replica statistics get noisy: Wu & He,
+    Group Normalization, ECCV'18, Fig. 1); never with one replica (nothing to synchronise)."""
+    if replicas == 1 or cfg.sync_bn == "off":
+        return False
+    return cfg.sync_bn == "on" or cfg.batch_size // (replicas * cfg.accum_steps) < SYNC_BN_BELOW
 
 
 def batch_norm_layers(model):
@@ -94,7 +104,7 @@ class Trainer:
             raise ConfigError(
                 f"train.batch_size {cfg.batch_size} is not divisible by {self.replicas} replica(s) x "
                 f"train.accum_steps {cfg.accum_steps}: every replica needs equal micro-batches")
-        self.sync_bn = bool(cfg.sync_bn) and self.replicas > 1
+        self.sync_bn = synchronise_bn(cfg, self.replicas)
         batch_norms = batch_norm_layers(model)
         for layer in batch_norms:
             layer.synchronized = self.sync_bn

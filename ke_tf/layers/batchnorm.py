@@ -32,7 +32,7 @@ def synchronized_moments(x, axes):
 class SyncBatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` whose `synchronized=True` statistics are computed stably
     (see the module docstring); identical to Keras's layer otherwise. The Trainer switches
-    `synchronized` on when `train.sync_bn` is set and there is more than one replica."""
+    `synchronized` on when `train.sync_bn` asks for it and there is more than one replica."""
 
     def _moments(self, inputs, mask):
         context = tf.distribute.get_replica_context()
