@@ -5,7 +5,8 @@ The public API, by what you would use it for:
 
 - Layers (all registered serializable under "ke_tf"): `SplitConv2D`, `SplitDense` (KE split
   masks), `ChannelGate` (pruning gates), `ReduceConv` (reparameterizable branch block, fused by
-  `get_deploy_model`), `AnnealedReLU` (VanillaNet-style (1-l)*ReLU(x)+l*x), `TransNet`.
+  `get_deploy_model`), `AnnealedReLU` (VanillaNet-style (1-l)*ReLU(x)+l*x), `TransNet`,
+  `SyncBatchNormalization` (Keras BN with numerically stable cross-replica statistics).
 - Layer factories for the model builders: `LayerFactory`, `SplitLayerFactory`, `GatedLayerFactory`.
 - Models: `build_model`, `build_from_spec`, `model_spec`, `default_widths`, `register_arch`,
   `slice_model` (physically narrower network), `get_deploy_model` (fused ReduceNet),
@@ -24,6 +25,7 @@ from ke_tf.flops import complexity, count_macs, count_params
 from ke_tf.folding import fold_batchnorm
 from ke_tf.gradcam import grad_cam
 from ke_tf.layers.activations import AnnealedReLU
+from ke_tf.layers.batchnorm import SyncBatchNormalization
 from ke_tf.layers.factory import LayerFactory
 from ke_tf.layers.gates import ChannelGate, GatedLayerFactory
 from ke_tf.layers.reparam import ReduceConv
@@ -57,7 +59,8 @@ def run_method(cfg, strategy=None):
 
 __all__ = [
     "AnnealedReLU", "ChannelGate", "ConfigError", "Evaluator", "GatedLayerFactory", "LayerFactory",
-    "ParamsError", "ReduceConv", "SplitConv2D", "SplitDense", "SplitLayerFactory", "Trainer", "TransNet",
+    "ParamsError", "ReduceConv", "SplitConv2D", "SplitDense", "SplitLayerFactory", "SyncBatchNormalization",
+    "Trainer", "TransNet",
     "apply_params", "attention_distillation", "build_from_spec", "build_model", "complexity",
     "count_macs", "count_params", "cross_entropy", "default_widths", "fold_batchnorm", "get_deploy_model",
     "grad_cam",

@@ -17,6 +17,7 @@ LAYERS = {
     "ReduceConv": lambda: ke_tf.ReduceConv(6, strides=2, expansion=2.0, bottleneck=True, lora=True),
     "AnnealedReLU": lambda: ke_tf.AnnealedReLU(initial_lambda=0.3),
     "TransNet": lambda: ke_tf.TransNet(6, depth=3),
+    "SyncBatchNormalization": lambda: ke_tf.SyncBatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True),
 }
 
 
