@@ -130,6 +130,7 @@ class Trainer:
         self._step_fn = tf.function(self._replica_step, jit_compile=True) if self.jit == "step" \
             else self._replica_step
         self._loop_fn = tf.function(self._loop)
+        self._mean_fn = tf.function(self._replica_mean)
         self._steps_per_loop = cfg.steps_per_loop or None   # None: calibrated on the second loop
         self._loops = 0
         self._stop_signal = None
@@ -178,7 +179,7 @@ class Trainer:
             for v, s in zip(self.moving_stats, saved):
                 v.assign(tf.where(apply, v.value, s))
         if self.replicas > 1 and not self.sync_bn and self.moving_stats:
-            means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in self.moving_stats])
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in self.moving_stats])
             for v, m in zip(self.moving_stats, means):
                 v.assign(m)
         return loss, correct, loss_ok, grads_ok
@@ -252,8 +253,11 @@ class Trainer:
                                            MAX_STEPS_PER_LOOP))
 
     def _cluster_mean(self, value):
-        values = self.strategy.run(lambda: tf.constant(float(value), tf.float64))
-        return float(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None))
+        """Mean of a host value over every replica of the cluster (a collective: all workers call it)."""
+        return float(self._mean_fn(tf.constant(float(value), tf.float64)))
+
+    def _replica_mean(self, value):
+        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, self.strategy.run(tf.identity, args=(value,)), axis=None)
 
     # ---- checkpoints and signals ------------------------------------------------------------
     def restore(self):
