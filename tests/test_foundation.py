@@ -223,3 +223,18 @@ def test_only_the_chief_process_writes_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({**worker, "task": {"type": "worker", "index": 0}}))
     write_table(str(tmp_path / "t"), [{"a": 1}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.json", "t.md"]
+
+
+def test_run_method_builds_and_trains_under_the_configured_precision(monkeypatch):
+    """`ke_tf.run_method` applies `train.mixed_precision` while the loop runs and restores the
+    caller's policy afterwards (the CLI is not the only entry point)."""
+    import keras
+
+    import ke_tf
+    import ke_tf.loops.supervised as supervised
+    from ke_tf.engine import make_strategy
+    seen = []
+    monkeypatch.setattr(supervised, "run", lambda cfg, strategy: seen.append(keras.mixed_precision.global_policy().name))
+    ke_tf.run_method(from_dict({"train": {"mixed_precision": "bf16"}}), make_strategy("one_device"))
+    assert seen == ["mixed_bfloat16"]
+    assert keras.mixed_precision.global_policy().name == "float32"
