@@ -142,7 +142,7 @@ class Trainer:
         micro-batches; the loss is scaled by the global batch so replica gradients sum to the
         global mean (and by the fp16 loss scale)."""
         k = self.cfg.accum_steps
-        grads = [tf.zeros_like(v) for v in self.variables]
+        grads = None
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
         for i in range(k):
@@ -155,8 +155,9 @@ class Trainer:
                 loss = tf.nn.compute_average_loss(tf.cast(out["loss"], tf.float32),
                                                   global_batch_size=self.cfg.batch_size)
                 scaled = loss * self.loss_scale.scale if self.loss_scale is not None else loss
-            micro_grads = tape.gradient(scaled, self.variables)
-            grads = [g if mg is None else g + tf.cast(mg, g.dtype) for g, mg in zip(grads, micro_grads)]
+            micro_grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype)   # None: v unused by the loss
+                           for g, v in zip(tape.gradient(scaled, self.variables), self.variables)]
+            grads = micro_grads if grads is None else [g + mg for g, mg in zip(grads, micro_grads)]
             loss_sum += loss
             if "logits" in out:
                 correct += _correct(out["logits"], micro[1])
