@@ -77,26 +77,14 @@ def test_xla_whole_step_matches_graph_mode(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_sgd_step_matches_hand_computed_coupled_l2_and_momentum(tmp_path):
-    """One SGD step: w1 = w0 - lr * (dCE/dw + wd * w0) (PyTorch-style coupled L2)."""
-    cfg = _cfg(epochs=1, batch_size=64, momentum=0.0, schedule="constant", lr=0.5, weight_decay=0.01)
-    with make_strategy("one_device").scope():
-        model = _model()
-    x, y = _data()
-    w0 = [v.numpy() for v in model.trainable_variables]
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(cross_entropy(model(x, training=True), y))
-    grads = tape.gradient(loss, model.trainable_variables)
-    expected = [w - 0.5 * (g.numpy() + 0.01 * w) for w, g in zip(w0, grads)]
-    _train(tmp_path, cfg, model=model, data=(x, y))
-    for e, v in zip(expected, model.trainable_variables):
-        np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6)
-
-
-def test_decoupled_weight_decay_matches_hand_computed_step(tmp_path):
-    """Decoupled (Keras/AdamW-style) decay: w1 = w0 - lr * wd * w0 - lr * dCE/dw."""
+@pytest.mark.parametrize("mode,expected", [
+    # PyTorch-style coupled L2: w1 = w0 - lr * (dCE/dw + wd * w0)
+    ("coupled", lambda w, g, lr, wd: w - lr * (g + wd * w)),
+    # Keras/AdamW-style decoupled decay: w1 = w0 - lr * wd * w0 - lr * dCE/dw
+    ("decoupled", lambda w, g, lr, wd: w - lr * wd * w - lr * g)])
+def test_sgd_step_matches_hand_computed_weight_decay(tmp_path, mode, expected):
     cfg = _cfg(epochs=1, batch_size=64, momentum=0.0, schedule="constant", lr=0.5, weight_decay=0.01,
-               weight_decay_mode="decoupled")
+               weight_decay_mode=mode)
     with make_strategy("one_device").scope():
         model = _model()
     x, y = _data()
@@ -104,10 +92,9 @@ def test_decoupled_weight_decay_matches_hand_computed_step(tmp_path):
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean(cross_entropy(model(x, training=True), y))
     grads = tape.gradient(loss, model.trainable_variables)
-    expected = [w - 0.5 * 0.01 * w - 0.5 * g.numpy() for w, g in zip(w0, grads)]
     _train(tmp_path, cfg, model=model, data=(x, y))
-    for e, v in zip(expected, model.trainable_variables):
-        np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6)
+    for w, g, v in zip(w0, grads, model.trainable_variables):
+        np.testing.assert_allclose(v.numpy(), expected(w, g.numpy(), 0.5, 0.01), rtol=1e-5, atol=1e-6)
 
 
 def test_loop_length_changes_calls_not_results(tmp_path):
