@@ -321,7 +321,7 @@ class Trainer:
                 epoch = self.step // self.steps_per_epoch
                 if on_epoch_begin is not None:
                     on_epoch_begin(epoch)
-                metrics = self._run_epoch(iterator, epoch)
+                metrics = self._run_epoch(iterator, epoch, epochs)
                 if eval_fn is not None and ((epoch + 1) % self.cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
                     metrics.update(eval_fn(epoch))
                 self.history.append(metrics)
@@ -346,12 +346,12 @@ class Trainer:
             return data.stream(batch, seed, epoch, epochs, offset, InputShard.from_context(context))
         return iter(self.strategy.distribute_datasets_from_function(pipeline))
 
-    def _run_epoch(self, iterator, epoch):
-        """Loops until the end of `epoch`; returns its training metrics."""
+    def _run_epoch(self, iterator, epoch, epochs):
+        """Loops until the end of `epoch` (of `epochs`); returns its training metrics."""
         end = (epoch + 1) * self.steps_per_epoch
         sums = dict.fromkeys(_RESULTS, 0.0)
         bar = progress_bar(total=self.steps_per_epoch, initial=self.step - epoch * self.steps_per_epoch,
-                           desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs}", unit="step",
+                           desc=f"{self.name} epoch {epoch + 1}/{epochs}", unit="step",
                            disable=not (self.cfg.progress and self.chief))
         start = time.time()
         with bar:
