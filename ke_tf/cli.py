@@ -5,6 +5,7 @@ TensorFlow's start-up log lines are filtered by `ke_tf.tf_startup` (when ke_tf i
 these functions run); `--verbose` keeps them.
 """
 import argparse
+import logging
 import sys
 import traceback
 
@@ -23,6 +24,9 @@ def guarded(main):
     """Run `main(argv)` turning expected failures into one error line."""
     def wrapper(argv=None):
         argv = sys.argv[1:] if argv is None else argv
+        # TensorFlow's logger has its own handler; absl's first log call (a checkpoint save) gives
+        # the root logger one as well, which would print each TensorFlow warning twice.
+        logging.getLogger("tensorflow").propagate = False
         debug = "--debug" in argv
         from ke_tf.config import ConfigError
         from ke_tf.engine.trainer import NonFiniteLossError, StopRequested
