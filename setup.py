@@ -28,7 +28,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "setuptools", "wheel"],  # setuptools, wheel: the test that builds a wheel
         "demo": ["scikit-learn"],
         "plot": ["matplotlib"],
     },
