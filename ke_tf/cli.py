@@ -27,6 +27,8 @@ def guarded(main):
         # TensorFlow's logger has its own handler; absl's first log call (a checkpoint save) gives
         # the root logger one as well, which would print each TensorFlow warning twice.
         logging.getLogger("tensorflow").propagate = False
+        if hasattr(sys.stdout, "reconfigure"):  # a log capturing stdout and stderr keeps their order
+            sys.stdout.reconfigure(line_buffering=True)
         debug = "--debug" in argv
         from ke_tf.config import ConfigError
         from ke_tf.engine.trainer import NonFiniteLossError, StopRequested
@@ -92,7 +94,7 @@ def train_main(default_config, description):
         tf.keras.utils.set_random_seed(cfg.seed)
         summary = loop.run(cfg, strategy)
         from ke_tf.report import vertical_table
-        print(vertical_table(summary), flush=True)
+        print(vertical_table(summary))
         return summary
     return main
 
@@ -157,14 +159,14 @@ def evaluate_main(argv):
     if "macs_reduction" in result:
         line += (f" (reduction vs dense: params {100 * result['params_reduction']:.1f}%, "
                  f"MACs {100 * result['macs_reduction']:.1f}%)")
-    print(line, flush=True)
+    print(line)
     if args.json:
         from ke_tf.report import write_json
         write_json(args.json, result)
     if args.export:
         from ke_tf.export import deployable, export_model
         result["exported"] = export_model(deployable(model, meta), args.export)
-        print(f"Exported SavedModel and TFLite to {args.export}", flush=True)
+        print(f"Exported SavedModel and TFLite to {args.export}")
     return result
 
 

@@ -74,7 +74,7 @@ def main(argv=None):
         args = parser.parse_args(args_list)
         paths = export_params_file(args.trained_param, args.out)
         for kind, p in paths.items():
-            print(f"{kind}: {p}", flush=True)
+            print(f"{kind}: {p}")
         return paths
     return run(argv)
 

@@ -4,8 +4,9 @@ TF_CPP_MIN_LOG_LEVEL (default here: 3, errors that do not stop the run stay sile
 C++ logs once it is loaded, but the lines its libraries print while loading (absl's "All log
 messages before absl::InitializeLog()" banner, the oneDNN notice, `cudart_stub`, each twice)
 ignore it. So the import runs with stderr captured, and the captured lines TF_CPP_MIN_LOG_LEVEL
-would have filtered are dropped; everything else is written back. `--verbose` on the command
-line (read here because it must act before TensorFlow loads) or TF_CPP_MIN_LOG_LEVEL=0 keeps all.
+would have filtered are dropped; everything else is written back. TF_CPP_MIN_LOG_LEVEL=0, or
+`--verbose` on the command line of a ke_tf command (read here: it must act before TensorFlow
+loads, which importing ke_tf does before the command parses its arguments), keeps all.
 """
 import os
 import re
@@ -13,6 +14,7 @@ import sys
 import tempfile
 
 DEFAULT_LEVEL = "3"
+COMMANDS = ("ke-tf-train", "ke-tf-test", "ke-tf-export", "train_cifar.py", "train_flower.py", "test.py", "export.py")
 _SEVERITY = "IWEF"  # absl's INFO, WARNING, ERROR, FATAL = TF_CPP_MIN_LOG_LEVEL 0..3
 _ABSL_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+ +\d+ [^\]\s]+:\d+\] ")
 _ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
@@ -32,7 +34,7 @@ def filter_startup_lines(text, min_level):
 
 
 def _min_level(argv):
-    if "--verbose" in argv[1:]:
+    if argv and os.path.basename(argv[0]) in COMMANDS and "--verbose" in argv[1:]:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_LEVEL)
     return int(level) if level.isdigit() else 0
