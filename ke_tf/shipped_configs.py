@@ -40,7 +40,7 @@ def resolve_config(name_or_path):
     shipped = shipped_configs()
     base = os.path.basename(name_or_path)
     name = base[:-len(SUFFIX)] if base.endswith(SUFFIX) else base
-    if name == name_or_path or base == name_or_path:
+    if not os.path.dirname(name_or_path):  # a bare name
         if name in shipped:
             return shipped[name]
         raise ConfigError(f"config {name_or_path} not found: no such file and no shipped config of that name "

@@ -40,21 +40,23 @@ def _min_level(argv):
     return int(level) if level.isdigit() else 0
 
 
-def import_tensorflow(argv=None):
+def import_tensorflow():
     """Import TensorFlow (a no-op if it already is) at the log level described above."""
     if "tensorflow" in sys.modules:
         return
-    min_level = _min_level(sys.argv if argv is None else argv)
+    min_level = _min_level(sys.argv)
+    if min_level == 0:
+        import tensorflow  # noqa: F401
+        return
     try:
+        # A file, not a pipe: a pipe nobody reads while TF loads could fill up and block the import.
+        captured = tempfile.TemporaryFile()
         saved = os.dup(2)
-    except OSError:  # no stderr to capture
-        saved = None
-    if min_level == 0 or saved is None:
+    except OSError:  # nowhere to capture to, or no stderr to capture
         import tensorflow  # noqa: F401
         return
     sys.stderr.flush()
-    # A file, not a pipe: a pipe nobody reads while TF loads could fill up and block the import.
-    with tempfile.TemporaryFile() as captured:
+    with captured:
         os.dup2(captured.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
