@@ -8,7 +8,15 @@ setup(
     description="Knowledge Evolution, KD/ReduceNet, LwM, EKG pruning and knowledge consistency in TF2/Keras 3",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["ke_tf", "ke_tf.*"]),
+    # configs/ (the only copy of the experiment configs) is installed as package data ke_tf/configs.
+    packages=find_packages(include=["ke_tf", "ke_tf.*"]) + ["ke_tf.configs"],
+    package_dir={"ke_tf.configs": "configs"},
+    package_data={"ke_tf.configs": ["*.yaml"]},
+    entry_points={"console_scripts": [
+        "ke-tf-train = ke_tf.cli:train_command",
+        "ke-tf-test = ke_tf.cli:test_command",
+        "ke-tf-export = ke_tf.cli:export_command",
+    ]},
     python_requires=">=3.9",
     install_requires=[
         "tensorflow>=2.16",
@@ -20,7 +28,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "setuptools", "wheel"],  # setuptools, wheel: the test that builds a wheel
         "demo": ["scikit-learn"],
         "plot": ["matplotlib"],
     },

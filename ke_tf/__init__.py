@@ -18,6 +18,10 @@ The public API, by what you would use it for:
 - Training: `Trainer`, `Evaluator`, `make_strategy`; `load_data`; `load_config`, `run_method`
   (the loop entry points: supervised, evolution, distillation, incremental, ekg, consistency).
 """
+from ke_tf.tf_startup import import_tensorflow
+
+import_tensorflow()  # before anything else loads TensorFlow: its start-up log lines are filtered
+
 from ke_tf.config import ConfigError, load_config
 from ke_tf.data import load_data
 from ke_tf.engine import Evaluator, Trainer, make_strategy

@@ -125,6 +125,7 @@ def register_section(name, cls):
 
 @dataclasses.dataclass
 class Config:
+    description: str = ""           # one line shown by `ke-tf-train --list`
     method: str = "supervised"
     seed: int = 1
     run_dir: str = "runs/default"

@@ -1,13 +1,12 @@
 """Export a trained params file's deployable model as a SavedModel and a TFLite flatbuffer.
 
-    python -m ke_tf.export --trained_param runs/x/trained_params.pkl --out exported/
-    python test.py --trained_param runs/x/trained_params.pkl --export exported/
+    ke-tf-export --trained_param runs/x/trained_params.pkl --out exported/
+    ke-tf-test --trained_param runs/x/trained_params.pkl --export exported/   (evaluates too)
 
 The deployable model is what the file's metadata rebuilds: a KE slim net, an EKG-pruned net or a
 fused ReduceNet student are all plain networks, so the exported graph carries no masks or gates,
 and BN is folded into the convolutions.
 """
-import argparse
 import os
 
 from ke_tf.layers.factory import PLAIN
@@ -64,14 +63,14 @@ def export_params_file(path, out_dir):
 
 
 def main(argv=None):
-    from ke_tf.cli import guarded
+    """The export command (ke-tf-export, python -m ke_tf.export); returns the written paths."""
+    from ke_tf.cli import guarded, parser_for
 
     @guarded
     def run(args_list):
-        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--trained_param", required=True)
+        parser = parser_for(__doc__)
+        parser.add_argument("--trained_param", required=True, help="pickled params file")
         parser.add_argument("--out", required=True, help="output folder")
-        parser.add_argument("--debug", action="store_true")
         args = parser.parse_args(args_list)
         paths = export_params_file(args.trained_param, args.out)
         for kind, p in paths.items():

@@ -13,11 +13,11 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from ke_tf.data.stream import InputShard
 from ke_tf.export import load_deployable
 from ke_tf.params import atomic_write_bytes, file_sha256
+from ke_tf.progress import progress_bar
 
 MANIFEST = "manifest.json"
 
@@ -174,7 +174,7 @@ def cache_features(folder, tap_a, tap_b, dataset, identity, shard_size=4096, des
             buffer[key] = []
         shards.append(entry)
 
-    with tqdm(desc=desc, unit="img", leave=False, dynamic_ncols=True) as bar:
+    with progress_bar(desc=desc, unit="img") as bar:
         for batch in dataset:
             fa, fb = step(batch[0])
             if fa.shape[1:] != fb.shape[1:]:

@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from ke_tf.flops import _calls, layer_macs
 from ke_tf.layers.gates import gate_sites, model_gates, set_masks
 from ke_tf.losses import cross_entropy, soft_cross_entropy
+from ke_tf.progress import progress_bar
 from ke_tf.slicing import INPUT, LOGITS, layer_groups
 
 
@@ -224,8 +224,7 @@ class GreedySearch:
         ensemble, ce, _ = self.evaluate(self.keep, None)
         members = 1
         self.history = [(dict(self.keep), ce)]
-        bar = tqdm(desc=f"EKG search ({self.criterion})", disable=not self.progress, leave=False,
-                   dynamic_ncols=True)
+        bar = progress_bar(desc=f"EKG search ({self.criterion})", unit="step", disable=not self.progress)
         while self.macs(self.widths()) > self.target:
             logits, ce, score = self.step(ensemble)
             # Pseudo-supernet: running mean of the logits of the dense net and every chosen net.

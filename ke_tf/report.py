@@ -17,6 +17,22 @@ def _fmt(value):
     return str(value)
 
 
+def _fmt_readable(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return _fmt(value)
+
+
+def vertical_table(record):
+    """A flat dict as two aligned columns, one `key | value` line per entry: a summary of many
+    fields stays readable in a terminal or a log, where a one-row table of as many columns wraps."""
+    rows = [(str(k), _fmt_readable(v)) for k, v in record.items()]
+    key_width = max([len("key")] + [len(k) for k, _ in rows])
+    value_width = max([len("value")] + [len(v) for _, v in rows])
+    lines = [f"{'key':<{key_width}} | value", "-" * key_width + "-+-" + "-" * value_width]
+    return "\n".join(lines + [f"{k:<{key_width}} | {v}" for k, v in rows])
+
+
 def markdown_table(rows, columns=None):
     """Rows (dicts) as a markdown table."""
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
@@ -75,13 +91,17 @@ def save_figure(fig, path):
 
 
 def plot_lines(path, x, series, xlabel, ylabel, title):
-    """Line plot of `series` ({label: [y...]}) against `x` as a PNG (None without matplotlib)."""
+    """Line plot of `series` ({label: [y...]}) against `x` as a PNG (None without matplotlib);
+    integer `x` (generations, tasks) gets integer ticks only."""
     plt = pyplot(path)
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in series.items():
         ax.plot(x[:len(ys)], ys, marker="o", label=label)
+    if all(float(v).is_integer() for v in x):  # generations, tasks, epochs, class counts
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

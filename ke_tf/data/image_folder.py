@@ -22,6 +22,7 @@ import tensorflow as tf
 from ke_tf.data.source import Source
 from ke_tf.data.tfds_sources import IMAGENET_MEAN, IMAGENET_STD
 from ke_tf.data.transforms import ResizedCropTransform
+from ke_tf.progress import progress_bar
 
 COLUMNS = ("file_name", "label")
 TEST_SPLITS = ("tst", "val")
@@ -95,12 +96,12 @@ def _valid_image(path: str) -> bool:
 
 def _progress(items, desc: str):
     if len(items) <= PROGRESS_THRESHOLD:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return items
-    return tqdm(items, desc=desc, unit="img")
+        yield from items
+        return
+    with progress_bar(total=len(items), desc=desc, unit="img") as bar:
+        for item in items:
+            yield item
+            bar.update(1)
 
 
 def _build(entries, mapping, numeric, jpg_dir, rows: _Rows) -> Source:

@@ -156,11 +156,12 @@ def incremental_loss(method, icfg, student, teacher=None, n_old=0):
 
 # ---- metrics -------------------------------------------------------------------------------
 def predict_logits(model, dataset):
-    """(logits, true labels) arrays of `model` in inference mode over `dataset`."""
-    predict = tf.function(lambda x: model(x, training=False))
+    """(logits, true labels) arrays of `model` in inference mode over `dataset`. Eager: a graph
+    traced for each new (grown) model costs more than it saves on one pass, and made TensorFlow
+    warn about retracing."""
     logits, labels = [], []
     for images, y in dataset:
-        logits.append(np.asarray(predict(images), np.float32))
+        logits.append(np.asarray(model(images, training=False), np.float32))
         labels.append(y.numpy())
     return np.concatenate(logits), np.concatenate(labels)
 
