@@ -1,4 +1,5 @@
-"""Import TensorFlow without its start-up chatter (ke_tf/__init__.py calls this first).
+"""Import TensorFlow without its start-up chatter when a ke_tf command runs (ke_tf/__init__.py
+calls this first; a program that merely imports ke_tf keeps TensorFlow's own logging).
 
 TF_CPP_MIN_LOG_LEVEL (default here: 3, errors that do not stop the run stay silent) filters TF's
 C++ logs once it is loaded, but the lines its libraries print while loading (absl's "All log
@@ -33,8 +34,12 @@ def filter_startup_lines(text, min_level):
     return "".join(kept)
 
 
+def _is_command(argv):
+    return bool(argv) and os.path.basename(argv[0]) in COMMANDS
+
+
 def _min_level(argv):
-    if argv and os.path.basename(argv[0]) in COMMANDS and "--verbose" in argv[1:]:
+    if "--verbose" in argv[1:]:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_LEVEL)
     return int(level) if level.isdigit() else 0
@@ -43,6 +48,9 @@ def _min_level(argv):
 def import_tensorflow():
     """Import TensorFlow (a no-op if it already is) at the log level described above."""
     if "tensorflow" in sys.modules:
+        return
+    if not _is_command(sys.argv):
+        import tensorflow  # noqa: F401
         return
     min_level = _min_level(sys.argv)
     if min_level == 0:

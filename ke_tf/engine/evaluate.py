@@ -2,6 +2,7 @@
 import tensorflow as tf
 
 from ke_tf.data.stream import InputShard
+from ke_tf.engine.trainer import instance_function
 
 
 def distribute_eval_input(strategy, source):
@@ -25,7 +26,7 @@ class Evaluator:
     def __init__(self, strategy, predict):
         self.strategy = strategy
         self.predict = predict
-        self._run = tf.function(self._evaluate)
+        self._run = instance_function(self._evaluate)
 
     def _replica(self, batch):
         """Sums over the batch's real rows (label >= 0; sharded sources pad with label -1)."""

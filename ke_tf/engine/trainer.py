@@ -19,6 +19,7 @@ a data source with `stream(batch_size, seed, first_epoch, last_epoch, skip_steps
 - checkpoints, exact resume, SIGINT/SIGTERM stops agreed by every worker, tqdm, TensorBoard, a
   metrics dict and one log line per epoch.
 """
+import functools
 import json
 import os
 import shutil
@@ -61,6 +62,13 @@ def synchronise_bn(cfg, replicas):
     if replicas == 1 or cfg.sync_bn == "off":
         return False
     return cfg.sync_bn == "on" or cfg.batch_size // (replicas * cfg.accum_steps) < SYNC_BN_BELOW
+
+
+def instance_function(method):
+    """tf.function of a bound method whose retracing statistics belong to this instance: TF keys
+    them by the method's code, so one trace in each of several Trainers/Evaluators (a KE
+    generation, an LwM task) would be reported as "frequent retracing"."""
+    return tf.function(functools.partial(method.__func__, method.__self__))
 
 
 def batch_norm_layers(model):
@@ -129,8 +137,8 @@ class Trainer:
             else self._gradients
         self._step_fn = tf.function(self._replica_step, jit_compile=True) if self.jit == "step" \
             else self._replica_step
-        self._loop_fn = tf.function(self._loop)
-        self._mean_fn = tf.function(self._replica_mean)
+        self._loop_fn = instance_function(self._loop)
+        self._mean_fn = instance_function(self._replica_mean)
         self._steps_per_loop = cfg.steps_per_loop or None   # None: calibrated on the second loop
         self._loops = 0
         self._stop_signal = None
