@@ -253,6 +253,44 @@ def test_two_generation_run_writes_pickles_tables_and_plot(tmp_path):
     assert dense["test_top1"] == pytest.approx(rows[1]["dense_top1"], abs=1e-6)
 
 
+@pytest.mark.parametrize("reinit", ["kaiming_uniform", "none"])
+def test_each_generation_reinits_the_reset_weights_with_a_fresh_optimizer_and_data_order(
+        tmp_path, monkeypatch, reinit):
+    """With lr 1e-20 training changes no kernel (updates fall below float32 resolution), so generation 2's saved weights show exactly what
+    happened between generations: the reset weights re-drawn (fit weights kept), or nothing for
+    the `reinit: none` control. Every generation gets a new optimizer (iterations restart, so the
+    warmup does) and its own data seed."""
+    from ke_tf.loops import evolution
+    stages = []
+    original = evolution.train_stage
+
+    def recording_train_stage(*args, **kwargs):
+        trainer, history, final = original(*args, **kwargs)
+        stages.append((kwargs["seed"], int(trainer.optimizer.iterations.numpy()), trainer.optimizer))
+        return trainer, history, final
+
+    monkeypatch.setattr(evolution, "train_stage", recording_train_stage)
+    _run(tmp_path, "train.lr=1.0e-20", "train.warmup_epochs=0", f"evolution.reinit={reinit}")
+    (seed1, steps1, opt1), (seed2, steps2, opt2) = stages
+    assert seed1 == 1 and seed2 == evolution.generation_data_seed(1, 2) != seed1
+    assert steps1 == steps2 > 0 and opt1 is not opt2
+    a1, _ = load_params(tmp_path / "gen_1" / "trained_params.pkl")
+    a2, _ = load_params(tmp_path / "gen_2" / "trained_params.pkl")
+    for name in ("s2b0_conv1", "s3b2_conv2", "classifier"):
+        mask = a1[f"{name}/mask"].astype(bool)
+        k1, k2 = a1[f"{name}/kernel"], a2[f"{name}/kernel"]
+        np.testing.assert_array_equal(k1[mask], k2[mask])
+        assert np.array_equal(k1[~mask], k2[~mask]) == (reinit == "none"), name
+
+
+def test_option_a_network_is_refused_before_training(tmp_path):
+    """A kels run whose slim net could not be sliced fails at once, naming the layer and the key."""
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path, "model.options.shortcut=A")
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "gen_1").exists()
+
+
 @pytest.mark.slow
 def test_fit_hypothesis_improves_over_generations(tmp_path):
     """KE's central effect: the slim net is at chance after generation 1 and far better after

@@ -44,11 +44,12 @@ def evaluate_model(strategy, model, data, batch_size):
 
 
 def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None, variables=None,
-                train_cfg=None, extra_checkpoint=None, eval_model=None, on_epoch_begin=None):
+                train_cfg=None, extra_checkpoint=None, eval_model=None, on_epoch_begin=None, seed=None):
     """Train `model` (built in `strategy.scope()`) on `data` (anything with `stream(...)`,
     `test(batch_size, shard)` and `info`) for one stage; resumes from this stage's checkpoints.
-    `on_epoch_begin(epoch)` updates per-epoch schedule state. Returns (trainer, history, final
-    test metrics)."""
+    `on_epoch_begin(epoch)` updates per-epoch schedule state; `seed` (default `cfg.seed`) sets the
+    data order and augmentation, so stages of one run (generations) can see different streams.
+    Returns (trainer, history, final test metrics)."""
     tc = train_cfg or cfg.train
     loss_fn = loss_fn or classifier_loss(model, tc.label_smoothing)
     steps = data.info.train_size // tc.batch_size
@@ -62,7 +63,7 @@ def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None,
         last.update(epoch=epoch, metrics=evaluator(source))
         return test_metrics(last["metrics"])
 
-    history = trainer.fit(data, cfg.seed, eval_fn=eval_fn, on_epoch_begin=on_epoch_begin)
+    history = trainer.fit(data, cfg.seed if seed is None else seed, eval_fn=eval_fn, on_epoch_begin=on_epoch_begin)
     # The last epoch is always evaluated; re-evaluate only when this call trained nothing (resumed done).
     final = last["metrics"] if last.get("epoch") == tc.epochs - 1 else evaluator(source)
     if is_chief(strategy):

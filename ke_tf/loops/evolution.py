@@ -3,9 +3,11 @@ re-initialising the reset hypothesis in between; the fit hypothesis is the slim 
 
 Per generation g (1-based, the paper's N_g): a fresh Trainer named `gen_{g}` (new optimizer, warmup
 + cosine restarted, per-generation checkpoints so an interrupted run resumes) continues from the
-previous generation's last-epoch weights (not the best ones, as KE's code). Before generations
-g >= 2 the reset weights (mask == 0) are re-drawn; BN parameters/statistics and the classifier
-bias are kept. Training is plain label-smoothed CE of the dense net (masks never enter the
+previous generation's last-epoch weights (not the best ones, as KE's code) on its own seeded data
+order (KE's code re-creates its shuffling loader every generation, so generations see different
+batches). Before generations g >= 2 the reset weights (mask == 0) are re-drawn; BN
+parameters/statistics and the classifier bias are kept. `reinit: none` skips the re-draw: the
+control that shows what re-initialisation itself does. Training is plain label-smoothed CE of the dense net (masks never enter the
 forward pass). After each generation the dense and (kels) slim nets are evaluated and saved.
 """
 import dataclasses
@@ -18,8 +20,7 @@ from ke_tf.layers.split import (REINIT_RULES, SPLIT_MODES, SplitLayerFactory, fi
                                 reinitialize_reset_hypothesis)
 from ke_tf.models import build_model, default_widths, model_spec
 from ke_tf.report import plot_lines, write_json, write_table
-from ke_tf.slicing import slice_model
-
+from ke_tf.slicing import layer_groups, slice_model
 
 
 @dataclasses.dataclass
@@ -29,7 +30,8 @@ class EvolutionConfig:
     split_rate: float = 0.5         # KE main(): 0.5 (the paper's ResNet-18 setting, -73% MACs)
     split_mode: str = "kels"        # kels (kernel-level, sliceable) | wels (random per weight)
     # Reset rule: "kaiming_uniform" = KE code's torch default U(+-1/sqrt(fan_in)) (~0.41x the
-    # initial std); "kaiming_normal" re-draws from the initial He-normal fan_in distribution.
+    # initial std); "kaiming_normal" re-draws from the initial He-normal fan_in distribution;
+    # "none" keeps training without re-initialisation (the control of KE's claim).
     reinit: str = "kaiming_uniform"
 
     def validate(self, key):
@@ -39,10 +41,12 @@ class EvolutionConfig:
             raise ConfigError(f"{key}.split_rate must be in (0, 1], got {self.split_rate}")
         if self.split_mode not in SPLIT_MODES:
             raise ConfigError(f"{key}.split_mode must be one of {', '.join(SPLIT_MODES)}; got {self.split_mode!r}")
-        if self.reinit not in REINIT_RULES:
-            raise ConfigError(f"{key}.reinit must be one of {', '.join(REINIT_RULES)}; got {self.reinit!r}")
+        if self.reinit not in REINIT_RULES + (NO_REINIT,):
+            raise ConfigError(f"{key}.reinit must be one of {', '.join(REINIT_RULES + (NO_REINIT,))}; "
+                              f"got {self.reinit!r}")
 
 
+NO_REINIT = "none"
 register_section("evolution", EvolutionConfig)
 
 
@@ -60,7 +64,24 @@ def extract_slim(strategy, model, spec, split_rate):
 
 
 def _generation_seed(seed, generation):
+    """Seed of generation g's reset weights."""
     return int(seed) * 1000 + int(generation)
+
+
+def generation_data_seed(seed, generation):
+    """Seed of generation g's data order and augmentation; generation 1 uses the run's seed, so it
+    sees the same stream as a supervised run with that seed."""
+    return int(seed) + 7919 * (int(generation) - 1)
+
+
+def check_sliceable(model, cfg):
+    """Refuse, before any training, a kels network whose slim net cannot be extracted (option-A
+    zero-pad shortcuts, grouped convs), naming the layer and the config key to change."""
+    try:
+        layer_groups(model)
+    except ValueError as e:
+        raise ConfigError(f"evolution.split_mode=kels needs a sliceable network: {e} "
+                          f"(model.options.shortcut: B)") from None
 
 
 def run(cfg, strategy):
@@ -73,13 +94,16 @@ def run(cfg, strategy):
     with strategy.scope():
         model = build_model(spec["arch"], spec["num_classes"], spec["input_shape"], layers=factory,
                             **spec["options"])
+    if ev.split_mode == "kels":
+        check_sliceable(model, cfg)
     dense_cx = complexity(model)
     slim_cx = None
     rows = []
     for g in range(1, ev.generations + 1):
-        if g > 1:
+        if g > 1 and ev.reinit != NO_REINIT:
             reinitialize_reset_hypothesis(model, _generation_seed(cfg.seed, g), ev.reinit)
-        _, history, dense = train_stage(cfg, strategy, model, data, cfg.run_dir, name=f"gen_{g}")
+        _, history, dense = train_stage(cfg, strategy, model, data, cfg.run_dir, name=f"gen_{g}",
+                                        seed=generation_data_seed(cfg.seed, g))
         common = {"generation": g, "split": factory.metadata()}
         save_trained(strategy, run_path(cfg, f"gen_{g}", "trained_params.pkl"), model, spec, cfg,
                      metrics=test_metrics(dense), layers={"kind": "split", **factory.metadata()},
