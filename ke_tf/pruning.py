@@ -54,16 +54,52 @@ def moving_statistics(model):
     return [v for v in model.non_trainable_variables if v.name in ("moving_mean", "moving_variance")]
 
 
-def batch_stat_forward(model):
+class ClassifierRescale:
+    """The reference's norm-preserving rescale of a masked kernel, W' = normalize(W*M) * ||W||,
+    for the classifier: pruning its input channels scales the logits by s = ||W|| / ||W_kept||
+    around the bias. (The reference rescales conv kernels too, but every conv here feeds a BN
+    whose batch statistics, used by the search and by fine-tuning, cancel a per-layer scale; the
+    classifier's rescale is not cancelled: it sharpens the pruned net's softmax.)"""
+
+    def __init__(self, model):
+        import keras
+        classifier = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1]
+        self.layer, self.group = classifier, layer_groups(model)[classifier.name][0]
+        self.row_norms = np.square(classifier.kernel.numpy()).sum(axis=1)
+        self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32)
+
+    def factor(self, keep):
+        """s for the kept channels `keep` ({group: indices}); 1 when the input group is unpruned."""
+        if self.group not in keep:
+            return 1.0
+        return float(np.sqrt(self.row_norms.sum() / self.row_norms[np.asarray(keep[self.group])].sum()))
+
+    def set(self, keep):
+        self.scale.assign(self.factor(keep))
+
+    def __call__(self, logits):
+        bias = tf.cast(self.layer.bias, logits.dtype) if self.layer.use_bias else 0.0
+        return bias + tf.cast(self.scale, logits.dtype) * (logits - bias)
+
+    def rescale_kernel(self, sliced_model, keep):
+        """Give the physically pruned `sliced_model`'s classifier the same rescale."""
+        layer = sliced_model.get_layer(self.layer.name)
+        layer.kernel.assign(layer.kernel * self.factor(keep))
+
+
+def batch_stat_forward(model, rescale=None):
     """Compiled forward in BN batch-statistics mode that leaves the moving statistics untouched
     (the reference scores candidates with batch statistics and frozen moving averages; Keras BN
-    always updates them in training mode, so they are restored after the call)."""
+    always updates them in training mode, so they are restored after the call); `rescale` (a
+    `ClassifierRescale`) is applied to the logits."""
     stats = moving_statistics(model)
 
     @tf.function(reduce_retracing=True)
     def forward(x):
         saved = [tf.identity(v.value) for v in stats]
         logits = model(x, training=True)
+        if rescale is not None:
+            logits = rescale(logits)
         with tf.control_dependencies([logits]):
             for v, s in zip(stats, saved):
                 v.assign(s)
@@ -110,19 +146,37 @@ def trimmed_otsu(costs, trim=0.2):
     return threshold
 
 
+CRITERIA = ("ekg", "l1", "random")
+
+
+def filter_l1(model):
+    """{group: per-channel L1 norm of every conv kernel writing that group} (Li et al. 2017's
+    filter score, summed over a residual stage's convs since they are pruned together)."""
+    import keras
+    groups = layer_groups(model)
+    gates = model_gates(model)
+    norms = {g: np.zeros(int(layer.gate.shape[0])) for g, layer in gates.items()}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D) and groups.get(layer.name, (None, None))[1] in norms:
+            norms[groups[layer.name][1]] += np.abs(layer.kernel.numpy()).sum(axis=(0, 1, 2))
+    return norms
+
+
 class GreedySearch:
     """EKG's greedy search. `holdout` is a list of (images, labels) batches of the held-out
-    split; `criterion` "ekg" (importance + scored candidates) or "random" (random group and
-    random filters, the baseline)."""
+    split; `criterion` "ekg" (importance + scored candidates), "l1" (least-L1 filters, every
+    group cut to the same kept fraction: Li et al.'s uniform L1-norm pruning) or "random" (random
+    group and random filters); the baselines reach the same MACs target step by step."""
 
     def __init__(self, model, holdout, target_rate, step=0.2, trim=0.2, criterion="ekg", seed=0,
-                 progress=True):
+                 progress=True, rescale=True):
         self.model = model
         self.gates = model_gates(model)
         self.macs = MaskedMacs(model)
         self.target = target_rate * self.macs.full
         self.holdout = [(tf.convert_to_tensor(x), tf.convert_to_tensor(y)) for x, y in holdout]
-        self.forward = batch_stat_forward(model)
+        self.rescale = ClassifierRescale(model) if rescale else None
+        self.forward = batch_stat_forward(model, self.rescale)
         self.score_fn = importance_fn(model, self.forward)
         sites = gate_sites(model)
         full = self.macs.full_widths
@@ -130,7 +184,10 @@ class GreedySearch:
         # is applied after every block, so it moves by about one channel per step.
         self.steps = {g: max(1, int(round(full[g] * step / sites[g]))) for g in full}
         self.trim = trim
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
         self.criterion = criterion
+        self.l1 = filter_l1(model) if criterion == "l1" else None
         self.rng = np.random.RandomState(seed)
         self.progress = progress
         self.keep = {g: np.arange(c) for g, c in full.items()}
@@ -143,9 +200,15 @@ class GreedySearch:
     def rate(self, keep=None):
         return self.macs(self.widths(keep)) / self.macs.full
 
+    def mask(self, keep):
+        """Make the gated model compute the sub-network `keep` (gates and classifier rescale)."""
+        set_masks(self.gates, keep)
+        if self.rescale is not None:
+            self.rescale.set(keep)
+
     def evaluate(self, keep, ensemble):
         """(logits [N, K], mean CE, mean score) of the sub-network `keep` on the holdout."""
-        set_masks(self.gates, keep)
+        self.mask(keep)
         logits = np.concatenate([self.forward(x).numpy() for x, _ in self.holdout])
         labels = np.concatenate([y.numpy() for _, y in self.holdout])
         ce = cross_entropy(logits, labels).numpy()
@@ -155,7 +218,7 @@ class GreedySearch:
 
     def importance(self, ensemble):
         """{group: per-channel importance} of the current sub-network (per-batch |.| summed)."""
-        set_masks(self.gates, self.keep)
+        self.mask(self.keep)
         total = {g: np.zeros(int(layer.gate.shape[0])) for g, layer in self.gates.items()}
         start = 0
         for x, y in self.holdout:
@@ -194,11 +257,15 @@ class GreedySearch:
 
     def step(self, ensemble):
         """Commit the best next sub-network; returns (its holdout logits, CE, score)."""
-        if self.criterion == "random":
-            orders = self._orders(None)
+        if self.criterion in ("random", "l1"):
+            orders = self._orders(self.l1 if self.criterion == "l1" else None)
             if not orders:
                 raise ValueError("search: every group is down to one channel before the MACs target")
-            group = list(orders)[self.rng.randint(len(orders))]
+            if self.criterion == "l1":
+                full = self.macs.full_widths
+                group = max(orders, key=lambda g: len(self.keep[g]) / full[g])
+            else:
+                group = list(orders)[self.rng.randint(len(orders))]
             self.keep = self._candidate(group, orders[group])
             return self.evaluate(self.keep, ensemble)
         scores = self.importance(ensemble)
@@ -234,7 +301,7 @@ class GreedySearch:
             bar.update(1)
             bar.set_postfix(macs_rate=f"{self.rate():.3f}", score=f"{score:.4f}")
         bar.close()
-        set_masks(self.gates, self.keep)
+        self.mask(self.keep)
         return self.keep
 
 
@@ -255,13 +322,11 @@ def pick_teachers(history, num):
     return sorted(chosen, key=lambda c: history[c][1])
 
 
-def memory_bank(model, history, teachers, dataset):
-    """Logits [N, K, len(teachers)] of each teacher sub-network on `dataset` (fixed order),
-    in BN batch-statistics mode like the search."""
-    gates = model_gates(model)
-    forward = batch_stat_forward(model)
+def memory_bank(searcher, teachers, dataset):
+    """Logits [N, K, len(teachers)] of each teacher sub-network of `searcher.history` on
+    `dataset` (fixed order), computed like the search (BN batch statistics, rescale)."""
     bank = []
     for t in teachers:
-        set_masks(gates, history[t][0])
-        bank.append(np.concatenate([forward(x).numpy() for x, _ in dataset]))
+        searcher.mask(searcher.history[t][0])
+        bank.append(np.concatenate([searcher.forward(x).numpy() for x, _ in dataset]))
     return np.stack(bank, axis=-1).astype(np.float32)

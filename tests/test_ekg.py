@@ -15,7 +15,7 @@ from ke_tf.flops import complexity  # noqa: E402
 from ke_tf.layers.gates import ChannelGate, GatedLayerFactory, gate_sites, model_gates, set_masks  # noqa: E402
 from ke_tf.losses import cross_entropy  # noqa: E402
 from ke_tf.models import build_from_spec, model_spec  # noqa: E402
-from ke_tf.pruning import (GreedySearch, MaskedMacs, batch_stat_forward, importance_fn,  # noqa: E402
+from ke_tf.pruning import (GreedySearch, MaskedMacs, filter_l1, batch_stat_forward, importance_fn,  # noqa: E402
                            moving_statistics, pick_teachers, search_objective, trimmed_otsu)
 from ke_tf.slicing import slice_model  # noqa: E402
 
@@ -157,7 +157,7 @@ def holdout():
     return list(hold.test(256))
 
 
-@pytest.mark.parametrize("criterion", ["ekg", "random"])
+@pytest.mark.parametrize("criterion", ["ekg", "l1", "random"])
 def test_search_stops_at_first_step_under_target(gated, holdout, criterion):
     search = GreedySearch(gated, holdout, 0.6, criterion=criterion, progress=False)
     keep = search.run()
@@ -169,6 +169,48 @@ def test_search_stops_at_first_step_under_target(gated, holdout, criterion):
         assert len(changed) == 1 and set(after[0][changed[0]]) < set(before[0][changed[0]])
     narrow, _ = slice_model(gated, SPEC, keep)
     assert complexity(narrow)["macs"] / search.macs.full == pytest.approx(rates[-1])
+    set_masks(model_gates(gated), {})
+
+
+def test_l1_criterion_cuts_least_l1_filters_uniformly(gated, holdout):
+    """Li et al.'s baseline: each group loses its smallest-L1 filters (summed over the convs that
+    write the group) and all groups keep about the same fraction."""
+    norms = filter_l1(gated)
+    stage3 = sum(np.abs(gated.get_layer(n).kernel.numpy()).sum(axis=(0, 1, 2))
+                 for n in ("s3b0_conv2", "s3b0_short_conv", "s3b1_conv2", "s3b2_conv2"))
+    np.testing.assert_allclose(norms["stage3"], stage3, rtol=1e-5)
+    search = GreedySearch(gated, holdout, 0.6, criterion="l1", progress=False)
+    keep = search.run()
+    fractions = {g: len(k) / search.macs.full_widths[g] for g, k in keep.items()}
+    for g, k in keep.items():
+        dropped = sorted(set(range(search.macs.full_widths[g])) - set(k))
+        if dropped:
+            assert norms[g][dropped].max() <= norms[g][list(k)].min(), g
+        step = search.steps[g] / search.macs.full_widths[g]
+        assert fractions[g] >= min(fractions.values()) and fractions[g] <= max(fractions.values())
+        assert max(fractions.values()) - fractions[g] <= step + 1e-9 or len(k) == 1, (g, fractions)
+    set_masks(model_gates(gated), {})
+
+
+def test_classifier_rescale_is_norm_preserving_and_slices_exactly(gated, images):
+    """W' = normalize(W*M)*||W|| on the classifier: logits scale by ||W||/||W_kept|| around the
+    bias; the physically pruned net with the rescaled kernel computes the rescaled masked net."""
+    keep = {"stage3": list(range(0, 64, 3)), "s2b1": [0, 1, 2, 5]}
+    search = GreedySearch(gated, [], 0.6, progress=False)
+    w = gated.get_layer("classifier").kernel.numpy()
+    factor = np.linalg.norm(w) / np.linalg.norm(w[keep["stage3"]])
+    assert search.rescale.factor(keep) == pytest.approx(factor, rel=1e-6)
+    assert search.rescale.factor({"s2b1": [0]}) == 1.0
+    search.mask(keep)
+    rescaled = search.forward(images).numpy()
+    plain = GreedySearch(gated, [], 0.6, progress=False, rescale=False)
+    plain.mask(keep)
+    masked = plain.forward(images).numpy()
+    bias = gated.get_layer("classifier").bias.numpy()
+    np.testing.assert_allclose(rescaled - bias, factor * (masked - bias), rtol=1e-4, atol=1e-5)
+    narrow, _ = slice_model(gated, SPEC, keep)
+    search.rescale.rescale_kernel(narrow, keep)
+    np.testing.assert_allclose(narrow(images, training=True), rescaled, rtol=1e-4, atol=1e-4)
     set_masks(model_gates(gated), {})
 
 

@@ -5,7 +5,7 @@
 - `ban`: G generations of the same architecture; generation g is a fresh network taught by
   generation g-1 (generation 0 by plain CE, or by `teacher_params`): loss = CE + lambda_e *
   tau^2 * CE(softmax(t/tau), softmax(s/tau)) with lambda_e interpolated per epoch (KC's
-  BornAgain.py); reports every generation and the ensemble (mean softmax) of generations 0..g.
+  BornAgain.py); generation g initialises and orders its data with seed + 10 g; reports every generation and the ensemble (mean softmax) of generations 0..g.
 - `reducenet`: stage 1 trains the two-branch ReduceNet teacher; stage 2 drops the bottleneck
   branch, inherits every other weight, optionally trains a linear (lora) branch with an annealed
   ReLU, and is distilled with KD (alpha 0.7, T 5 in the original); the student is then folded
@@ -46,7 +46,10 @@ class DistillationConfig:
     # ReduceNet's code uses torch KLDivLoss(reduction='mean'), i.e. KL / num_classes; Hinton's KD
     # (and our default) does not divide. True reproduces the code.
     kd_class_mean: bool = False
-    student_init: str = "scratch"             # scratch | teacher (copy every variable with the same path)
+    # scratch | teacher (copy every variable with the same path); default: teacher for reducenet
+    # (its stage 2 inherits the teacher), scratch otherwise. reducenet + scratch is the control
+    # that shows what inheriting does.
+    student_init: typing.Optional[str] = None
     anneal_epochs: typing.Optional[int] = None  # annealed ReLU reaches identity here (None: last epoch)
     generations: int = 3                      # ban
     ban_lambda: float = 0.5                   # ban: lambda at the first epoch ...
@@ -56,7 +59,7 @@ class DistillationConfig:
 
     def validate(self, key):
         for name, value, choices in (("mode", self.mode, MODES),
-                                     ("student_init", self.student_init, ("scratch", "teacher")),
+                                     ("student_init", self.student_init or "scratch", ("scratch", "teacher")),
                                      ("ban_schedule", self.ban_schedule, ("geometric", "linear"))):
             if value not in choices:
                 raise ConfigError(f"{key}.{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -191,7 +194,7 @@ def run_kd(cfg, strategy, data):
     with strategy.scope():
         student = build_from_spec(student_spec)
     inherited = 0
-    if dc.mode == "reducenet" or dc.student_init == "teacher":
+    if (dc.student_init or ("teacher" if dc.mode == "reducenet" else "scratch")) == "teacher":
         inherited = len(student.weights) - len(inherit_weights(student, teacher))
     label_smoothing = cfg.train.label_smoothing
     loss_fn = distill_objective(student, teacher, lambda s, t, y: hinton_loss(
@@ -261,7 +264,8 @@ def run_ban(cfg, strategy, data):
         loss_fn = None if teacher is None else distill_objective(model, teacher, lambda s, t, y: ban_loss(
             s, t, y, lam, dc.ban_tau, cfg.train.label_smoothing))
         _, _, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name=f"gen{g}", loss_fn=loss_fn,
-                                  on_epoch_begin=lambda epoch: lam.assign(lambdas[epoch]))
+                                  on_epoch_begin=lambda epoch: lam.assign(lambdas[epoch]),
+                                  seed=cfg.seed + 10 * g)   # each generation its own data order
         path = run_path(cfg, f"gen{g}_params.pkl")
         save_trained(strategy, path, model, spec, cfg, metrics=test_metrics(final), stage=f"gen{g}", generation=g)
         models.append(model)

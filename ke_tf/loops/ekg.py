@@ -6,8 +6,9 @@ Writes `slimmed_params.pkl` (after search), `memory_bank.npy`, `trained_params.p
 fine-tuning; `test.py` rebuilds the pruned net from its metadata) and `results.json`.
 
 Deliberate differences from the reference code (docs: shared/reference/ekg.md):
-- no norm-preserving kernel rescale: every gated conv feeds a BN, which cancels a per-layer scale
-  in the batch-statistics search anyway; without it the sliced net equals the masked net exactly;
+- the norm-preserving kernel rescale only for the classifier (`ekg.rescale`, see
+  `ke_tf.pruning.ClassifierRescale`): every gated conv feeds a BN whose batch statistics cancel
+  a per-layer scale, the classifier has none; the sliced net equals the rescaled masked net;
 - importance |sum over a group's sites of a*dL/da| (the first-order loss change of removing the
   channel from the whole group; the reference sums per-site absolute values);
 - MACs/target rate in the ke_tf convention (conv + FC MACs; the reference also counts BN);
@@ -36,7 +37,7 @@ from ke_tf.layers.gates import GatedLayerFactory
 from ke_tf.losses import cross_entropy, kd_loss
 from ke_tf.models import build_from_spec, model_spec
 from ke_tf.params import apply_params, atomic_write_bytes, file_sha256, load_params, model_arrays
-from ke_tf.pruning import GreedySearch, memory_bank, pick_teachers
+from ke_tf.pruning import CRITERIA, GreedySearch, memory_bank, pick_teachers
 from ke_tf.report import plot_lines, write_json
 from ke_tf.slicing import layer_groups, slice_model
 
@@ -54,9 +55,12 @@ class EKGConfig:
     holdout_per_class: int = 32                   # D_val of the reference
     search_batch_size: int = 256
     otsu_trim: float = 0.2
-    criterion: str = "ekg"                        # ekg | random (baseline: random groups/filters)
+    criterion: str = "ekg"                        # ekg | l1 | random (baselines: see GreedySearch)
+    holdout_seed: int = 0                         # which train images form the holdout (not `seed`:
+                                                  # runs compared across seeds search on the same one)
     num_teacher: int = 5
     distill: bool = True                          # memory-bank KD during fine-tuning
+    rescale: bool = True                          # the reference's norm-preserving classifier rescale
     temperature: float = 4.0
 
     def validate(self, key):
@@ -71,8 +75,8 @@ class EKGConfig:
                 raise ConfigError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"{key}.temperature must be > 0, got {self.temperature}")
-        if self.criterion not in ("ekg", "random"):
-            raise ConfigError(f"{key}.criterion must be one of ekg, random; got {self.criterion!r}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"{key}.criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
 
     @property
     def target_rate(self):
@@ -163,9 +167,10 @@ def gated_copy(strategy, dense, spec):
 def search(cfg, strategy, data, gated):
     """Greedy search on a held-out split; returns (keep, searcher)."""
     e = cfg.section("ekg")
-    _, holdout = data.split_holdout(e.holdout_per_class, cfg.seed)
+    _, holdout = data.split_holdout(e.holdout_per_class, e.holdout_seed)
     searcher = GreedySearch(gated, list(holdout.test(e.search_batch_size)), e.target_rate, e.search_step,
-                            e.otsu_trim, e.criterion, seed=cfg.seed, progress=cfg.train.progress)
+                            e.otsu_trim, e.criterion, seed=cfg.seed, progress=cfg.train.progress,
+                            rescale=e.rescale)
     keep = searcher.run()
     return {g: [int(c) for c in ix] for g, ix in keep.items()}, searcher
 
@@ -192,13 +197,15 @@ def slim(cfg, strategy, data, dense_spec):
     gated = gated_copy(strategy, dense, dense_spec)
     keep, searcher = search(cfg, strategy, data, gated)
     teachers = pick_teachers(searcher.history, e.num_teacher)
-    bank = memory_bank(gated, searcher.history, teachers, data.train_eval(e.search_batch_size))
+    bank = memory_bank(searcher, teachers, data.train_eval(e.search_batch_size))
     if is_chief(strategy):
         buffer = io.BytesIO()
         np.save(buffer, bank)
         atomic_write_bytes(bank_path, buffer.getvalue())
     with strategy.scope():
         model, spec = slice_model(gated, dense_spec, keep)
+    if searcher.rescale is not None:
+        searcher.rescale.rescale_kernel(model, keep)
     # Inference mode with the dense net's BN statistics (uncalibrated for the pruned net: low).
     slimmed = evaluate_model(strategy, model, data, cfg.train.eval_batch_size)
     record = {**info, "keep": keep, "search_steps": len(searcher.history) - 1,

@@ -1,6 +1,6 @@
 """Plain supervised training: the baseline every method is compared with, and the quickstart."""
 from ke_tf.engine.stage import load_configured_data, run_path, save_trained, test_metrics, train_stage
-from ke_tf.models import build_model, model_spec
+from ke_tf.models import build_from_spec, model_spec
 from ke_tf.report import write_json
 
 
@@ -13,7 +13,7 @@ def run(cfg, strategy):
     data = load_configured_data(cfg)
     spec = model_spec(cfg.model.arch, data.info.num_classes, model_input_shape(data), **cfg.model.options)
     with strategy.scope():
-        model = build_model(spec["arch"], spec["num_classes"], spec["input_shape"], **spec["options"])
+        model = build_from_spec(spec)
     _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir)
     metadata = save_trained(strategy, run_path(cfg, "trained_params.pkl"), model, spec, cfg,
                             metrics=test_metrics(final))
