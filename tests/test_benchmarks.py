@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from benchmarks import accumulation
 from benchmarks.run import SECTIONS, markdown
@@ -40,3 +41,31 @@ def test_quick_run_writes_all_sections(tmp_path):
 def test_update_relative_difference():
     w0, w1 = np.zeros(3), np.array([3.0, 4.0, 0.0])
     assert accumulation.update_relative_difference([w0, w1], [w0, w1 + [0.0, 0.0, 0.05]]) == 0.01
+
+
+def test_claim_verdict_is_the_paired_lower_bound():
+    """Paired differences over seeds; the claim holds when mean - t(0.95, n-1) * sd / sqrt(n) > 0."""
+    from benchmarks.claims import Comparison, paired_verdict
+    per_seed = {0: {"a": {"acc": 0.50, "loss": 1.0}, "b": {"acc": 0.30, "loss": 1.2}},
+                1: {"a": {"acc": 0.60, "loss": 1.0}, "b": {"acc": 0.35, "loss": 0.9}},
+                2: {"a": {"acc": 0.55, "loss": 1.0}, "b": {"acc": 0.36, "loss": 1.3}}}
+    v = paired_verdict(Comparison("a", "b", "acc", ""), per_seed)
+    diffs = np.array([0.20, 0.25, 0.19])
+    assert v["diffs"] == pytest.approx(diffs)
+    assert v["lower_bound"] == pytest.approx(diffs.mean() - 2.920 * diffs.std(ddof=1) / np.sqrt(3))
+    assert v["holds"] and v["seeds_won"] == 3
+    # lower is better: differences are b - a; 0.2, -0.1, 0.3 have too much spread to hold
+    v = paired_verdict(Comparison("a", "b", "loss", "", lower_is_better=True), per_seed)
+    assert v["diffs"] == pytest.approx([0.2, -0.1, 0.3]) and v["seeds_won"] == 2 and not v["holds"]
+
+
+def test_readme_claims_table_is_generated_from_the_committed_json():
+    """The README's "Claims reproduced" table is exactly what `python -m benchmarks.claims
+    --table` renders from benchmarks/claims.json."""
+    from benchmarks.claims.__main__ import DEFAULT_OUT
+    from benchmarks.claims.table import claims_table
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(DEFAULT_OUT) as f:
+        table = claims_table(json.load(f))
+    with open(os.path.join(root, "README.md")) as f:
+        assert table in f.read()

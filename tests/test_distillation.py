@@ -113,7 +113,15 @@ def test_tiny_kd_run_from_teacher_params(reducenet_run, tmp_path):
     assert not (tmp_path / "teacher_params.pkl").exists()
 
 
-def test_tiny_ban_run_two_generations(reducenet_run, tmp_path):
+def test_tiny_ban_run_two_generations(reducenet_run, tmp_path, monkeypatch):
+    from ke_tf.loops import distillation
+    seeds, original = [], distillation.train_stage
+
+    def recording_train_stage(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(distillation, "train_stage", recording_train_stage)
     teacher = str(reducenet_run[0] / "teacher_params.pkl")
     summary = _train(tmp_path, "distillation.mode=ban", "distillation.generations=2",
                      f"distillation.teacher_params={teacher}")
@@ -127,46 +135,4 @@ def test_tiny_ban_run_two_generations(reducenet_run, tmp_path):
     a0, _ = load_params(str(tmp_path / "gen0_params.pkl"))
     a1, _ = load_params(str(tmp_path / "gen1_params.pkl"))
     assert not np.allclose(a0["stem_conv/kernel"], a1["stem_conv/kernel"])
-
-
-@pytest.mark.slow
-def test_kd_student_beats_plain_student_on_digits(tmp_path):
-    """Real digits, 16x16, 237 training images (data-poor, where KD helps reliably): a ResNet-20
-    teacher (trained once, ~94%) makes a quarter-width ResNet-20 better than the same student
-    trained by CE under the same budget (20 epochs), on average over 3 seeds (measured +1.9 points,
-    every seed better)."""
-    import keras
-
-    from ke_tf.config import from_dict
-    from ke_tf.data import load_data
-    from ke_tf.engine import make_strategy
-    from ke_tf.engine.stage import train_stage
-    from ke_tf.loops.distillation import distill_objective
-
-    data, _ = load_data("digits", image_size=16).split_holdout(per_class=120, seed=0)
-    strategy = make_strategy("auto")
-
-    def cfg(name, epochs, seed):
-        return from_dict({"method": "distillation", "seed": seed, "run_dir": str(tmp_path / name),
-                          "train": {"epochs": epochs, "batch_size": 32, "lr": 0.05, "nesterov": True,
-                                    "schedule": "cosine", "weight_decay": 5e-4, "progress": False,
-                                    "eval_every_epochs": 1000}})
-
-    def train(name, arch_options, epochs, seed, teacher=None):
-        c = cfg(name, epochs, seed)
-        keras.utils.set_random_seed(seed)
-        with strategy.scope():
-            model = build_model("resnet20", 10, (16, 16, 3), **arch_options)
-        loss_fn = None if teacher is None else distill_objective(
-            model, teacher, lambda s, t, y: hinton_loss(s, t, y, alpha=0.9, temperature=4.0))
-        _, _, final = train_stage(c, strategy, model, data, c.run_dir, name=name, loss_fn=loss_fn)
-        return model, final["top1"]
-
-    teacher, teacher_top1 = train("teacher", {}, 15, 0)
-    assert teacher_top1 > 0.85
-    kd, ce = [], []
-    for seed in (100, 101, 102):
-        kd.append(train(f"kd{seed}", {"width_mult": 0.25}, 20, seed, teacher)[1])
-        ce.append(train(f"ce{seed}", {"width_mult": 0.25}, 20, seed)[1])
-    print(f"teacher {teacher_top1:.4f} kd {kd} ce {ce}")
-    assert np.mean(kd) > np.mean(ce), (kd, ce)
+    assert seeds[1] == seeds[0] + 10          # ... trained on their own data order

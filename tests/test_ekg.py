@@ -312,24 +312,3 @@ def test_configs_validate_and_reduction_rate_sets_target():
     assert cfg.section("ekg").target_rate == pytest.approx(0.7)
     with pytest.raises(ConfigError, match="ekg.reduction_rate"):
         load_config("configs/quickstart_ekg_digits.yaml", ["ekg.reduction_rate=1.5"])
-
-
-@pytest.mark.slow
-def test_ekg_loses_less_than_random_filter_pruning(tmp_path):
-    """Digits 16x16, ResNet-20 (B): dense net pre-trained 10 epochs (94.4%), 50% of MACs removed,
-    1 fine-tuning epoch for both. Measured: EKG 90.8% (holdout CE after search 0.27); random
-    pruning seeds 1/2: 70.0% / 85.3% (holdout CE > 0.9)."""
-    from train_cifar import main
-    common = ["--config", "configs/quickstart_ekg_digits.yaml", "--set", "train.progress=false",
-              "--set", "ekg.reduction_rate=0.5", "--set", "train.epochs=1", "--set", "train.decay_epochs=[]"]
-    ekg = main(common + ["--set", f"run_dir={tmp_path / 'ekg'}"])
-    dense = str(tmp_path / "ekg" / "dense_params.pkl")
-    randoms = [main(common + ["--set", f"run_dir={tmp_path / f'random{s}'}", "--set", f"seed={s}",
-                              "--set", "ekg.criterion=random", "--set", "ekg.distill=false",
-                              "--set", f"ekg.trained_param={dense}"]) for s in (1, 2)]
-    for r in [ekg] + randoms:
-        assert 0.5 <= r["macs_reduction"] < 0.52
-        assert r["dense_test_top1"] == ekg["dense_test_top1"] > 0.9
-    assert ekg["search_holdout_ce"] < 0.5 * min(r["search_holdout_ce"] for r in randoms)
-    assert ekg["dense_test_top1"] - ekg["test_top1"] < 0.06
-    assert ekg["test_top1"] > max(r["test_top1"] for r in randoms) + 0.03
