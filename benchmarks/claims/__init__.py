@@ -56,15 +56,17 @@ def load_claim(name):
 
 def run_claim(name, seeds, workdir, progress=None):
     """Train every arm of claim `name` for each seed under `workdir`; returns `summarise(...)`.
-    `progress(text)` is called before each seed (the runner's tqdm)."""
+    `progress` (the runner's tqdm bar) is told each seed and advanced after it."""
     claim = load_claim(name)
     os.makedirs(workdir, exist_ok=True)
     context = claim.prepare(os.path.join(workdir, "shared")) if claim.prepare else None
     per_seed = {}
     for seed in seeds:
-        if progress:
-            progress(f"{name} seed {seed}")
+        if progress is not None:
+            progress.set_postfix_str(f"{name} seed {seed}")
         per_seed[seed] = claim.run_seed(seed, os.path.join(workdir, f"seed{seed}"), context)
+        if progress is not None:
+            progress.update(1)
     return summarise(claim, per_seed)
 
 

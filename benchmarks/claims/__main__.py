@@ -57,8 +57,7 @@ def main(argv=None):
                "date": datetime.date.today().isoformat()}
     bar = tqdm(total=len(args.only) * args.seeds, desc="claims", unit="seed")
     for name in args.only:
-        result = run_claim(name, range(args.seeds), os.path.join(workdir, name), progress=bar.set_postfix_str)
-        bar.update(args.seeds)
+        result = run_claim(name, range(args.seeds), os.path.join(workdir, name), progress=bar)
         results["claims"][name] = {**result, "machine": machine}
         write_json(args.out, results)
         for line in failed_verdicts(result):
