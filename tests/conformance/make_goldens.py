@@ -1,0 +1,132 @@
+"""Run the reference implementations on seeded inputs and write small `.npz` goldens for
+tests/test_conformance.py. Runs in a side environment OUTSIDE this repository, never in the tests:
+
+    python3 -m venv /work/sideenv && /work/sideenv/bin/pip install torch==2.13.0 numpy
+    git --git-dir=<fetched ahmdtaha/knowledge_evolution> archive HEAD | tar -x -C /tmp/ke
+    /work/sideenv/bin/python tests/conformance/make_goldens.py ke /tmp/ke --commit <sha>
+    /work/sideenv/bin/python tests/conformance/make_goldens.py reducenet /tmp/reducenet --commit <sha>
+
+Weights are not stored: both sides build them with `seeded.seeded_state` from the key names and
+shapes the golden records. Every golden records the source repository and commit.
+"""
+import argparse
+import logging
+import os
+import sys
+import types
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from seeded import golden_images, seeded_state  # noqa: E402
+
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
+SEED = 0
+CLASSES = 10
+
+
+def _torch_state(model, seed, keep_suffixes):
+    import torch
+    reference = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    shapes = {k: v.shape for k, v in reference.items()}
+    keep = {k: v for k, v in reference.items() if k.endswith(keep_suffixes)}
+    state = seeded_state(shapes, seed, keep)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return shapes
+
+
+def _shape_record(shapes):
+    """Key names and shapes in the npz (keys in order; shapes padded to rank 4 with -1)."""
+    keys = np.array(list(shapes))
+    dims = np.full((len(keys), 4), -1, np.int64)
+    for i, s in enumerate(shapes.values()):
+        dims[i, :len(s)] = s
+    return {"state_keys": keys, "state_shapes": dims}
+
+
+def ke(repo, commit):
+    """KE (ahmdtaha/knowledge_evolution): kels masks of every Split_ResNet18 layer (sr 0.5), the
+    dense and slim logits from seeded weights, one SGD step (label smoothing 0.1, coupled L2 1e-4,
+    momentum 0.9) of the dense net."""
+    import torch
+    sys.path.insert(0, repo)
+    from models.split_resnet import Split_ResNet18
+    from utils.net_utils import LabelSmoothing, extract_slim
+    torch.manual_seed(SEED)
+
+    def cfg(split_rate, slim_factor):
+        return types.SimpleNamespace(
+            slim_factor=slim_factor, split_rate=split_rate, split_mode="kels", bias_split_rate=split_rate,
+            num_cls=CLASSES, pretrained=None, logger=logging.getLogger("ke"), conv_type="SplitConv",
+            bn_type="SplitBatchNorm", linear_type="SplitLinear", init="kaiming_normal", mode="fan_in",
+            nonlinearity="relu", scale_fan=False)
+    dense = Split_ResNet18(cfg(0.5, 1.0))
+    shapes = _torch_state(dense, SEED, ("mask", "num_batches_tracked"))
+    masks = {k: np.packbits(v.detach().numpy().astype(bool).reshape(-1)) for k, v in dense.state_dict().items()
+             if k.endswith("mask")}
+    x, x_nhwc = golden_images(2, 64, SEED)
+    dense.eval()
+    with torch.no_grad():
+        dense_logits = dense(torch.from_numpy(x)).numpy()
+    slim = Split_ResNet18(cfg(1.0, 0.5))
+    extract_slim(slim, dense)
+    slim.eval()
+    with torch.no_grad():
+        slim_logits = slim(torch.from_numpy(x)).numpy()
+    # One training step as KE_model.ke_cls_train: SGD(lr, momentum 0.9, weight_decay 1e-4), LabelSmoothing(0.1).
+    labels = np.array([3, 7])
+    dense.train()
+    opt = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loss = LabelSmoothing(0.1)(dense(torch.from_numpy(x)), torch.from_numpy(labels))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = {k: v.detach().numpy() for k, v in dense.state_dict().items()
+             if not k.endswith(("mask", "num_batches_tracked", "running_var"))}
+    full = ("conv1.weight", "bn1.weight", "bn1.bias", "layer4.1.bn2.weight", "fc.weight", "fc.bias")
+    np.savez_compressed(
+        os.path.join(GOLDEN_DIR, "ke_resnet18.npz"), repo="ahmdtaha/knowledge_evolution", commit=commit,
+        seed=SEED, images=x_nhwc, labels=labels, dense_logits=dense_logits, slim_logits=slim_logits,
+        step_loss=np.float32(loss.item()), **_shape_record(shapes),
+        **{f"mask/{k}": v for k, v in masks.items()},
+        **{f"step/{k}": after[k] for k in full},
+        step_sum_keys=np.array(list(after)), step_sums=np.array([after[k].astype(np.float64).sum() for k in after]),
+        step_sq_sums=np.array([np.square(after[k].astype(np.float64)).sum() for k in after]))
+
+
+def reducenet(repo, commit):
+    """ReduceNet (ohmydroid/reducenet): reducenet20 teacher (scaler 1) and student (scaler 0)
+    logits from the same seeded weights, and main.py's KD loss (alpha 0.7, T 5)."""
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, repo)
+    from models.reducenet import reducenet20
+    torch.manual_seed(SEED)
+    net = reducenet20(CLASSES, 1)
+    shapes = _torch_state(net, SEED, ("num_batches_tracked", "scaler", "lora"))
+    x, x_nhwc = golden_images(2, 32, SEED)
+    net.eval()
+    with torch.no_grad():
+        teacher = net(torch.from_numpy(x)).numpy()
+        net.scaler.data = torch.tensor(0.0)
+        student = net(torch.from_numpy(x)).numpy()
+    labels = np.array([1, 4])
+    alpha, temperature = 0.7, 5.0
+    # main.py's loss_fn_kd: nn.KLDivLoss() (reduction 'mean': over batch x classes) * alpha * T^2 + (1-alpha) * CE
+    s, t = torch.from_numpy(student), torch.from_numpy(teacher)
+    kd = (torch.nn.KLDivLoss()(F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1))
+          * (alpha * temperature * temperature) + F.cross_entropy(s, torch.from_numpy(labels)) * (1.0 - alpha))
+    np.savez_compressed(
+        os.path.join(GOLDEN_DIR, "reducenet20.npz"), repo="ohmydroid/reducenet", commit=commit, seed=SEED,
+        images=x_nhwc, labels=labels, teacher_logits=teacher, student_logits=student, kd_loss=np.float32(kd.item()),
+        alpha=alpha, temperature=temperature, **_shape_record(shapes))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=("ke", "reducenet"))
+    parser.add_argument("repo", help="unpacked source tree of the reference repository")
+    parser.add_argument("--commit", required=True, help="the source tree's commit (recorded in the golden)")
+    args = parser.parse_args()
+    os.makedirs(GOLDEN_DIR, exist_ok=True)
+    {"ke": ke, "reducenet": reducenet}[args.which](os.path.abspath(args.repo), args.commit)
