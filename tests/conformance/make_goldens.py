@@ -23,6 +23,7 @@ from seeded import golden_images, seeded_state  # noqa: E402
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
 SEED = 0
 CLASSES = 10
+STEP_LR, STEP_WD = 0.1, 0.05
 
 
 def _torch_state(model, seed, keep_suffixes):
@@ -46,7 +47,7 @@ def _shape_record(shapes):
 
 def ke(repo, commit):
     """KE (ahmdtaha/knowledge_evolution): kels masks of every Split_ResNet18 layer (sr 0.5), the
-    dense and slim logits from seeded weights, one SGD step (label smoothing 0.1, coupled L2 1e-4,
+    dense and slim logits from seeded weights, two SGD steps (label smoothing 0.1, coupled L2,
     momentum 0.9) of the dense net."""
     import torch
     sys.path.insert(0, repo)
@@ -73,21 +74,26 @@ def ke(repo, commit):
     slim.eval()
     with torch.no_grad():
         slim_logits = slim(torch.from_numpy(x)).numpy()
-    # One training step as KE_model.ke_cls_train: SGD(lr, momentum 0.9, weight_decay 1e-4), LabelSmoothing(0.1).
+    # Training steps as KE_model.ke_cls_train: SGD(lr, momentum 0.9, weight_decay), LabelSmoothing(0.1).
+    # Two steps (the second uses the momentum buffer) and a large weight decay, so that coupled vs
+    # decoupled decay differs by far more than the tolerance (KE's 1e-4 would hide it at 1e-4).
     labels = np.array([3, 7])
     dense.train()
-    opt = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    loss = LabelSmoothing(0.1)(dense(torch.from_numpy(x)), torch.from_numpy(labels))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    opt = torch.optim.SGD(dense.parameters(), lr=STEP_LR, momentum=0.9, weight_decay=STEP_WD)
+    losses = []
+    for _ in range(2):
+        loss = LabelSmoothing(0.1)(dense(torch.from_numpy(x)), torch.from_numpy(labels))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
     after = {k: v.detach().numpy() for k, v in dense.state_dict().items()
              if not k.endswith(("mask", "num_batches_tracked", "running_var"))}
     full = ("conv1.weight", "bn1.weight", "bn1.bias", "layer4.1.bn2.weight", "fc.weight", "fc.bias")
     np.savez_compressed(
         os.path.join(GOLDEN_DIR, "ke_resnet18.npz"), repo="ahmdtaha/knowledge_evolution", commit=commit,
         seed=SEED, images=x_nhwc, labels=labels, dense_logits=dense_logits, slim_logits=slim_logits,
-        step_loss=np.float32(loss.item()), **_shape_record(shapes),
+        step_losses=np.array(losses, np.float32), step_lr=STEP_LR, step_weight_decay=STEP_WD, **_shape_record(shapes),
         **{f"mask/{k}": v for k, v in masks.items()},
         **{f"step/{k}": after[k] for k in full},
         step_sum_keys=np.array(list(after)), step_sums=np.array([after[k].astype(np.float64).sum() for k in after]),
