@@ -132,3 +132,58 @@ def test_reducenet_kd_loss_value(reducenet):
     loss = (alpha * tf.reduce_mean(kd_loss(student, teacher, t)) / classes
             + (1 - alpha) * tf.reduce_mean(cross_entropy(student, golden["labels"])))
     np.testing.assert_allclose(float(loss), golden["kd_loss"], rtol=FORWARD_RTOL)
+
+
+def _ekg_group(gate_name):
+    """ke_tf channel group of an EKG gate (named after the conv that opens it)."""
+    if gate_name == "conv":
+        return "stage1"
+    block, conv = gate_name.split("/")
+    i, j = (int(v) for v in block[len("BasicBlock"):].split("."))
+    return f"stage{i + 1}" if conv == "conv3" else f"s{i + 1}b{j}"
+
+
+@pytest.fixture(scope="module")
+def ekg():
+    from ke_tf.loops.ekg import gated_copy
+    from ke_tf.pruning import GreedySearch
+    golden = load_golden("ekg_resnet20.npz")
+    state, _ = golden_state(golden)
+    dense, _, meta = convert_checkpoint("ekg_tf2", state, "resnet20")
+    gated = gated_copy(tf.distribute.get_strategy(), dense, meta["model"])
+    search = GreedySearch(gated, [(golden["images"], golden["labels"])], target_rate=0.1, progress=False)
+    groups = [_ekg_group(str(n)) for n in golden["gate_names"]]
+    return golden, search, groups
+
+
+def test_ekg_filter_importance_for_a_net_batch_and_ensemble(ekg):
+    golden, search, groups = ekg
+    logits, _, _ = search.evaluate(search.keep, None)  # the dense net's holdout logits = EKG's K0
+    assert_close(logits, golden["ensemble"], FORWARD_RTOL)
+    ours = search.importance(golden["ensemble"])
+    sites = {g: n for g, n in zip(groups, golden["num_calls"])}
+    for i, group in enumerate(groups):
+        theirs = golden[f"importance/{i}"]
+        if sites[group] == 1:  # a block's inner gate: one site, the same Taylor importance
+            assert_close(ours[group], theirs, FORWARD_RTOL)
+        else:  # residual stage gates: |sum over sites| (ours) <= sum over sites of |.| (EKG)
+            assert np.all(ours[group] <= theirs * (1 + FORWARD_RTOL) + 1e-12), group
+            assert ours[group].argmax() == theirs.argmax() or not np.allclose(ours[group], theirs)
+
+
+def test_ekg_sub_network_after_three_search_steps(ekg):
+    golden, search, groups = ekg
+    search.keep = {g: np.arange(len(ix)) for g, ix in search.keep.items()}
+    ensemble, _, _ = search.evaluate(search.keep, None)
+    members = 1
+    chosen = []
+    for _ in range(int(golden["steps"])):
+        before = search.widths()
+        logits, _, _ = search.step(ensemble)
+        ensemble = (ensemble * members + logits) / (members + 1)
+        members += 1
+        chosen.append(next(g for g, w in search.widths().items() if w != before[g]))
+    assert chosen == [groups[i] for i in golden["chosen"]]
+    for i, group in enumerate(groups):
+        kept = np.flatnonzero(golden[f"mask/{i}"])
+        np.testing.assert_array_equal(np.sort(search.keep[group]), kept, err_msg=group)

@@ -5,6 +5,8 @@ tests/test_conformance.py. Runs in a side environment OUTSIDE this repository, n
     git --git-dir=<fetched ahmdtaha/knowledge_evolution> archive HEAD | tar -x -C /tmp/ke
     /work/sideenv/bin/python tests/conformance/make_goldens.py ke /tmp/ke --commit <sha>
     /work/sideenv/bin/python tests/conformance/make_goldens.py reducenet /tmp/reducenet --commit <sha>
+    python3 -m venv /work/sideenv_tf && /work/sideenv_tf/bin/pip install tensorflow tf-keras numpy
+    /work/sideenv_tf/bin/python tests/conformance/make_goldens.py ekg /tmp/ekg --commit <sha>
 
 Weights are not stored: both sides build them with `seeded.seeded_state` from the key names and
 shapes the golden records. Every golden records the source repository and commit.
@@ -128,11 +130,54 @@ def reducenet(repo, commit):
         alpha=alpha, temperature=temperature, **_shape_record(shapes))
 
 
+def ekg(repo, commit, steps=3):
+    """EKG (sseung0703/EKG, TF2 with tf-keras): per-filter importance (`EKG.get_score`) of a
+    seeded ResNet-20 on a 16-image holdout batch against the ensemble K0 (the dense net's own
+    holdout logits), and the gate widths/masks after `steps` greedy search steps."""
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    sys.path.insert(0, repo)
+    os.chdir(repo)
+    import tensorflow as tf
+    from nets import ResNet
+    import prune_utils
+    tf.random.set_seed(SEED)
+    args = types.SimpleNamespace(arch="ResNet-20", input_size=[32, 32, 3], num_classes=CLASSES, val_batch_size=16,
+                                 search_batch_size=16, cardinality={"val": 16}, compile=False, accum=1, gpu_id=[0],
+                                 search_step=0.2, search_target_rate=0.1, train_path="/tmp/ekg_golden_run")
+    model = ResNet.Model(args, num_layers=20, num_class=CLASSES, name="ResNet")
+    model(np.zeros([1, 32, 32, 3], np.float32), training=False)
+    names = {v.name[len("ResNet/"):]: v for v in model.variables}
+    shapes = {k: tuple(v.shape) for k, v in names.items()}
+    state = seeded_state(shapes, SEED)
+    for k, v in names.items():
+        v.assign(state[k])
+    _, x = golden_images(16, 32, SEED)
+    labels = np.arange(16) % CLASSES
+    val = tf.data.Dataset.from_tensor_slices((x, labels))
+    search = prune_utils.EKG(args, model, tf.distribute.get_strategy(), {"val": val})
+    ensemble = search.Knowledge.copy()
+    search.get_score()
+    importance = [s.numpy().reshape(-1) for s in search.score_var]
+    chosen, widths = [], []
+    for _ in range(steps):
+        search.update_Knowledge(search.search_step())
+        chosen.append(int(np.argmax(np.array(search.width_list) != np.array(widths[-1] if widths else 1.0))))
+        widths.append(list(search.width_list))
+    masks = [g.get_mask().numpy().reshape(-1) for g in search.Gates]
+    np.savez_compressed(
+        os.path.join(GOLDEN_DIR, "ekg_resnet20.npz"), repo="sseung0703/EKG", commit=commit, seed=SEED,
+        images=x, labels=labels, ensemble=ensemble, gate_names=np.array([g.name for g in search.Gates]),
+        num_calls=np.array([g.num_call for g in search.Gates]),
+        **{f"importance/{i}": v for i, v in enumerate(importance)},
+        steps=steps, chosen=np.array(chosen), widths=np.array(widths),
+        **{f"mask/{i}": m for i, m in enumerate(masks)}, **_shape_record(shapes))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("ke", "reducenet"))
+    parser.add_argument("which", choices=("ke", "reducenet", "ekg"))
     parser.add_argument("repo", help="unpacked source tree of the reference repository")
     parser.add_argument("--commit", required=True, help="the source tree's commit (recorded in the golden)")
     args = parser.parse_args()
     os.makedirs(GOLDEN_DIR, exist_ok=True)
-    {"ke": ke, "reducenet": reducenet}[args.which](os.path.abspath(args.repo), args.commit)
+    {"ke": ke, "reducenet": reducenet, "ekg": ekg}[args.which](os.path.abspath(args.repo), args.commit)
