@@ -23,6 +23,7 @@ from tests.conformance.seeded import seeded_state
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 FORWARD_RTOL, STEP_RTOL = 1e-5, 1e-4
+EKG_CANDIDATE_RTOL = 1e-4
 
 
 def load_golden(name):
@@ -145,13 +146,23 @@ def _ekg_group(gate_name):
 
 @pytest.fixture(scope="module")
 def ekg():
+    """EKG's golden and a ke_tf GreedySearch on the converted net, in float64: the Taylor
+    importance sums a*dL/da over a batch of BN-normalised activations, where float32 round-off
+    in our graph reaches 4e-4 of the largest value (EKG's float32 run agrees with float64 to 5e-6)."""
+    import keras
     from ke_tf.loops.ekg import gated_copy
     from ke_tf.pruning import GreedySearch
     golden = load_golden("ekg_resnet20.npz")
     state, _ = golden_state(golden)
-    dense, _, meta = convert_checkpoint("ekg_tf2", state, "resnet20")
-    gated = gated_copy(tf.distribute.get_strategy(), dense, meta["model"])
-    search = GreedySearch(gated, [(golden["images"], golden["labels"])], target_rate=0.1, progress=False)
+    floatx = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    try:
+        dense, _, meta = convert_checkpoint("ekg_tf2", state, "resnet20")
+        gated = gated_copy(tf.distribute.get_strategy(), dense, meta["model"])
+    finally:
+        keras.config.set_floatx(floatx)
+    search = GreedySearch(gated, [(golden["images"].astype(np.float64), golden["labels"])], target_rate=0.1,
+                          progress=False)
     groups = [_ekg_group(str(n)) for n in golden["gate_names"]]
     return golden, search, groups
 
@@ -160,30 +171,32 @@ def test_ekg_filter_importance_for_a_net_batch_and_ensemble(ekg):
     golden, search, groups = ekg
     logits, _, _ = search.evaluate(search.keep, None)  # the dense net's holdout logits = EKG's K0
     assert_close(logits, golden["ensemble"], FORWARD_RTOL)
-    ours = search.importance(golden["ensemble"])
-    sites = {g: n for g, n in zip(groups, golden["num_calls"])}
+    ours = search.importance(golden["ensemble"].astype(np.float64))
+    sites = dict(zip(groups, golden["num_calls"]))
     for i, group in enumerate(groups):
         theirs = golden[f"importance/{i}"]
         if sites[group] == 1:  # a block's inner gate: one site, the same Taylor importance
             assert_close(ours[group], theirs, FORWARD_RTOL)
-        else:  # residual stage gates: |sum over sites| (ours) <= sum over sites of |.| (EKG)
-            assert np.all(ours[group] <= theirs * (1 + FORWARD_RTOL) + 1e-12), group
-            assert ours[group].argmax() == theirs.argmax() or not np.allclose(ours[group], theirs)
+        else:  # residual stage gates: |sum over sites| (ours) <= sum over sites of |.| (EKG's)
+            assert np.all(ours[group] <= theirs + FORWARD_RTOL * theirs.max()), group
+            assert not np.allclose(ours[group], theirs, rtol=1e-3), group
 
 
-def test_ekg_sub_network_after_three_search_steps(ekg):
+def test_ekg_candidate_scores_and_choice_over_three_search_steps(ekg):
+    """Each candidate EKG evaluated (its channels as EKG chose them) scores the same with ke_tf
+    against the same running-mean ensemble, so ke_tf picks the same sub-network at every step."""
     golden, search, groups = ekg
-    search.keep = {g: np.arange(len(ix)) for g, ix in search.keep.items()}
+    widths = [search.macs.full_widths[g] for g in groups]
     ensemble, _, _ = search.evaluate(search.keep, None)
-    members = 1
-    chosen = []
-    for _ in range(int(golden["steps"])):
-        before = search.widths()
-        logits, _, _ = search.step(ensemble)
-        ensemble = (ensemble * members + logits) / (members + 1)
-        members += 1
-        chosen.append(next(g for g, w in search.widths().items() if w != before[g]))
-    assert chosen == [groups[i] for i in golden["chosen"]]
-    for i, group in enumerate(groups):
-        kept = np.flatnonzero(golden[f"mask/{i}"])
-        np.testing.assert_array_equal(np.sort(search.keep[group]), kept, err_msg=group)
+    for step, row in enumerate(golden["candidate_scores"]):
+        results = {}
+        for i in np.flatnonzero(~np.isnan(row)):
+            bits = np.unpackbits(golden[f"candidate_mask/{step}/{i}"], count=sum(widths)).astype(bool)
+            keep = {g: np.flatnonzero(m) for g, m in zip(groups, np.split(bits, np.cumsum(widths)[:-1]))}
+            results[i] = search.evaluate(keep, ensemble)
+            # EKG rescales a masked kernel to its full norm; the BN after it cancels that up to its
+            # epsilon, which moves a candidate's score by up to 4e-5 (relative).
+            np.testing.assert_allclose(results[i][2], row[i], rtol=EKG_CANDIDATE_RTOL, err_msg=f"step {step}, {groups[i]}")
+        best = min(results, key=lambda i: results[i][2])
+        assert best == golden["chosen"][step]
+        ensemble = (ensemble * (step + 1) + results[best][0]) / (step + 2)  # EKG's running mean of members

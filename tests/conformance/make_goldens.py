@@ -133,7 +133,8 @@ def reducenet(repo, commit):
 def ekg(repo, commit, steps=3):
     """EKG (sseung0703/EKG, TF2 with tf-keras): per-filter importance (`EKG.get_score`) of a
     seeded ResNet-20 on a 16-image holdout batch against the ensemble K0 (the dense net's own
-    holdout logits), and the gate widths/masks after `steps` greedy search steps."""
+    holdout logits), the score of every candidate EKG evaluates in each of `steps` greedy search
+    steps (NaN: not evaluated) with the channels it keeps, and the widths/masks after the steps."""
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     sys.path.insert(0, repo)
     os.chdir(repo)
@@ -158,7 +159,22 @@ def ekg(repo, commit, steps=3):
     ensemble = search.Knowledge.copy()
     search.get_score()
     importance = [s.numpy().reshape(-1) for s in search.score_var]
-    chosen, widths = [], []
+    chosen, widths, candidates = [], [], np.full((steps, search.num_gate), np.nan)
+    candidate_masks = {}
+    check_next_step, evaluate = search.check_next_step, search.Eval
+
+    def recording_eval():  # the channels each candidate keeps, in every gate
+        candidate_masks[len(chosen), recording_check.gate] = np.concatenate(
+            [g.get_mask().numpy().reshape(-1) for g in search.Gates])
+        return evaluate()
+
+    def recording_check(i):  # the score (CE + CE to the ensemble) of every candidate EKG evaluates
+        recording_check.gate = i
+        result = check_next_step(i)
+        candidates[len(chosen), i] = result[3]
+        return result
+    search.Eval = recording_eval
+    search.check_next_step = recording_check
     for _ in range(steps):
         search.update_Knowledge(search.search_step())
         chosen.append(int(np.argmax(np.array(search.width_list) != np.array(widths[-1] if widths else 1.0))))
@@ -169,7 +185,8 @@ def ekg(repo, commit, steps=3):
         images=x, labels=labels, ensemble=ensemble, gate_names=np.array([g.name for g in search.Gates]),
         num_calls=np.array([g.num_call for g in search.Gates]),
         **{f"importance/{i}": v for i, v in enumerate(importance)},
-        steps=steps, chosen=np.array(chosen), widths=np.array(widths),
+        steps=steps, chosen=np.array(chosen), widths=np.array(widths), candidate_scores=candidates,
+        **{f"candidate_mask/{step}/{i}": np.packbits(m.astype(bool)) for (step, i), m in candidate_masks.items()},
         **{f"mask/{i}": m for i, m in enumerate(masks)}, **_shape_record(shapes))
 
 
