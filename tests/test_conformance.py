@@ -154,13 +154,14 @@ def ekg():
     from ke_tf.pruning import GreedySearch
     golden = load_golden("ekg_resnet20.npz")
     state, _ = golden_state(golden)
-    floatx = keras.config.floatx()
-    keras.config.set_floatx("float64")
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
     try:
         dense, _, meta = convert_checkpoint("ekg_tf2", state, "resnet20")
         gated = gated_copy(tf.distribute.get_strategy(), dense, meta["model"])
     finally:
-        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
+    assert gated.get_layer("s1b0_conv1").kernel.dtype == "float64"
     search = GreedySearch(gated, [(golden["images"].astype(np.float64), golden["labels"])], target_rate=0.1,
                           progress=False)
     groups = [_ekg_group(str(n)) for n in golden["gate_names"]]
