@@ -201,3 +201,23 @@ def test_ekg_candidate_scores_and_choice_over_three_search_steps(ekg):
         best = min(results, key=lambda i: results[i][2])
         assert best == golden["chosen"][step]
         ensemble = (ensemble * (step + 1) + results[best][0]) / (step + 2)  # EKG's running mean of members
+
+
+def test_consistency_transnet_outputs_per_order_and_loss():
+    from ke_tf.models.transnet import transnet_loss, transnet_model
+    golden = load_golden("consistency_transnet.npz")
+    state, _ = golden_state(golden, {"nonLinearLayers_p_pre": golden["p_pre"]})
+    model = transnet_model(golden["x_a"].shape[1:])
+    layer = model.get_layer("transnet")
+    for i, conv in enumerate(layer.convs):
+        conv.kernel.assign(state[f"linearLayers_conv.{i}.weight"].transpose(2, 3, 1, 0))
+    layer.beta.assign(golden["p_pre"])
+    x_a = tf.constant(golden["x_a"])
+    assert_close(model(x_a), golden["output"], FORWARD_RTOL)
+    orders = layer.orders(x_a)
+    assert len(orders) == 3
+    for k, order in enumerate(orders):  # order k: k gated ReLUs (the reference's Yn[k])
+        assert_close(order, golden["orders"][k], FORWARD_RTOL)
+    assert_close(tf.add_n(orders), golden["orders_sum"], FORWARD_RTOL)
+    loss = tf.reduce_mean(transnet_loss(model(x_a), golden["x_b"], layer.p, golden["alphas"].tolist()))
+    np.testing.assert_allclose(float(loss), golden["loss"], rtol=FORWARD_RTOL)

@@ -7,6 +7,7 @@ tests/test_conformance.py. Runs in a side environment OUTSIDE this repository, n
     /work/sideenv/bin/python tests/conformance/make_goldens.py reducenet /tmp/reducenet --commit <sha>
     python3 -m venv /work/sideenv_tf && /work/sideenv_tf/bin/pip install tensorflow tf-keras numpy
     /work/sideenv_tf/bin/python tests/conformance/make_goldens.py ekg /tmp/ekg --commit <sha>
+    /work/sideenv/bin/python tests/conformance/make_goldens.py consistency /tmp/kc --commit <sha>
 
 Weights are not stored: both sides build them with `seeded.seeded_state` from the key names and
 shapes the golden records. Every golden records the source repository and commit.
@@ -190,11 +191,43 @@ def ekg(repo, commit, steps=3):
         **{f"mask/{i}": m for i, m in enumerate(masks)}, **_shape_record(shapes))
 
 
+def consistency(repo, commit):
+    """Knowledge consistency (nexuslrf/knowledge_consistency): the Trans-Net `LinearTester`
+    (3 layers, instance std scaling, learnable p) on seeded 4-channel 8x8 features: g(x_A), its
+    per-order components (`val_batch`) and the training loss MSE + sum alpha_k p_k^2."""
+    import torch
+    sys.path.insert(0, repo)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the constructor calls .cuda(); CPU here
+    from Model_zoo.linearTest_sigmoidP_instance import LinearTester
+    torch.manual_seed(SEED)
+    size = (4, 8, 8)
+    net = LinearTester(size, size, layers=3, fix_p=False, bn=False, instance_bn=True)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    state = seeded_state(shapes, SEED, {"nonLinearLayers_p_pre": np.array([0.3, -0.7], np.float32)})
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    rng = np.random.default_rng(SEED + 1)
+    x_a = rng.standard_normal((2, *size)).astype(np.float32) + 0.5
+    x_b = rng.standard_normal((2, *size)).astype(np.float32)
+    alphas = np.array([0.1, 0.1], np.float32)
+    net.eval()
+    output = net(torch.from_numpy(x_a))
+    # Training_TransNet.py: nn.MSELoss()(g(x_A), x_B) + sum(p^2 * alphas)
+    loss = torch.nn.MSELoss()(output, torch.from_numpy(x_b)) + torch.sum(net.get_p() ** 2 * torch.from_numpy(alphas))
+    total, orders = net.val_batch(torch.from_numpy(x_a))
+    nhwc = (0, 2, 3, 1)
+    np.savez_compressed(
+        os.path.join(GOLDEN_DIR, "consistency_transnet.npz"), repo="nexuslrf/knowledge_consistency", commit=commit,
+        seed=SEED, x_a=x_a.transpose(nhwc), x_b=x_b.transpose(nhwc), alphas=alphas,
+        output=output.detach().numpy().transpose(nhwc), orders=orders.numpy().transpose(0, 1, 3, 4, 2),
+        orders_sum=total.numpy().transpose(nhwc), loss=np.float32(loss.item()), p_pre=state["nonLinearLayers_p_pre"],
+        **_shape_record(shapes))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("ke", "reducenet", "ekg"))
+    parser.add_argument("which", choices=("ke", "reducenet", "ekg", "consistency"))
     parser.add_argument("repo", help="unpacked source tree of the reference repository")
     parser.add_argument("--commit", required=True, help="the source tree's commit (recorded in the golden)")
     args = parser.parse_args()
     os.makedirs(GOLDEN_DIR, exist_ok=True)
-    {"ke": ke, "reducenet": reducenet, "ekg": ekg}[args.which](os.path.abspath(args.repo), args.commit)
+    {"ke": ke, "reducenet": reducenet, "ekg": ekg, "consistency": consistency}[args.which](os.path.abspath(args.repo), args.commit)
