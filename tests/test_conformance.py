@@ -221,3 +221,29 @@ def test_consistency_transnet_outputs_per_order_and_loss():
     assert_close(tf.add_n(orders), golden["orders_sum"], FORWARD_RTOL)
     loss = tf.reduce_mean(transnet_loss(model(x_a), golden["x_b"], layer.p, golden["alphas"].tolist()))
     np.testing.assert_allclose(float(loss), golden["loss"], rtol=FORWARD_RTOL)
+
+
+def test_lwm_gradcam_maps_and_attention_distillation_loss():
+    """Paper formula (ReLU(sum_k alpha_k A^k) at the last block, class b = the teacher's top class);
+    the seed repository's `grad_cam_loss` differs (README), its value is recorded for reference."""
+    from ke_tf.gradcam import feature_model, grad_cam
+    from ke_tf.losses import attention_distillation
+    from tests.conformance.seeded import golden_images
+    golden = load_golden("lwm_gradcam.npz")
+    _, images = golden_images(2, int(golden["image_size"]), int(golden["image_seed"]))
+    shapes = {str(k): tuple(d for d in dims if d >= 0)
+              for k, dims in zip(golden["teacher_state_keys"], golden["teacher_state_shapes"])}
+    keep = {k: np.ones(s, np.float32) for k, s in shapes.items() if k.endswith("mask")}
+    keep.update({k: np.array(0) for k in shapes if k.endswith("num_batches_tracked")})
+    nets = [convert_checkpoint("ke_pytorch", seeded_state(shapes, int(seed), keep), "resnet18",
+                               image_size=int(golden["image_size"]))[0] for seed in golden["seeds"]]
+    t_maps, t_logits, classes = grad_cam(feature_model(nets[0]), images)
+    s_maps, s_logits, _ = grad_cam(feature_model(nets[1]), images, classes)
+    assert_close(t_logits, golden["teacher_logits"], FORWARD_RTOL)
+    assert_close(s_logits, golden["student_logits"], FORWARD_RTOL)
+    np.testing.assert_array_equal(classes, golden["classes"])
+    assert_close(t_maps, golden["teacher_map"], FORWARD_RTOL)
+    assert_close(s_maps, golden["student_map"], FORWARD_RTOL)
+    loss = tf.reduce_mean(attention_distillation(s_maps, t_maps))
+    np.testing.assert_allclose(float(loss), golden["paper_loss"], rtol=FORWARD_RTOL)
+    assert abs(float(loss) - float(golden["repo_loss"])) > 0.1  # the repository's map is not the paper's

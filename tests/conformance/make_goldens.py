@@ -8,6 +8,7 @@ tests/test_conformance.py. Runs in a side environment OUTSIDE this repository, n
     python3 -m venv /work/sideenv_tf && /work/sideenv_tf/bin/pip install tensorflow tf-keras numpy
     /work/sideenv_tf/bin/python tests/conformance/make_goldens.py ekg /tmp/ekg --commit <sha>
     /work/sideenv/bin/python tests/conformance/make_goldens.py consistency /tmp/kc --commit <sha>
+    /work/sideenv/bin/python tests/conformance/make_goldens.py lwm /tmp/lwm --commit <sha> --ke_repo /tmp/ke --ke_commit <sha>
 
 Weights are not stored: both sides build them with `seeded.seeded_state` from the key names and
 shapes the golden records. Every golden records the source repository and commit.
@@ -223,11 +224,86 @@ def consistency(repo, commit):
         **_shape_record(shapes))
 
 
+def _ke_resnet18(ke_repo, slim_factor, seed):
+    """KE's (torchvision-layout) ResNet-18 at `slim_factor` width with seeded weights."""
+    import torch
+    if ke_repo not in sys.path:
+        sys.path.insert(0, ke_repo)
+    from models.split_resnet import Split_ResNet18
+    cfg = types.SimpleNamespace(
+        slim_factor=slim_factor, split_rate=1.0, split_mode="kels", bias_split_rate=1.0, num_cls=CLASSES,
+        pretrained=None, logger=logging.getLogger("ke"), conv_type="SplitConv", bn_type="SplitBatchNorm",
+        linear_type="SplitLinear", init="kaiming_normal", mode="fan_in", nonlinearity="relu", scale_fan=False)
+    torch.manual_seed(seed)
+    net = Split_ResNet18(cfg)
+    shapes = _torch_state(net, seed, ("mask", "num_batches_tracked"))
+    return net.eval(), shapes
+
+
+def lwm(repo, commit, ke_repo, ke_commit):
+    """LwM: Grad-CAM maps of a teacher and a student (KE's ResNet-18 code at width 1/4, seeds 0
+    and 1, eval mode) at the last block (the paper's "final conv layer"), for the teacher's top
+    class (the paper's b), by the paper's formula ReLU(sum_k alpha_k A^k) and its L_AD; plus
+    satya15july's `grad_cam_loss` on the same tensors, which differs from the paper (its map sums
+    alpha_k * dy/dA^k, its class is the student's top old class)."""
+    import importlib.util
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, repo)
+    spec = importlib.util.spec_from_file_location("lwm_reference_utils", os.path.join(repo, "utils.py"))
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    x, x_nhwc = golden_images(2, 128, SEED)
+    nets, records = {}, {}
+    for role, seed in (("teacher", 0), ("student", 1)):
+        net, shapes = _ke_resnet18(ke_repo, 0.25, seed)
+        features = {}
+        net.layer4.register_forward_hook(lambda module, inputs, output, f=features: f.update(A=output))
+        net.layer3.register_forward_hook(lambda module, inputs, output, f=features: f.update(A3=output))
+        logits = net(torch.from_numpy(x))
+        nets[role], records[role] = net, (features["A"], logits, shapes)
+        records[role + "_layer3_hook"] = features  # the hooks refresh it on every forward pass
+    t_feat, t_logits, t_shapes = records["teacher"]
+    s_feat, s_logits, s_shapes = records["student"]
+    top = t_logits.argmax(dim=-1)
+
+    def paper_map(feat, logits):
+        grads = torch.autograd.grad(logits.gather(1, top.view(-1, 1)).sum(), feat, retain_graph=True)[0]
+        return F.relu((grads.mean(dim=(2, 3), keepdim=True) * feat).sum(dim=1))
+    maps = {"teacher": paper_map(t_feat, t_logits), "student": paper_map(s_feat, s_logits)}
+    q = {k: F.normalize(m.reshape(2, -1), p=2, dim=-1) for k, m in maps.items()}
+    paper_loss = (q["teacher"] - q["student"]).norm(p=1, dim=1).mean()
+    repo_loss = reference.grad_cam_loss(t_feat, t_logits, s_feat, s_logits)
+    # At the last block (avg-pool -> fc after it) dy/dA is constant over space, so the repo's map
+    # is flat and its L_AD is 0 there; the repo itself taps layer3:
+    # (a fresh forward pass: grad_cam_loss frees the graph it differentiates)
+    fresh = {}
+    for role in ("teacher", "student"):
+        logits = nets[role](torch.from_numpy(x))
+        fresh[role] = (records[role + "_layer3_hook"]["A3"], logits)
+    repo_loss_layer3 = reference.grad_cam_loss(*fresh["teacher"], *fresh["student"])
+    np.savez_compressed(
+        os.path.join(GOLDEN_DIR, "lwm_gradcam.npz"), repo="satya15july/incremental_system_using_knowledge_distillation",
+        commit=commit, net_repo="ahmdtaha/knowledge_evolution", net_commit=ke_commit, seeds=np.array([0, 1]),
+        image_seed=SEED, image_size=128, slim_factor=0.25,
+        teacher_logits=t_logits.detach().numpy(), student_logits=s_logits.detach().numpy(), classes=top.numpy(),
+        teacher_map=maps["teacher"].detach().numpy(), student_map=maps["student"].detach().numpy(),
+        paper_loss=np.float32(paper_loss.item()), repo_loss=np.float32(repo_loss.item()),
+        repo_loss_layer3=np.float32(repo_loss_layer3.item()),
+        **{f"teacher_{k}": v for k, v in _shape_record(t_shapes).items()})
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("ke", "reducenet", "ekg", "consistency"))
+    parser.add_argument("which", choices=("ke", "reducenet", "ekg", "consistency", "lwm"))
     parser.add_argument("repo", help="unpacked source tree of the reference repository")
     parser.add_argument("--commit", required=True, help="the source tree's commit (recorded in the golden)")
+    parser.add_argument("--ke_repo", help="lwm: KE's source tree (its ResNet-18 is the network)")
+    parser.add_argument("--ke_commit", help="lwm: the KE tree's commit")
     args = parser.parse_args()
     os.makedirs(GOLDEN_DIR, exist_ok=True)
-    {"ke": ke, "reducenet": reducenet, "ekg": ekg, "consistency": consistency}[args.which](os.path.abspath(args.repo), args.commit)
+    repo = os.path.abspath(args.repo)
+    if args.which == "lwm":
+        lwm(repo, args.commit, os.path.abspath(args.ke_repo), args.ke_commit)
+    else:
+        {"ke": ke, "reducenet": reducenet, "ekg": ekg, "consistency": consistency}[args.which](repo, args.commit)
