@@ -151,7 +151,6 @@ def test_reducenet_teacher_and_student_follow_the_scaler():
 
 
 def test_ekg_pickle_loads_restricted_and_infers_pruned_widths(tmp_path):
-    import ke_tf.models  # noqa: F401  (registers resnet20)
     shapes = {"conv/kernel:0": (3, 3, 3, 16)}
     for leaf in ("moving_mean", "moving_variance", "gamma", "beta"):
         shapes[f"bn/{leaf}:0"] = (1, 1, 1, 16)

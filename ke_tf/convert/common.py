@@ -110,8 +110,7 @@ def convert(source, source_arrays, spec, layer_of, leaf_of=torch_leaf, layers_me
     from ke_tf.models import build_from_spec
     from ke_tf.params import apply_params
     meta = {"model": spec, "layers": layers_meta or {"kind": "plain"},
-            "converted_from": {"source": os.fspath(source) if isinstance(source, (str, os.PathLike)) else source,
-                               **(extra_meta or {})}}
+            "converted_from": {"source": str(source), **(extra_meta or {})}}
     model = build_from_spec(spec, layer_factory(meta))
     arrays = map_arrays(model, source_arrays, layer_of, leaf_of, source)
     apply_params(model, arrays, source=source)

@@ -38,7 +38,7 @@ def layer_mapper(variant, lora):
 
     def layer_of(key):
         leaf = key.rsplit(".", 1)[-1]
-        if leaf == "num_batches_tracked" or leaf in ("scaler", "lora") and key.count(".") <= 2:
+        if leaf == "num_batches_tracked" or (leaf in ("scaler", "lora") and key.count(".") <= 2):
             return None  # BN step counters; the network's (and each block's) scaler/lora switches
         m = _BLOCK.match(key)
         if m:
