@@ -109,6 +109,7 @@ def test_ke_checkpoint_maps_every_key_and_test_py_evaluates_it(tmp_path):
     np.testing.assert_array_equal(_var(model, "classifier/kernel"), state["fc.weight"].T)
     assert meta["model"]["options"] == {"padding": "torch"}
     assert meta["model"]["widths"]["stage4"] == 64 and meta["layers"]["kind"] == "split"
+    assert meta["layers"]["split_rate"] == masks["fc.mask"].mean() == 0.5  # read from the classifier mask
     assert len(arrays) == len(model.weights)
     result, loaded, _ = evaluate_params_file(str(out), with_model=True)
     assert result["examples"] == 360 and result["arch"] == "resnet18"

@@ -22,7 +22,8 @@ def main(argv):
     parser.add_argument("--out", required=True, help="params file to write")
     parser.add_argument("--image_size", type=int, help="input size recorded in the model spec")
     parser.add_argument("--dataset", help="dataset name recorded for test.py (else pass --dataset there)")
-    parser.add_argument("--split_rate", type=float, default=0.5, help="ke_pytorch: KE split rate (default 0.5)")
+    parser.add_argument("--split_rate", type=float,
+                        help="ke_pytorch: KE split rate recorded for further training (default: from the fc mask)")
     parser.add_argument("--variant", choices=("teacher", "student"),
                         help="reducenet_pytorch: default from the checkpoint's scaler")
     args = parser.parse_args(argv)

@@ -1,7 +1,8 @@
 """Knowledge Evolution's PyTorch ResNets (ahmdtaha/knowledge_evolution `Split_ResNet18/34/50`,
 torchvision module names, each SplitConv/SplitLinear with its `mask`) -> ke_tf ImageNet ResNets.
 
-A checkpoint with masks becomes a split (KE dense) network carrying the same masks; one without
+A checkpoint with masks becomes a split (KE dense) network carrying the same masks (its split rate,
+unless given, read from the classifier mask: a slim net's all-ones masks give 1.0); one without
 (torchvision, or a slim net saved without masks) a plain one. Strided convs and the max-pool
 use PyTorch's symmetric padding (`padding="torch"`); channel widths are read from the weights,
 so slim nets convert too.
@@ -49,7 +50,13 @@ def infer_widths(depth, arrays, source):
     return widths
 
 
-def convert_ke_pytorch(arrays, arch, source="<state_dict>", image_size=224, split_rate=0.5, split_mode="kels",
+def fit_fraction(arrays):
+    """KE's split rate as its classifier mask holds it: the fraction of fit weights (kels keeps
+    ceil(sr*in) of the fc inputs for every class; wels draws each weight with probability sr)."""
+    return float(arrays["fc.mask"].mean()) if "fc.mask" in arrays else None
+
+
+def convert_ke_pytorch(arrays, arch, source="<state_dict>", image_size=224, split_rate=None, split_mode="kels",
                        extra_meta=None):
     """Convert a KE/torchvision ResNet state_dict (`{key: ndarray}`) to ke_tf `arch`
     (resnet18/34/50); returns (model, arrays, metadata)."""
@@ -61,7 +68,8 @@ def convert_ke_pytorch(arrays, arch, source="<state_dict>", image_size=224, spli
     widths = changed_widths(default_widths(arch), infer_widths(depth, arrays, source))
     spec = model_spec(arch, num_classes, (image_size, image_size, 3), widths, padding="torch")
     split = any(k.endswith(".mask") for k in arrays)
-    layers = ({"kind": "split", "split_rate": float(split_rate), "split_mode": split_mode, "seed": 0}
+    rate = split_rate or fit_fraction(arrays) or 1.0
+    layers = ({"kind": "split", "split_rate": float(rate), "split_mode": split_mode, "seed": 0}
               if split else {"kind": "plain"})
     return convert(source, arrays, spec, layer_of, layers_meta=layers, 
                    extra_meta={"format": "ke_pytorch", **(extra_meta or {})})
