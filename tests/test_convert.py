@@ -215,3 +215,13 @@ def test_torch_checkpoints_load_weights_only(tmp_path):
     with pytest.raises(ParamsError, match="weights-only"):
         convert_checkpoint("ke_pytorch", path, "resnet18")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_pytorch_files_without_torch_name_the_extra(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    path = tmp_path / "epoch_199.state"
+    path.write_bytes(b"never read")
+    with pytest.raises(ParamsError, match=r"epoch_199.state: reading PyTorch checkpoints needs torch: "
+                                          r"pip install 'ke_tf\[convert\]'"):
+        convert_checkpoint("ke_pytorch", path, "resnet18")
