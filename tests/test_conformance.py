@@ -123,6 +123,10 @@ def test_reducenet_teacher_and_student_logits_from_converted_weights(reducenet):
     student, _, _ = convert_checkpoint("reducenet_pytorch", state, "reduce20", variant="student")
     assert_close(teacher(golden["images"], training=False), golden["teacher_logits"], FORWARD_RTOL)
     assert_close(student(golden["images"], training=False), golden["student_logits"], FORWARD_RTOL)
+    with_lora = {**state, **{k: np.array(1.0, np.float32) for k in state if k.endswith("lora")}}
+    lora, _, meta = convert_checkpoint("reducenet_pytorch", with_lora, "reduce20", variant="student")
+    assert meta["model"]["options"]["lora"] is True
+    assert_close(lora(golden["images"], training=False), golden["student_lora_logits"], FORWARD_RTOL)
 
 
 def test_reducenet_kd_loss_value(reducenet):

@@ -105,8 +105,9 @@ def ke(repo, commit):
 
 
 def reducenet(repo, commit):
-    """ReduceNet (ohmydroid/reducenet): reducenet20 teacher (scaler 1) and student (scaler 0)
-    logits from the same seeded weights, and main.py's KD loss (alpha 0.7, T 5)."""
+    """ReduceNet (ohmydroid/reducenet): reducenet20 teacher (scaler 1), student (scaler 0) and
+    student with the lora branch on (lora 1) logits from the same seeded weights, and main.py's
+    KD loss (alpha 0.7, T 5)."""
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, repo)
@@ -120,6 +121,9 @@ def reducenet(repo, commit):
         teacher = net(torch.from_numpy(x)).numpy()
         net.scaler.data = torch.tensor(0.0)
         student = net(torch.from_numpy(x)).numpy()
+        net.lora.data = torch.tensor(1.0)  # the linear branch (never enabled in the original's runs)
+        student_lora = net(torch.from_numpy(x)).numpy()
+        net.lora.data = torch.tensor(0.0)
     labels = np.array([1, 4])
     alpha, temperature = 0.7, 5.0
     # main.py's loss_fn_kd: nn.KLDivLoss() (reduction 'mean': over batch x classes) * alpha * T^2 + (1-alpha) * CE
@@ -128,7 +132,8 @@ def reducenet(repo, commit):
           * (alpha * temperature * temperature) + F.cross_entropy(s, torch.from_numpy(labels)) * (1.0 - alpha))
     np.savez_compressed(
         os.path.join(GOLDEN_DIR, "reducenet20.npz"), repo="ohmydroid/reducenet", commit=commit, seed=SEED,
-        images=x_nhwc, labels=labels, teacher_logits=teacher, student_logits=student, kd_loss=np.float32(kd.item()),
+        images=x_nhwc, labels=labels, teacher_logits=teacher, student_logits=student, student_lora_logits=student_lora,
+        kd_loss=np.float32(kd.item()),
         alpha=alpha, temperature=temperature, **_shape_record(shapes))
 
 
