@@ -31,5 +31,7 @@ setup(
         "test": ["pytest", "setuptools", "wheel"],  # setuptools, wheel: the test that builds a wheel
         "demo": ["scikit-learn"],
         "plot": ["matplotlib"],
+        # ke_tf.convert reading PyTorch checkpoints (KE, ReduceNet); never needed by the core or tests.
+        "convert": ["torch"],
     },
 )

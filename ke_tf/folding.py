@@ -16,8 +16,8 @@ class FoldedLayerFactory(LayerFactory):
     """Convs with a bias and no BN: the layers of a BN-folded network."""
 
     def conv(self, filters, kernel_size, strides=1, name=None, role="body", group=None, use_bias=False,
-             groups=1):
-        return super().conv(filters, kernel_size, strides, name, role, group, True, groups)
+             groups=1, padding="same"):
+        return super().conv(filters, kernel_size, strides, name, role, group, True, groups, padding)
 
     def bn(self, name=None, zero_gamma=False):
         return tag_group(keras.layers.Identity(name=name), None)

@@ -16,6 +16,7 @@ import tempfile
 
 DEFAULT_LEVEL = "3"
 COMMANDS = ("ke-tf-train", "ke-tf-test", "ke-tf-export", "train_cifar.py", "train_flower.py", "test.py", "export.py")
+MODULE_COMMANDS = ("ke_tf.convert", "ke_tf.export")
 _SEVERITY = "IWEF"  # absl's INFO, WARNING, ERROR, FATAL = TF_CPP_MIN_LOG_LEVEL 0..3
 _ABSL_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+ +\d+ [^\]\s]+:\d+\] ")
 _ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
@@ -35,7 +36,11 @@ def filter_startup_lines(text, min_level):
 
 
 def _is_command(argv):
-    return bool(argv) and os.path.basename(argv[0]) in COMMANDS
+    if bool(argv) and os.path.basename(argv[0]) in COMMANDS:
+        return True
+    # `python -m ke_tf.convert`: while the package imports, argv[0] is only "-m".
+    orig = getattr(sys, "orig_argv", [])
+    return "-m" in orig[:-1] and orig[orig.index("-m") + 1] in MODULE_COMMANDS
 
 
 def _min_level(argv):

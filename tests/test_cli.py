@@ -58,6 +58,15 @@ def test_commands_keep_tensorflow_startup_quiet_unless_verbose(tmp_path):
     assert not ABSL_LINE.search(quiet) and "absl::InitializeLog" not in quiet, quiet
 
 
+def test_python_m_ke_tf_convert_is_a_quiet_command(monkeypatch):
+    from ke_tf import tf_startup
+    # While `python -m` imports the package, sys.argv[0] is just "-m": the module comes from orig_argv.
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "ke_tf.convert", "--from", "x"], raising=False)
+    assert tf_startup._is_command(["-m", "--from", "x"])
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "pytest"], raising=False)
+    assert not tf_startup._is_command(["-m"])
+
+
 class _Clock:
     def __init__(self):
         self.now = 0.0

@@ -35,9 +35,9 @@ class LayerFactory:
     the channel group a conv writes (see the model builders)."""
 
     def conv(self, filters, kernel_size, strides=1, name=None, role="body", group=None, use_bias=False,
-             groups=1):
+             groups=1, padding="same"):
         return tag_group(keras.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding="same", use_bias=use_bias, groups=groups,
+            filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias, groups=groups,
             kernel_initializer=conv_initializer(), name=name), group)
 
     def dense(self, units, name=None, role="classifier"):
@@ -53,3 +53,18 @@ class LayerFactory:
 
 
 PLAIN = LayerFactory()
+
+PADDINGS = ("same", "torch")
+
+
+def padded_conv(layers, x, filters, kernel_size, strides, name, padding="same", **kwargs):
+    """`layers.conv(...)(x)` with Keras "same" padding, or with PyTorch's symmetric padding
+    (`padding="torch"`: explicit ZeroPadding2D + valid conv) for strided convs. Keras pads a
+    stride-2 "same" conv on the bottom/right only, so a converted PyTorch network needs "torch"
+    to give PyTorch's outputs; stride-1 odd kernels pad identically either way."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if padding == "torch" and strides > 1 and kernel_size > 1:
+        x = keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
+        return layers.conv(filters, kernel_size, strides, name=name, padding="valid", **kwargs)(x)
+    return layers.conv(filters, kernel_size, strides, name=name, **kwargs)(x)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ke_tf.layers.activations import AnnealedReLU
 from ke_tf.layers.batchnorm import batch_norm
-from ke_tf.layers.factory import conv_initializer
+from ke_tf.layers.factory import PADDINGS, conv_initializer
 
 
 def _np(value):
@@ -42,8 +42,8 @@ def same_centre_offset(size, strides, kernel_size=3):
     return kernel_size // 2 - pad_before
 
 
-def _conv(filters, kernel_size, strides, name):
-    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+def _conv(filters, kernel_size, strides, name, padding="same"):
+    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=False,
                                kernel_initializer=conv_initializer(), name=name)
 
 
@@ -59,25 +59,32 @@ class ReduceConv(keras.layers.Layer):
       at the start of stage 2 (our choice; the original never enabled the branch);
     - `bn` is the shared BN that normalises the sum (the first layer of ReduceNet's `fuse`).
     Without the bottleneck (and with the annealed activation at l = 1) `fuse()` gives one
-    equivalent 3x3 kernel and bias.
+    equivalent 3x3 kernel and bias. `padding="torch"` pads strided 3x3 convs by one pixel on
+    every side as PyTorch does (converted checkpoints); "same" is Keras' bottom/right padding.
     """
 
     def __init__(self, filters, strides=1, expansion=1.0, bottleneck=False, lora=False, lora_act="linear",
-                 **kwargs):
+                 padding="same", **kwargs):
         super().__init__(**kwargs)
         if lora_act not in ("linear", "annealed"):
             raise ValueError(f"lora_act must be 'linear' or 'annealed', got {lora_act!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.padding = padding
+        # PyTorch's symmetric padding only differs from "same" for strided convs.
+        self._pad = padding == "torch" and int(strides) > 1
+        conv_padding = "valid" if self._pad else "same"
         self.filters = int(filters)
         self.strides = int(strides)
         self.expansion = float(expansion)
         self.bottleneck = bool(bottleneck)
         self.lora = bool(lora)
         self.lora_act = lora_act
-        self.conv = _conv(self.filters, 3, self.strides, "conv")
+        self.conv = _conv(self.filters, 3, self.strides, "conv", conv_padding)
         self.bn = batch_norm("bn")
         if self.bottleneck:
             self.mid = max(1, int(round(self.filters * self.expansion)))
-            self.b1_conv1 = _conv(self.mid, 3, self.strides, "b1_conv1")
+            self.b1_conv1 = _conv(self.mid, 3, self.strides, "b1_conv1", conv_padding)
             self.b1_bn1 = batch_norm("b1_bn1")
             self.b1_conv2 = _conv(self.filters, 1, 1, "b1_conv2")
             self.b1_bn2 = batch_norm("b1_bn2")
@@ -87,13 +94,19 @@ class ReduceConv(keras.layers.Layer):
             self.lora_bn = batch_norm("lora_bn", zero_gamma=True)
             self.lora_activation = AnnealedReLU(name="lora_act") if lora_act == "annealed" else None
 
+    def _padded_shape(self, input_shape):
+        if not self._pad:
+            return tuple(input_shape)
+        return (input_shape[0], *(None if d is None else int(d) + 2 for d in input_shape[1:3]), input_shape[3])
+
     def build(self, input_shape):
-        out = self.conv.compute_output_shape(input_shape)
-        self.conv.build(input_shape)
+        padded = self._padded_shape(input_shape)
+        out = self.conv.compute_output_shape(padded)
+        self.conv.build(padded)
         self.bn.build(out)
         if self.bottleneck:
-            self.b1_conv1.build(input_shape)
-            mid = self.b1_conv1.compute_output_shape(input_shape)
+            self.b1_conv1.build(padded)
+            mid = self.b1_conv1.compute_output_shape(padded)
             self.b1_bn1.build(mid)
             self.b1_conv2.build(mid)
             self.b1_bn2.build(out)
@@ -106,9 +119,10 @@ class ReduceConv(keras.layers.Layer):
                 self.lora_activation.build(out)
 
     def call(self, x, training=None):
-        u = self.conv(x)
+        xp = keras.ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]) if self._pad else x
+        u = self.conv(xp)
         if self.bottleneck:
-            h = keras.ops.relu(self.b1_bn1(self.b1_conv1(x), training=training))
+            h = keras.ops.relu(self.b1_bn1(self.b1_conv1(xp), training=training))
             u = u + self.b1_bn2(self.b1_conv2(h), training=training)
         if self.lora:
             v = self.lora_bn(self.lora_conv(self._centres(x)), training=training)
@@ -120,11 +134,13 @@ class ReduceConv(keras.layers.Layer):
         if self.strides == 1:
             return x
         s = self.strides
+        if self.padding == "torch":  # a 3x3 window padded by 1 is centred on input 0
+            return x[:, ::s, ::s, :]
         oh, ow = (same_centre_offset(int(d), s) for d in x.shape[1:3])
         return x[:, oh::s, ow::s, :]
 
     def compute_output_shape(self, input_shape):
-        return self.conv.compute_output_shape(input_shape)
+        return self.conv.compute_output_shape(self._padded_shape(input_shape))
 
     def count_macs(self, input_shape, output_shape):
         """Conv MACs of the branches this unit executes (the counting convention of ke_tf.flops)."""
@@ -157,4 +173,4 @@ class ReduceConv(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides,
                 "expansion": self.expansion, "bottleneck": self.bottleneck, "lora": self.lora,
-                "lora_act": self.lora_act}
+                "lora_act": self.lora_act, "padding": self.padding}

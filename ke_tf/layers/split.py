@@ -185,10 +185,10 @@ class SplitLayerFactory(LayerFactory):
         return _derive_seed(self.seed, name or f"layer{self._count}")
 
     def conv(self, filters, kernel_size, strides=1, name=None, role="body", group=None, use_bias=False,
-             groups=1):
+             groups=1, padding="same"):
         return tag_group(SplitConv2D(
             filters, kernel_size, split_rate=self.split_rate, split_mode=self.split_mode, role=role,
-            seed=self._layer_seed(name), strides=strides, padding="same", use_bias=use_bias,
+            seed=self._layer_seed(name), strides=strides, padding=padding, use_bias=use_bias,
             groups=groups, kernel_initializer=ke_initializer(), name=name), group)
 
     def dense(self, units, name=None, role="classifier"):

@@ -14,7 +14,7 @@ Channel groups are those of the CIFAR ResNets ("stage{s}", "s{s}b{j}").
 import keras
 import numpy as np
 
-from ke_tf.layers.factory import PLAIN
+from ke_tf.layers.factory import PLAIN, padded_conv
 from ke_tf.layers.reparam import ReduceConv, fold_bn
 from ke_tf.models import build_from_spec, model_spec, register_arch
 from ke_tf.models.resnet_cifar import DEPTHS, cifar_default_widths
@@ -32,8 +32,9 @@ def _shortcut(x, out_channels, strides, name, layers, deploy):
 
 
 def reducenet(depth, num_classes, input_shape=(32, 32, 3), widths=None, layers=PLAIN, variant="teacher",
-              expansion=1.0, width_mult=1.0, lora=False, lora_act="linear", name=None):
-    """Build ReduceNet-`depth` (`variant` teacher | student | deploy) as a functional model."""
+              expansion=1.0, width_mult=1.0, lora=False, lora_act="linear", padding="same", name=None):
+    """Build ReduceNet-`depth` (`variant` teacher | student | deploy) as a functional model;
+    `padding="torch"` pads strided convs as PyTorch (checkpoints converted by `ke_tf.convert`)."""
     if depth not in REDUCE_DEPTHS:
         raise ValueError(f"ReduceNet depth must be one of {REDUCE_DEPTHS}, got {depth}")
     if variant not in VARIANTS:
@@ -53,10 +54,10 @@ def reducenet(depth, num_classes, input_shape=(32, 32, 3), widths=None, layers=P
             b = f"s{s}b{j}"
             strides = 2 if (s > 1 and j == 0) else 1
             if deploy:
-                y = layers.conv(w[b], 3, strides, name=f"{b}_conv1", group=b, use_bias=True)(x)
+                y = padded_conv(layers, x, w[b], 3, strides, f"{b}_conv1", padding, group=b, use_bias=True)
             else:
                 y = ReduceConv(w[b], strides, expansion=expansion, bottleneck=variant == "teacher", lora=lora,
-                               lora_act=lora_act, name=f"{b}_rep")(x)
+                               lora_act=lora_act, padding=padding, name=f"{b}_rep")(x)
             y = keras.layers.ReLU(name=f"{b}_relu1")(y)
             y = layers.conv(w[f"stage{s}"], 3, 1, name=f"{b}_conv2", group=f"stage{s}", use_bias=deploy)(y)
             if not deploy:
@@ -105,7 +106,7 @@ def student_spec_of(model):
     widths = {layer.name[:-len("_rep")]: layer.filters for layer in units}
     widths.update({f"stage{s}": model.get_layer(f"s{s}b0_conv2").filters for s in (1, 2, 3)})
     return model_spec(f"reduce{2 * len(units) + 2}", model.get_layer("classifier").units, model.input_shape[1:],
-                      widths, variant="student")
+                      widths, variant="student", padding=units[0].padding)
 
 
 def get_deploy_model(model, spec=None):

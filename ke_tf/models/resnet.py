@@ -3,10 +3,13 @@
 Channel groups as in `resnet_cifar`: "stage{s}" residual streams, "s{s}b{j}" basic-block inner
 width, "s{s}b{j}a"/"s{s}b{j}b" bottleneck inner widths, "stem" when the stem does not feed an
 identity shortcut (ResNet-50).
+
+`padding="torch"` pads strided convs and the max-pool symmetrically as PyTorch does (networks
+converted from torchvision-layout checkpoints, `ke_tf.convert`); the default "same" is Keras'.
 """
 import keras
 
-from ke_tf.layers.factory import PLAIN
+from ke_tf.layers.factory import PLAIN, padded_conv
 
 CONFIGS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3))}
 BASE_WIDTHS = (64, 128, 256, 512)
@@ -42,8 +45,8 @@ def _projection(x, out_channels, strides, name, layers, group):
     return layers.bn(name=f"{name}_short_bn")(x)
 
 
-def _basic_block(x, b, w, s, strides, layers, zero_init_residual):
-    y = layers.conv(w[b], 3, strides, name=f"{b}_conv1", group=b)(x)
+def _basic_block(x, b, w, s, strides, layers, zero_init_residual, padding):
+    y = padded_conv(layers, x, w[b], 3, strides, f"{b}_conv1", padding, group=b)
     y = layers.bn(name=f"{b}_bn1")(y)
     y = keras.layers.ReLU(name=f"{b}_relu1")(y)
     y = layers.gate(y, b, name=f"{b}_gate1")
@@ -51,12 +54,12 @@ def _basic_block(x, b, w, s, strides, layers, zero_init_residual):
     return layers.bn(name=f"{b}_bn2", zero_gamma=zero_init_residual)(y)
 
 
-def _bottleneck_block(x, b, w, s, strides, layers, zero_init_residual):
+def _bottleneck_block(x, b, w, s, strides, layers, zero_init_residual, padding):
     y = layers.conv(w[f"{b}a"], 1, 1, name=f"{b}_conv1", group=f"{b}a")(x)
     y = layers.bn(name=f"{b}_bn1")(y)
     y = keras.layers.ReLU(name=f"{b}_relu1")(y)
     y = layers.gate(y, f"{b}a", name=f"{b}_gate1")
-    y = layers.conv(w[f"{b}b"], 3, strides, name=f"{b}_conv2", group=f"{b}b")(y)
+    y = padded_conv(layers, y, w[f"{b}b"], 3, strides, f"{b}_conv2", padding, group=f"{b}b")
     y = layers.bn(name=f"{b}_bn2")(y)
     y = keras.layers.ReLU(name=f"{b}_relu2")(y)
     y = layers.gate(y, f"{b}b", name=f"{b}_gate2")
@@ -65,7 +68,7 @@ def _bottleneck_block(x, b, w, s, strides, layers, zero_init_residual):
 
 
 def resnet(depth, num_classes, input_shape=(224, 224, 3), widths=None, layers=PLAIN,
-           zero_init_residual=False, width_mult=1.0, name=None):
+           zero_init_residual=False, width_mult=1.0, padding="same", name=None):
     """Build ResNet-`depth` (18/34/50) with the 7x7/2 stem and 3x3/2 max-pool."""
     if depth not in CONFIGS:
         raise ValueError(f"ResNet depth must be one of {sorted(CONFIGS)}, got {depth}")
@@ -74,16 +77,18 @@ def resnet(depth, num_classes, input_shape=(224, 224, 3), widths=None, layers=PL
     block_fn = _basic_block if kind == "basic" else _bottleneck_block
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     stem_group = _stem_group(kind)
-    x = layers.conv(w[stem_group], 7, 2, name="stem_conv", role="stem", group=stem_group)(inputs)
+    x = padded_conv(layers, inputs, w[stem_group], 7, 2, "stem_conv", padding, role="stem", group=stem_group)
     x = layers.bn(name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
-    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+    if padding == "torch":  # zeros pad like -inf here: the inputs are ReLU outputs (>= 0)
+        x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+    x = keras.layers.MaxPooling2D(3, 2, padding="valid" if padding == "torch" else "same", name="stem_pool")(x)
     x = layers.gate(x, stem_group, name="stem_gate")
     for s, n in enumerate(blocks, start=1):
         for j in range(n):
             b = f"s{s}b{j}"
             strides = 2 if (s > 1 and j == 0) else 1
-            y = block_fn(x, b, w, s, strides, layers, zero_init_residual)
+            y = block_fn(x, b, w, s, strides, layers, zero_init_residual, padding)
             x = _projection(x, w[f"stage{s}"], strides, b, layers, f"stage{s}")
             x = keras.layers.Add(name=f"{b}_add")([x, y])
             x = keras.layers.ReLU(name=f"{b}_out_relu")(x)
