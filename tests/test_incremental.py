@@ -130,6 +130,20 @@ def test_lwm_loss_sends_attention_gradient_into_student_convs_in_graph_mode():
         assert np.isfinite(a.numpy()).all()
 
 
+def test_lwf_distillation_has_no_t_squared_factor():
+    """T = 2, teacher logits (2 ln 3, 0) -> p = (3/4, 1/4); student (0, 0) -> q = (1/2, 1/2).
+    L_D = KL(p || q) = 3/4 ln(3/2) + 1/4 ln(1/2) and dL_D/ds = (q - p) / T, as in LwF/FACIL
+    (Hinton's kd_loss is T^2 = 4 times both)."""
+    s = tf.Variable([[0.0, 0.0]])
+    t = tf.constant([[2 * np.log(3.0), 0.0]])
+    with tf.GradientTape() as tape:
+        value = inc.lwf_distillation(s, t, 2.0)
+    want = 0.75 * np.log(1.5) + 0.25 * np.log(0.5)
+    np.testing.assert_allclose(value.numpy(), [want], rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(value, s).numpy(), [[-0.125, 0.125]], rtol=1e-5)
+    assert float(inc.lwf_distillation(t, t, 2.0)[0]) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_metrics_against_hand_computation():
     preds = np.array([0, 1, 1, 2, 3, 3, 0, 4])
     labels = np.array([0, 0, 1, 2, 2, 3, 4, 4])
