@@ -12,7 +12,8 @@ from benchmarks.claims import Claim, Comparison
 
 CONFIG = "quickstart_consistency_digits"
 ARMS = ("trained_a", "untrained_a")
-OVERRIDES = ("train.progress=false", "consistency.transnet.progress=false", "consistency.in_modes=[]")
+OVERRIDES = ("train.progress=false", "consistency.transnet.progress=false", "consistency.in_modes=[]",
+             "model.options.width_mult=0.5", "train.epochs=6")
 
 
 def _consistency(run_dir, overrides):

@@ -3,9 +3,10 @@
 A base task is learned with CE; each later task trains a student, made from the frozen previous
 model (the teacher) with K new output units, on the new classes' data only, with
   L = CE + beta * L_D(old logits, T) + gamma * L_AD(Grad-CAM maps of the teacher's top old class)
-(lwm; lwf drops L_AD, finetune keeps CE only). L_D is LwF's distillation, without Hinton's T^2. After every task all seen classes are evaluated
-(argmax over all seen outputs); the accuracy matrix, average incremental accuracy and forgetting
-are written as tables, a plot and per-task params files that test.py can evaluate.
+(lwm; lwf drops L_AD, finetune keeps CE only); L_D is LwF's distillation, without Hinton's T^2.
+After every task all seen classes are evaluated (argmax over all seen outputs); the accuracy
+matrix, average incremental accuracy and forgetting are written as tables, a plot and per-task
+params files that test.py can evaluate.
 """
 import dataclasses
 import os
