@@ -52,8 +52,8 @@ def run_seed(seed, workdir, context):
 
 
 def _nets_are_trained(per_seed):
-    """Control: A and B must have learned the task (top-1 over 4x chance), else the arms differ
-    in nothing."""
+    """Control: A and B must have learned the task (top-1 over 4x chance), else the claim compares
+    two kinds of untrained A."""
     accs = [round(r["trained_a"][k], 4) for r in per_seed.values() for k in ("net_a_top1", "net_b_top1")]
     return {"name": "nets A and B trained", "detail": f"test top-1 of A, B per seed: {accs}",
             "holds": min(accs) > 0.4}
