@@ -1,6 +1,7 @@
 """Knowledge consistency (Liang et al., ICLR 2020): two nets trained on the same task share
-knowledge, so the linear (order-0) part of a Trans-Net g(x_A) explains more of net B's feature
-when A is another trained net than when A is an untrained net of the same architecture.
+knowledge, so a Trans-Net g(x_A) reconstructs more of net B's feature, and its linear (order-0)
+part explains more of it, when A is another trained net than when A is an untrained net of the
+same architecture.
 
 Per seed: nets A and B trained on digits from seeds (2s+1, 2s+2), an untrained A' (the same spec,
 initialised from seed 2s+1); the consistency loop fits a Trans-Net x_A -> x_B at B's tap for each
@@ -61,7 +62,7 @@ def _nets_are_trained(per_seed):
 
 CLAIM = Claim(
     name="kc",
-    title="Knowledge consistency: a trained net's features explain another's linearly, an untrained one's less",
+    title="Knowledge consistency: a trained net's features explain another trained net's better than an untrained net's",
     setting="digits 16x16, ResNet-20 x0.5 nets trained from two seeds; tap s2b2_add (8x8x32, pre-ReLU); "
             "Trans-Net depth 3, alpha 0.1; order-0 variance / Var(x_B) on the test split",
     budget="nets 6 epochs SGD lr 0.05 cosine; Trans-Net 60 epochs Adam 1e-3 -> 1e-5 log-decayed (10x the "
