@@ -213,16 +213,17 @@ def test_end_to_end_digits_writes_pickles_tables_plot_and_test_py_evaluates(tmp_
     assert base["test_top1"] == pytest.approx(results["rows"][0]["acc_seen"], abs=1e-6)
 
 
-# The lwm claim's comparisons that hold on digits (benchmarks/claims/lwm.py); LwM vs LwF and
-# LwM vs fine-tuning on the final accuracy do not (LwM trades new-class accuracy for old), so the
-# claims runner reports them and this test leaves them out.
-HOLDING_LWM_COMPARISONS = ("lwm vs finetune (forgetting)",)
+# The lwm claim's comparisons that hold on digits (benchmarks/claims/lwm.py) with a clear margin.
+# Not asserted: LwM vs fine-tuning on the final accuracy (paired diffs +0.05, +0.20, -0.01: LwM trades
+# new-class accuracy for old), LwF vs fine-tuning on forgetting (+0.02, +0.13, +0.06), and LwM vs LwF
+# on the final accuracy, whose 95% lower bound is only +0.003 here (and below 0 with 10 base epochs).
+HOLDING_LWM_COMPARISONS = ("lwm vs finetune (forgetting)", "lwm vs lwf (forgetting)")
 
 
 @pytest.mark.slow
 def test_lwm_forgets_less_than_finetuning_over_seeds(tmp_path):
     """Digits 5+5 without exemplars, 3 seeds: LwM forgets less of the base task than fine-tuning
-    (paired over seeds, 95% lower bound of the mean difference above 0)."""
+    and than LwF (paired over seeds, 95% lower bound of the mean difference above 0)."""
     from benchmarks.claims import failed_verdicts, run_claim
 
     result = run_claim("lwm", seeds=(0, 1, 2), workdir=str(tmp_path))
