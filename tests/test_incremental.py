@@ -221,7 +221,7 @@ HOLDING_LWM_COMPARISONS = ("lwm vs finetune (forgetting)", "lwm vs lwf (forgetti
 
 
 @pytest.mark.slow
-def test_lwm_forgets_less_than_finetuning_over_seeds(tmp_path):
+def test_lwm_forgets_less_than_lwf_and_finetuning_over_seeds(tmp_path):
     """Digits 5+5 without exemplars, 3 seeds: LwM forgets less of the base task than fine-tuning
     and than LwF (paired over seeds, 95% lower bound of the mean difference above 0)."""
     from benchmarks.claims import failed_verdicts, run_claim
