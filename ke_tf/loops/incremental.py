@@ -2,10 +2,11 @@
 
 A base task is learned with CE; each later task trains a student, made from the frozen previous
 model (the teacher) with K new output units, on the new classes' data only, with
-  L = CE + beta * KD(old logits, T) + gamma * L_AD(Grad-CAM maps of the teacher's top old class)
-(lwm; lwf drops L_AD, finetune keeps CE only). After every task all seen classes are evaluated
-(argmax over all seen outputs); the accuracy matrix, average incremental accuracy and forgetting
-are written as tables, a plot and per-task params files that test.py can evaluate.
+  L = CE + beta * L_D(old logits, T) + gamma * L_AD(Grad-CAM maps of the teacher's top old class)
+(lwm; lwf drops L_AD, finetune keeps CE only); L_D is LwF's distillation, without Hinton's T^2.
+After every task all seen classes are evaluated (argmax over all seen outputs); the accuracy
+matrix, average incremental accuracy and forgetting are written as tables, a plot and per-task
+params files that test.py can evaluate.
 """
 import dataclasses
 import os
@@ -33,7 +34,7 @@ class IncrementalConfig:
     first: int = 50                 # classes of the base task
     increment: int = 10             # classes of every later task
     num_tasks: typing.Optional[int] = None    # stop after this many tasks (None: all classes)
-    beta: float = 1.0               # weight of L_D (paper leaves it open; FACIL/stony-hub use 1)
+    beta: float = 1.0               # weight of L_D, no T^2 inside (paper leaves it open; FACIL/stony-hub use 1)
     gamma: float = 1.0              # weight of L_AD (same)
     temperature: float = 2.0        # L_D temperature (LwF's T=2)
     ce_over: str = "all"            # CE over all seen outputs | only the new task's outputs
@@ -124,6 +125,15 @@ def extend_head(teacher, spec):
     return student
 
 
+def lwf_distillation(student_logits, teacher_logits, temperature):
+    """LwM's L_D per example: LwF's distillation (Li & Hoiem; LwM Eq. 3 reuses it) of the old
+    outputs, KL(softmax(t/T) || softmax(s/T)) with no T^2 factor. LwF weights it by lambda_o = 1
+    and FACIL's lwf/lwm (beta = 1, T = 2) use the plain cross-entropy of the T-softened outputs
+    (same gradient as this KL); Hinton's T^2 (`kd_loss`) would make beta = 1 act as beta = 4."""
+    t = float(temperature)
+    return kd_loss(student_logits, teacher_logits, t) / (t * t)
+
+
 def incremental_loss(method, icfg, student, teacher=None, n_old=0):
     """Trainer `loss_fn` for one task: CE on the new labels (+ KD on the old outputs for lwf/lwm,
     + Grad-CAM attention distillation for lwm). With no teacher (base task) it is plain CE."""
@@ -147,7 +157,7 @@ def incremental_loss(method, icfg, student, teacher=None, n_old=0):
         else:
             loss = cross_entropy(logits, labels)
         if beta:
-            loss += beta * kd_loss(logits[:, :n_old], tf.stop_gradient(t_logits), icfg.temperature)
+            loss += beta * lwf_distillation(logits[:, :n_old], tf.stop_gradient(t_logits), icfg.temperature)
         if gamma:
             loss += gamma * attention_distillation(s_maps, tf.stop_gradient(t_maps))
         return {"loss": loss, "logits": logits}
