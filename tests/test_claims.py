@@ -1,7 +1,8 @@
-"""Learning claims (slow): each method against its proper control over 3 seeds, through the same
-code as `python -m benchmarks.claims`. A comparison passes when the one-sided 95% lower bound of
-its mean paired difference is above zero (the margin is the seed spread, not a number tuned on
-one machine). Comparisons the README table reports as not holding are not asserted here."""
+"""Learning claims (slow): each method against its proper control over its seeds (3, or 5 for a
+cheap, noisy claim), through the same code as `python -m benchmarks.claims`. A comparison passes
+when the one-sided 95% lower bound of its mean paired difference is above zero (the margin is the
+seed spread, not a number tuned on one machine). Comparisons the README table reports as not
+holding are not asserted here."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,7 +12,6 @@ import pytest
 from benchmarks.claims import run_claim
 
 pytestmark = pytest.mark.slow
-SEEDS = (0, 1, 2)
 
 
 def assert_holds(result, *comparisons, checks=()):
@@ -27,22 +27,25 @@ def assert_holds(result, *comparisons, checks=()):
 
 
 def test_ke_reinitialising_the_reset_hypothesis_makes_the_slim_net_work(tmp_path):
-    assert_holds(run_claim("ke", SEEDS, str(tmp_path)), "KE vs no re-init (slim_top1)")
+    assert_holds(run_claim("ke", str(tmp_path)), "KE vs no re-init (slim_top1)")
 
 
-def test_kd_student_beats_the_ce_student(tmp_path):
-    assert_holds(run_claim("kd", SEEDS, str(tmp_path)), "KD vs CE (top1)")
+def test_kd_student_follows_the_teacher_more_than_the_ce_student(tmp_path):
+    # KD vs CE on top-1 holds with default oneDNN (lower bound +1.9 points over 5 seeds) but not
+    # with TF_ENABLE_ONEDNN_OPTS=0 (-0.7): reported in the README, not asserted.
+    assert_holds(run_claim("kd", str(tmp_path)), "KD vs CE (teacher_agreement)")
 
 
 def test_ban_ensemble_beats_its_last_generation(tmp_path):
-    assert_holds(run_claim("ban", SEEDS, str(tmp_path)), "ensemble vs last generation (top1)")
+    # The last generation against generation 0 holds with default oneDNN only: not asserted.
+    assert_holds(run_claim("ban", str(tmp_path)), "ensemble vs last generation (top1)")
 
 
 def test_reducenet_inheriting_student_beats_scratch_and_fuses_exactly(tmp_path):
-    assert_holds(run_claim("reducenet", SEEDS, str(tmp_path)), "distilled vs scratch (top1)",
+    assert_holds(run_claim("reducenet", str(tmp_path)), "distilled vs scratch (top1)",
                  checks=("fused == unfused after annealing",))
 
 
 def test_ekg_search_finds_lower_loss_than_random_pruning_at_the_same_macs(tmp_path):
-    assert_holds(run_claim("ekg", SEEDS, str(tmp_path)), "EKG vs random (holdout_ce)",
+    assert_holds(run_claim("ekg", str(tmp_path)), "EKG vs random (holdout_ce)",
                  checks=("same MACs for every arm",))

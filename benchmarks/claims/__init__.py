@@ -45,6 +45,7 @@ class Claim:
     run_seed: Callable
     prepare: Optional[Callable] = None
     extra_checks: tuple = ()
+    seeds: int = 3    # how many seeds the claim needs for its spread (cheap, noisy claims take more)
 
 
 def load_claim(name):
@@ -54,10 +55,12 @@ def load_claim(name):
     return importlib.import_module(f"benchmarks.claims.{name}").CLAIM
 
 
-def run_claim(name, seeds, workdir, progress=None):
-    """Train every arm of claim `name` for each seed under `workdir`; returns `summarise(...)`.
-    `progress` (the runner's tqdm bar) is told each seed and advanced after it."""
+def run_claim(name, workdir, seeds=None, progress=None):
+    """Train every arm of claim `name` for each seed (default: the claim's own `seeds` count)
+    under `workdir`; returns `summarise(...)`. `progress` (the runner's tqdm bar) is told each
+    seed and advanced after it."""
     claim = load_claim(name)
+    seeds = range(claim.seeds) if seeds is None else seeds
     os.makedirs(workdir, exist_ok=True)
     context = claim.prepare(os.path.join(workdir, "shared")) if claim.prepare else None
     per_seed = {}

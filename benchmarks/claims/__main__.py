@@ -1,6 +1,6 @@
 """Run the learning claims and write `benchmarks/claims.json`, `claims.md` and `claims.png`.
 
-    python -m benchmarks.claims [--seeds 3] [--only ke kd ...] [--out benchmarks/claims.json]
+    python -m benchmarks.claims [--seeds N] [--only ke kd ...] [--out benchmarks/claims.json]
     python -m benchmarks.claims --table      # print the README table from the JSON
 
 Claims run with --only are merged into an existing JSON, so the claims can be run one at a time.
@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `ke_tf` 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.claims import MODULES, failed_verdicts, run_claim  # noqa: E402
+from benchmarks.claims import MODULES, failed_verdicts, load_claim, run_claim  # noqa: E402
 from benchmarks.claims.table import claims_plot, claims_table  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "claims.json")
@@ -24,13 +24,14 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def _arguments(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.claims", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3, help="seeds per claim (at least 2; default 3)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per claim (at least 2; default: each claim's own, 3 or more)")
     p.add_argument("--only", nargs="+", choices=MODULES, default=list(MODULES), help="claims to run")
     p.add_argument("--out", default=DEFAULT_OUT, help="results JSON (merged with an existing one)")
     p.add_argument("--workdir", default=None, help="where runs write (default: a temporary folder)")
     p.add_argument("--table", action="store_true", help="only print the markdown table of --out")
     args = p.parse_args(argv)
-    if args.seeds < 2:
+    if args.seeds is not None and args.seeds < 2:
         p.error("--seeds must be at least 2: a claim is judged on the spread of paired differences")
     return args
 
@@ -55,9 +56,10 @@ def main(argv=None):
     workdir = args.workdir or tempfile.mkdtemp(prefix="ke_tf_claims_")
     machine = {**device_description(), "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
                "date": datetime.date.today().isoformat()}
-    bar = tqdm(total=len(args.only) * args.seeds, desc="claims", unit="seed")
+    seeds = {name: range(args.seeds or load_claim(name).seeds) for name in args.only}
+    bar = tqdm(total=sum(len(s) for s in seeds.values()), desc="claims", unit="seed")
     for name in args.only:
-        result = run_claim(name, range(args.seeds), os.path.join(workdir, name), progress=bar)
+        result = run_claim(name, os.path.join(workdir, name), seeds[name], progress=bar)
         results["claims"][name] = {**result, "machine": machine}
         write_json(args.out, results)
         for line in failed_verdicts(result):

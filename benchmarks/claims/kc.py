@@ -62,11 +62,11 @@ def _nets_are_trained(per_seed):
 
 CLAIM = Claim(
     name="kc",
-    title="Knowledge consistency: a trained net's features explain another trained net's better than untrained ones",
+    title="Knowledge consistency",
     setting="digits 16x16, ResNet-20 x0.5 nets trained from two seeds; tap s2b2_add (8x8x32, pre-ReLU); "
-            "Trans-Net depth 3, alpha 0.1; order-0 variance / Var(x_B) on the test split",
+            "Trans-Net depth 3, alpha 0.1; order-0 variance / Var(x_B) on the test split.",
     budget="nets 6 epochs SGD lr 0.05 cosine; Trans-Net 60 epochs Adam 1e-3 -> 1e-5 log-decayed (10x the "
-           "reference LR, which underfits in this budget: configs/quickstart_consistency_digits.yaml)",
+           "reference LR, which underfits in this budget: configs/quickstart_consistency_digits.yaml).",
     arms=ARMS,
     comparisons=(
         Comparison("trained_a", "untrained_a", "order0_rel",

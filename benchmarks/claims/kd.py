@@ -2,8 +2,9 @@
 same student trained by cross-entropy alone under the same budget.
 
 Setting (documented, not picked per seed): data-poor digits (~24 training images per class,
-16x16), where soft targets add information the labels lack; on the full digits set both arms
-saturate near 99%. One teacher (seed 0) is shared by all seeds; each seed initialises and orders
+16x16, tested on the other 1,560 images), where soft targets add information the labels lack; on
+the full digits set both arms saturate near 99%. Five seeds: the gain is a few points and its
+spread over 3 seeds differed between oneDNN kernel choices. One teacher (seed 0) is shared by all seeds; each seed initialises and orders
 both students identically.
 """
 import os
@@ -39,20 +40,29 @@ def prepare(workdir):
     return {"teacher": teacher, "teacher_top1": final["top1"]}
 
 
+def _predictions(model):
+    import numpy as np
+    return np.concatenate([np.argmax(model(x, training=False), -1) for x, _ in data_poor_digits().test(256)])
+
+
 def run_seed(seed, workdir, context):
     student = {"width_mult": 0.25}
-    kd = _train(workdir, "kd", 100 + seed, STUDENT_EPOCHS, student, context["teacher"])[1]
-    ce = _train(workdir, "ce", 100 + seed, STUDENT_EPOCHS, student)[1]
-    return {"KD": {"top1": kd["top1"]}, "CE": {"top1": ce["top1"]},
-            "teacher": {"top1": context["teacher_top1"]}}
+    kd_model, kd = _train(workdir, "kd", 100 + seed, STUDENT_EPOCHS, student, context["teacher"])
+    ce_model, ce = _train(workdir, "ce", 100 + seed, STUDENT_EPOCHS, student)
+    teacher = _predictions(context["teacher"])
+    return {"KD": {"top1": kd["top1"], "teacher_agreement": float((_predictions(kd_model) == teacher).mean())},
+            "CE": {"top1": ce["top1"], "teacher_agreement": float((_predictions(ce_model) == teacher).mean())},
+            "teacher": {"top1": context["teacher_top1"], "teacher_agreement": 1.0}}
 
 
 CLAIM = Claim(
     name="kd", title="Hinton KD",
-    setting="Data-poor digits (237 training images, 16x16): ResNet-20 teacher (trained once, seed 0) -> "
+    setting="Data-poor digits (237 training images, 16x16, 1,560 test images): ResNet-20 teacher (trained once, seed 0) -> "
             f"quarter-width ResNet-20 student, alpha {ALPHA}, T {TEMPERATURE}; control: the same student, "
             "same init and data order, trained by CE.",
     budget=f"teacher {TEACHER_EPOCHS} epochs (shared), each student {STUDENT_EPOCHS} epochs.",
     arms=("KD", "CE", "teacher"),
-    comparisons=(Comparison("KD", "CE", "top1", "the KD student beats the CE student"),),
-    run_seed=run_seed, prepare=prepare)
+    comparisons=(Comparison("KD", "CE", "top1", "the KD student beats the CE student"),
+                 Comparison("KD", "CE", "teacher_agreement",
+                            "the KD student agrees with the teacher's predictions more often than the CE student")),
+    run_seed=run_seed, prepare=prepare, seeds=5)

@@ -35,10 +35,10 @@ def run_seed(seed, workdir, context):
 
 CLAIM = Claim(
     name="lwm",
-    title="LwM: attention distillation on top of LwF, against LwF and fine-tuning",
+    title="LwM",
     setting="digits 16x16, 5 base + 5 new classes (class order = seed), ResNet-20 x0.5, no exemplars; "
-            "beta = gamma = 1, T = 2 (LwF's L_D, no T^2), Grad-CAM of the teacher's top old class at the last block",
-    budget="base 8 epochs SGD lr 0.05; incremental task 6 epochs SGD lr 1e-3 cosine, same for every arm",
+            "beta = gamma = 1, T = 2 (LwF's L_D, no T^2), Grad-CAM of the teacher's top old class at the last block.",
+    budget="base 8 epochs SGD lr 0.05; incremental task 6 epochs SGD lr 1e-3 cosine, same for every arm.",
     arms=ARMS,
     comparisons=(
         Comparison("lwm", "lwf", "final_acc",

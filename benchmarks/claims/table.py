@@ -4,13 +4,18 @@ from ke_tf.report import pyplot, save_figure
 ORDER = ("ke", "kd", "ban", "reducenet", "lwm", "ekg", "kc")
 
 
+def _num(value, scale):
+    """Percent points with one decimal; other metrics (losses, variance fractions) with three."""
+    return f"{scale * value:.1f}" if scale == 100.0 else f"{value:.3f}"
+
+
 def _pm(stats, scale):
-    return f"{scale * stats['mean']:.1f} ± {scale * stats['std']:.1f}"
+    return f"{_num(stats['mean'], scale)} ± {_num(stats['std'], scale)}"
 
 
 def _scale(metric):
     """Accuracies are shown in percent, everything else as is."""
-    return 100.0 if "top1" in metric or "acc" in metric else 1.0
+    return 100.0 if "top1" in metric or "acc" in metric or "agreement" in metric else 1.0
 
 
 def _machine(result):
@@ -32,8 +37,9 @@ def claims_table(results):
             s = _scale(metric)
             lines.append(
                 f"| {r['title']} | {v['statement']} | {better} {_pm(r['arms'][better][metric], s)} | "
-                f"{worse} {_pm(r['arms'][worse][metric], s)} | {s * v['mean_diff']:+.1f} ± {s * v['std_diff']:.1f} "
-                f"({s * v['lower_bound']:+.1f}) | {v['seeds_won']}/{len(v['diffs'])} | "
+                f"{worse} {_pm(r['arms'][worse][metric], s)} | {'+' if v['mean_diff'] >= 0 else ''}"
+                f"{_num(v['mean_diff'], s)} ± {_num(v['std_diff'], s)} "
+                f"({'+' if v['lower_bound'] >= 0 else ''}{_num(v['lower_bound'], s)}) | {v['seeds_won']}/{len(v['diffs'])} | "
                 f"{'yes' if v['holds'] else '**no**'} |")
         for c in r["checks"]:
             lines.append(f"| {r['title']} | {c['name']} | {c['detail']} | | | | {'yes' if c['holds'] else '**no**'} |")
