@@ -30,8 +30,9 @@ def _train_rates(rows):
             if r["section"] == "throughput" and r["target"] and "dataset" in r["values"]}
 
 
-def run_all(names, quick=False, repeats=5):
-    """Run the named sections in order; a failing section is recorded, not fatal."""
+def run_all(names, quick=False, repeats=5, on_section=None):
+    """Run the named sections in order; a failing section is recorded, not fatal.
+    `on_section(rows so far)` runs after each section (the JSON is saved as it grows)."""
     rows = []
     for name in names:
         start = time.time()
@@ -46,6 +47,8 @@ def run_all(names, quick=False, repeats=5):
             row["seconds"] = round(time.time() - start, 1)
         rows.extend(section_rows)
         print(f"[benchmarks] {name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+        if on_section is not None:
+            on_section(rows)
     return rows
 
 
@@ -76,14 +79,20 @@ def main(argv=None):
     repeats = 1 if args.quick else args.repeats
     names = [n for n in SECTIONS if n in args.only] if args.only else list(SECTIONS)
     start = time.time()
-    rows = run_all(names, quick=args.quick, repeats=repeats)
     device = common.device_description()
-    for row in rows:
-        row["device"] = device
     from ke_tf.params import atomic_write_bytes
-    result = {"device": device, "quick": args.quick, "repeats": repeats, "seconds": round(time.time() - start, 1),
-              "benchmarks": rows}
-    atomic_write_bytes(args.out, json.dumps(result, indent=1).encode())
+
+    def save(rows):
+        """Write the rows so far, so an interrupted run keeps its finished sections."""
+        for row in rows:
+            row["device"] = device
+        result = {"device": device, "quick": args.quick, "repeats": repeats,
+                  "seconds": round(time.time() - start, 1), "benchmarks": rows}
+        atomic_write_bytes(args.out, json.dumps(result, indent=1).encode())
+        return result
+
+    rows = run_all(names, quick=args.quick, repeats=repeats, on_section=save)
+    result = save(rows)
     print(f"Device: {device['cpu']}, {device['cores']} cores, GPUs: {', '.join(device['gpus']) or 'none'}, "
           f"TF {device['tensorflow']}, Keras {device['keras']}")
     print(markdown(rows))
