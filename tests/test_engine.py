@@ -114,6 +114,48 @@ def test_loop_length_changes_calls_not_results(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_release_in_background_drops_the_last_reference_off_the_calling_thread():
+    """Destroying an autotuned tf.data iterator can block for its autotune period (seconds to a
+    minute); the engine hands its iterators to a daemon thread, which drops the last reference."""
+    import threading
+    import weakref
+
+    from ke_tf.engine.iterators import release_in_background
+
+    class Held:
+        pass
+    dropped_on = []
+    holder = [Held()]
+    ref = weakref.ref(holder[0], lambda _: dropped_on.append(threading.current_thread()))
+    release_in_background(holder).join(10)
+    assert holder == [] and ref() is None
+    assert dropped_on and dropped_on[0] is not threading.main_thread() and dropped_on[0].daemon
+
+
+def test_stage_and_evaluation_iterators_are_released_in_the_background(tmp_path, monkeypatch):
+    """Trainer.fit gives its stage iterator, the Evaluator each pass's iterator, to
+    release_in_background, owning no other reference (the list is emptied)."""
+    import importlib
+
+    from ke_tf.engine import iterators
+    evaluate_module = importlib.import_module("ke_tf.engine.evaluate")   # the package exports a function of that name
+    trainer_module = importlib.import_module("ke_tf.engine.trainer")
+    released = []
+
+    def spy(holder):
+        released.append([type(item).__name__ for item in holder])
+        thread = iterators.release_in_background(holder)
+        assert holder == []
+        return thread
+    monkeypatch.setattr(trainer_module, "release_in_background", spy)
+    monkeypatch.setattr(evaluate_module, "release_in_background", spy)
+    model, trainer = _train(tmp_path, _cfg(epochs=1))
+    assert released == [["DistributedIterator"]]
+    x, y = _data()
+    metrics = evaluate_module.evaluate(trainer.strategy, model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+    assert metrics["count"] == len(x) and len(released) == 2
+
+
 def test_resume_after_stop_reaches_the_same_weights(tmp_path):
     cfg = _cfg(epochs=3)
     full, _ = _train(tmp_path / "full", cfg, model=lambda: _model(bn=True))

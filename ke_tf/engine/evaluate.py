@@ -2,6 +2,7 @@
 import tensorflow as tf
 
 from ke_tf.data.stream import InputShard
+from ke_tf.engine.iterators import release_in_background
 from ke_tf.engine.trainer import instance_function
 
 
@@ -51,8 +52,9 @@ class Evaluator:
     def __call__(self, source):
         """{"loss", "top1", "top5", "count"} with the loss as mean cross-entropy; `source` as in
         `distribute_eval_input`."""
-        batches = iter(distribute_eval_input(self.strategy, source))
-        loss, top1, top5, count = self._run(batches).numpy().tolist()
+        batches = [iter(distribute_eval_input(self.strategy, source))]
+        loss, top1, top5, count = self._run(batches[0]).numpy().tolist()
+        release_in_background(batches)
         n = max(count, 1.0)
         return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "count": int(count)}
 

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError
 from ke_tf.data.stream import InputShard
+from ke_tf.engine.iterators import release_in_background
 from ke_tf.engine.loss_scale import LossScale
 from ke_tf.engine.optim import make_optimizer
 from ke_tf.engine.strategy import is_chief, is_multi_worker, jit_scope
@@ -319,7 +320,7 @@ class Trainer:
         total = epochs * self.steps_per_epoch
         if self.step >= total:
             return self.history
-        iterator = self._input(data, seed, epochs)
+        stage_input = [self._input(data, seed, epochs)]   # released in the background at the end
         self._log(f"{self.name}: {self._setup_summary()}" + (f", resumed at step {self.step}" if self.step else ""))
         previous = self._install_signal_handlers()
         writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", self.name)) \
@@ -329,7 +330,7 @@ class Trainer:
                 epoch = self.step // self.steps_per_epoch
                 if on_epoch_begin is not None:
                     on_epoch_begin(epoch)
-                metrics = self._run_epoch(iterator, epoch, epochs)
+                metrics = self._run_epoch(stage_input[0], epoch, epochs)
                 if eval_fn is not None and ((epoch + 1) % self.cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
                     metrics.update(eval_fn(epoch))
                 self.history.append(metrics)
@@ -339,6 +340,7 @@ class Trainer:
                                                          or epoch + 1 == epochs):
                     self.save_checkpoint()
         finally:
+            release_in_background(stage_input)
             for sig, h in previous.items():
                 signal.signal(sig, h)
             if not self.chief:
