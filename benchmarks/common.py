@@ -40,7 +40,7 @@ def uses_gpu():
 
 
 def compare_samples(fns, warmup=1, repeats=5):
-    """Seconds per call of each `fns[name]()` in every repeat; the contenders are interleaved
+    """Seconds per whole call of each `fns[name]()` in every repeat; the contenders are interleaved
     round-robin so load changes on a shared machine hit all of them alike. {name: [seconds]}."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -97,10 +97,11 @@ def random_batch(batch_size, image_shape, num_classes, seed=0):
 
 class EngineRun:
     """Times ke_tf's real `Trainer.fit` path (the stage's distributed iterator over `data`'s
-    stream, the loop tf.function, one host read per loop, history): each call trains one more
-    epoch of `steps` steps. `data` defaults to `batch` repeated `steps` times (TensorData)."""
+    stream, the loop tf.function, one host read per loop, history): each call trains
+    `epochs_per_call` more epochs of `steps` steps in ONE stage and returns the times at which
+    its epochs ended (see `compare_steady`). `data` defaults to `batch` repeated `steps` times."""
 
-    def __init__(self, strategy, model, cfg, batch, steps, data=None, loss_fn=None):
+    def __init__(self, strategy, model, cfg, batch, steps, data=None, loss_fn=None, epochs_per_call=1):
         from ke_tf.data.stream import TensorData
         from ke_tf.engine import Trainer
         from ke_tf.losses import classifier_loss
@@ -108,10 +109,46 @@ class EngineRun:
         self.run_dir = tempfile.mkdtemp(prefix="ke_tf_bench_")
         self.trainer = Trainer(cfg, strategy, model, loss_fn or classifier_loss(model), steps, self.run_dir)
         self.epochs = 0
+        self.epochs_per_call = epochs_per_call
 
     def __call__(self):
-        self.epochs += 1
-        self.trainer.fit(self.data, seed=0, epochs=self.epochs, resume=False)
+        self.epochs += self.epochs_per_call
+        ends = []
+        self.trainer.fit(self.data, seed=0, epochs=self.epochs, resume=False,
+                         eval_fn=lambda epoch: ends.append(time.perf_counter()) or {})
+        return ends
+
+
+def keras_fit_run(model, dataset, steps, epochs):
+    """`model.fit` (compiled by the caller) over `epochs` epochs of `steps` steps of `dataset` in
+    one call; returns the times at which its epochs ended (see `compare_steady`)."""
+    import keras
+
+    class EpochClock(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            ends.append(time.perf_counter())
+    ends = []
+
+    def run():
+        ends.clear()
+        model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[EpochClock()])
+        return list(ends)
+    return run
+
+
+def compare_steady(fns, repeats=5):
+    """Steady-state seconds per epoch: each `fns[name]()` trains several epochs in one stage (or
+    `fit` call) and returns the times its epochs ended; the first epoch (stage set-up, tracing,
+    iterator start) is left out, per-epoch bookkeeping stays in. Contenders are interleaved
+    round-robin as in `compare_samples`. {name: [seconds per epoch, one per repeat]}"""
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            ends = fn()
+            if len(ends) < 2:
+                raise ValueError(f"{name}: steady-state timing needs at least 2 epochs per call, got {len(ends)}")
+            samples[name].append((ends[-1] - ends[0]) / (len(ends) - 1))
+    return samples
 
 
 def model_macs(model):
