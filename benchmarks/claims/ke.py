@@ -4,6 +4,10 @@ dense network learnt, because the reset hypothesis is re-initialised between gen
 Arms, same data, schedule and seed: KE (kels, sr 0.5, reset weights re-drawn each generation);
 the same generations without re-initialisation (`evolution.reinit=none`); and the slim
 network (the fit hypothesis' widths) trained plainly for the same total epochs.
+
+Five seeds: at this budget the KE slim net's top-1 is chaotic in the last bits of CPU arithmetic
+(seed 0 alone gave 0.61, 0.71, 0.73 and once 0.12 in four runs of the same code on one machine),
+so 3 seeds let one collapsed run sink the lower bound (slow suite, 2026-12-06).
 """
 import os
 
@@ -48,4 +52,4 @@ CLAIM = Claim(
         Comparison("KE", "slim from scratch", "slim_top1",
                    "the KE slim net beats the same slim net trained from scratch"),
     ),
-    run_seed=run_seed)
+    run_seed=run_seed, seeds=5)
