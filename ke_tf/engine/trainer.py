@@ -182,7 +182,10 @@ class Trainer:
         if self.replicas > 1:
             loss, correct, *grads = context.all_reduce(tf.distribute.ReduceOp.SUM, [loss, correct, *grads])
         loss_ok = tf.math.is_finite(loss)
-        grads_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        # One sum over every gradient element is non-finite iff an element is (Inf - Inf = NaN),
+        # short of the sum itself passing 3e38, which only a run already diverging reaches: one
+        # reduction per tensor instead of IsFinite + All (~60 fewer ops per ResNet-20 step).
+        grads_ok = tf.math.is_finite(tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in grads] or [0.0]))
         apply = loss_ok & grads_ok
         tf.cond(apply, lambda: self._apply(grads), lambda: tf.constant(False))
         if saved is not None:  # a skipped step leaves the BN statistics as they were too
