@@ -39,6 +39,10 @@ def uses_gpu():
     return bool(tf.config.list_logical_devices("GPU"))
 
 
+# Epochs per steady-state timed stage (`compare_steady`): the first is set-up, the others are timed.
+STEADY_EPOCHS = 3
+
+
 def compare_samples(fns, warmup=1, repeats=5):
     """Seconds per whole call of each `fns[name]()` in every repeat; the contenders are interleaved
     round-robin so load changes on a shared machine hit all of them alike. {name: [seconds]}."""

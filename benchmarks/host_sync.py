@@ -23,7 +23,6 @@ from benchmarks.common import entry
 
 SECTION = "host_sync"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS_PER_CALL = 3   # per timed stage: the first epoch is set-up, the other two are timed
 
 
 @contextlib.contextmanager
@@ -79,7 +78,7 @@ def child(replicas, steps_per_loop, steps, repeats):
     import keras
     import tensorflow as tf
 
-    from benchmarks.common import EngineRun, compare_steady, keras_fit_run, random_batch, train_config
+    from benchmarks.common import STEADY_EPOCHS, EngineRun, compare_steady, keras_fit_run, random_batch, train_config
     from ke_tf.models import build_model
 
     batch = random_batch(32, (8, 8, 3), 10)
@@ -100,9 +99,9 @@ def child(replicas, steps_per_loop, steps, repeats):
 
     def engine(n):   # per-replica BN as in Keras fit (the engine still averages the moving statistics every step)
         return EngineRun(strategy, model(), train_config(32, False, steps_per_loop=n, sync_bn="off"), batch, steps,
-                         epochs_per_call=EPOCHS_PER_CALL)
+                         epochs_per_call=STEADY_EPOCHS)
     # engine_again: a second, identical engine (an A/A pair) measures the noise of one repeat here.
-    fns = {"engine": engine(steps_per_loop), "keras_fit": keras_fit_run(fit_model, dataset, steps, EPOCHS_PER_CALL),
+    fns = {"engine": engine(steps_per_loop), "keras_fit": keras_fit_run(fit_model, dataset, steps, STEADY_EPOCHS),
            "per_step": engine(1), "engine_again": engine(steps_per_loop)}
     samples = compare_steady(fns, repeats=repeats)
     print("RESULT " + json.dumps({"fit_steps_per_execution": fit_n,

@@ -17,8 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.common import (EngineRun, compare_samples, compare_steady, entry, keras_fit_run, model_macs,
-                               train_config, uses_gpu)
+from benchmarks.common import (STEADY_EPOCHS, EngineRun, compare_samples, compare_steady, entry, keras_fit_run,
+                               model_macs, train_config, uses_gpu)
 from benchmarks.pipeline import _load
 from ke_tf.engine.iterators import release_in_background
 
@@ -53,7 +53,6 @@ def _model(arch, options, num_classes, side):
     return build_model(arch, num_classes, (side, side, 3), **options)
 
 
-EPOCHS_PER_CALL = 3   # the first epoch of each timed stage is set-up; the other two are timed
 
 
 def _keras_fit(model, dataset, steps, jit):
@@ -62,7 +61,7 @@ def _keras_fit(model, dataset, steps, jit):
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=jit, steps_per_execution=steps,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["sparse_categorical_accuracy"])   # the engine counts top-1 too
-    return keras_fit_run(model, dataset, steps, EPOCHS_PER_CALL)
+    return keras_fit_run(model, dataset, steps, STEADY_EPOCHS)
 
 
 def _plain_step(model, dataset, steps, jit):
@@ -82,7 +81,7 @@ def _plain_step(model, dataset, steps, jit):
     def run():
         batches = [iter(dataset)]   # released as the engine releases its own (see ke_tf.engine.iterators)
         ends = []
-        for _ in range(EPOCHS_PER_CALL):
+        for _ in range(STEADY_EPOCHS):
             for _ in range(steps):
                 loss = step(*next(batches[0]))
             float(loss)
@@ -99,7 +98,7 @@ def _contenders(arch, options, data, side, batch_size, steps, jit):
     with strategy.scope():
         model = _model(arch, options, classes, side)
     engine = EngineRun(strategy, model, train_config(batch_size, jit, steps_per_loop=steps), None, steps, data=data,
-                       epochs_per_call=EPOCHS_PER_CALL)
+                       epochs_per_call=STEADY_EPOCHS)
     stream = data.stream(batch_size, 0, 0, 10 ** 6)
     return {"engine": engine,
             "keras_fit": _keras_fit(_model(arch, options, classes, side), stream, steps, jit),
