@@ -20,10 +20,12 @@ class LossScale(tf.Module):
                                  name="scale")
         self.finite_steps = tf.Variable(0, trainable=False, dtype=tf.int64, aggregation=once, name="finite_steps")
 
-    def update(self, finite):
+    def update(self, finite, active=True):
         """After a step (cross-replica context): halve on overflow, double after a run of
-        `growth_steps` finite steps."""
+        `growth_steps` finite steps; `active` False (a step the Trainer stopped before) changes
+        nothing."""
         grown = self.finite_steps + 1 >= self.growth_steps
         new_scale = tf.where(finite, tf.where(grown, self.scale * 2.0, self.scale), self.scale / 2.0)
-        self.scale.assign(tf.maximum(new_scale, 1.0))
-        self.finite_steps.assign(tf.where(finite & ~grown, self.finite_steps + 1, tf.zeros_like(self.finite_steps)))
+        new_count = tf.where(finite & ~grown, self.finite_steps + 1, tf.zeros_like(self.finite_steps))
+        self.scale.assign(tf.where(active, tf.maximum(new_scale, 1.0), self.scale))
+        self.finite_steps.assign(tf.where(active, new_count, self.finite_steps))

@@ -25,16 +25,18 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.factor = float(factor)
 
     def __call__(self, step):
+        # Only the ops `kind` needs: the schedule runs in every training step's graph.
         step = tf.cast(step, tf.float32)
         lr = tf.constant(self.lr, tf.float32)
-        decay_steps = float(max(1, self.total_steps - self.warmup_steps))
-        t = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
-        if self.kind == "cosine":
-            value = self.final_lr + 0.5 * (self.lr - self.final_lr) * (1.0 + tf.cos(math.pi * t))
-        elif self.kind == "logspace":
-            value = lr * tf.pow(self.final_lr / self.lr, t)
-        elif self.kind == "step":
-            passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries]) if self.boundaries else 0.0
+        if self.kind in ("cosine", "logspace"):
+            decay_steps = float(max(1, self.total_steps - self.warmup_steps))
+            t = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+            if self.kind == "cosine":
+                value = self.final_lr + 0.5 * (self.lr - self.final_lr) * (1.0 + tf.cos(math.pi * t))
+            else:
+                value = lr * tf.pow(self.final_lr / self.lr, t)
+        elif self.kind == "step" and self.boundaries:
+            passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries])
             value = lr * tf.pow(self.factor, passed)
         else:
             value = lr

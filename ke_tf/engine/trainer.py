@@ -216,37 +216,37 @@ class Trainer:
 
     # ---- a loop of steps (cross-replica context, one tf.function call) ----------------------
     def _loop(self, iterator, num_steps, stop_requested):
-        """Up to `num_steps` steps; returns the `_RESULTS` sums as one float64 vector. Stops early
+        """Up to `num_steps` steps; returns the `_RESULTS` sums as one float64 vector. Ends early
         before applying a non-finite step (`on_nan: stop`); under MultiWorkerMirroredStrategy a
-        stop requested on any worker makes every worker run zero steps (agreed by an all-reduce)."""
-        zero = tf.constant(0.0, tf.float64)
-        loss_sum, correct, applied, skipped, overflows, steps = zero, zero, zero, zero, zero, zero
-        nan_stop = tf.constant(False)
+        stop requested on any worker makes every worker run zero steps (agreed by an all-reduce).
+        The stop is the loop's condition and the sums one loop-carried vector: an autograph
+        `break` would wrap the rest of every step in a conditional (measured ~2% of a dispatch-bound
+        step on a CPU)."""
         stopped = tf.constant(False)
         if self.multi_worker:
             votes = self.strategy.run(lambda: tf.cast(stop_requested, tf.float32))
             stopped = self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None) > 0
             num_steps = tf.where(stopped, 0, num_steps)
         fp16 = self.loss_scale is not None
-        for _ in tf.range(num_steps):
+        i = tf.constant(0)
+        nan_stop = tf.constant(False)
+        sums = tf.zeros([6], tf.float64)   # loss, correct, applied, skipped, overflows, steps
+        while tf.logical_and(i < num_steps, tf.logical_not(nan_stop)):
             out = self.strategy.run(self._step_fn, args=(next(iterator),))
             loss, n_correct, loss_ok, grads_ok = [self.strategy.experimental_local_results(o)[0] for o in out]
-            bad = ~loss_ok if fp16 else ~(loss_ok & grads_ok)   # fp16: non-finite grads = overflow
-            if self.cfg.on_nan == "stop" and bad:
-                nan_stop = True
-                break
-            self.optimizer.iterations.assign_add(1)   # skipped steps count: epochs stay aligned with data
-            if fp16:
-                self.loss_scale.update(grads_ok | ~loss_ok)
             ok = loss_ok & grads_ok
-            steps += 1.0
-            applied += tf.cast(ok, tf.float64)
-            skipped += tf.cast(bad, tf.float64)
-            overflows += tf.cast(~bad & ~ok, tf.float64)
-            loss_sum += tf.where(ok, tf.cast(loss, tf.float64), zero)
-            correct += tf.where(ok, tf.cast(n_correct, tf.float64), zero)
-        return tf.stack([loss_sum, correct, applied, skipped, overflows, steps,
-                         tf.cast(nan_stop, tf.float64), tf.cast(stopped, tf.float64)])
+            bad = ~loss_ok if fp16 else ~ok   # fp16: non-finite gradients alone are an overflow
+            nan_stop = bad & (self.cfg.on_nan == "stop")   # this step was not applied: leave it uncounted
+            counted = ~nan_stop
+            # Skipped steps count: epochs stay aligned with the data.
+            self.optimizer.iterations.assign_add(tf.cast(counted, self.optimizer.iterations.dtype))
+            if fp16:
+                self.loss_scale.update(grads_ok | ~loss_ok, active=counted)
+            kept = tf.where(ok, tf.cast(tf.stack([loss, n_correct]), tf.float64), tf.zeros([2], tf.float64))
+            flags = tf.cast(tf.stack([ok, bad & counted, ~bad & ~ok, counted]), tf.float64)
+            sums += tf.concat([kept, flags], 0)
+            i += 1
+        return tf.concat([sums, tf.cast(tf.stack([nan_stop, stopped]), tf.float64)], 0)
 
     def _loop_length(self):
         """Steps of the next loop: calibrated (or configured) length, never past an epoch end
