@@ -11,6 +11,10 @@
     steady state: epochs 2-3 of each 3-epoch stage or fit call, so stage set-up and tracing are
     left out and per-epoch bookkeeping stays in. A second, identical engine (an A/A pair) shows
     the noise of one repeat on the machine; targets are judged on the median ratio over repeats.
+    The one-device floor runs TensorFlow's thread pools with one thread each (one core per
+    device): with the default pools on a 2-vCPU machine the intra-op workers contend with the
+    dispatching thread, which is not the dispatch cost this row isolates, and one repeat of the
+    same engine varied 0.85-1.25 against itself.
 """
 import argparse
 import contextlib
@@ -73,10 +77,13 @@ def child(replicas, steps_per_loop, steps, repeats):
     stages, see `compare_steady`); prints a RESULT line. Keras 3.15's fit(steps_per_execution>1)
     fails under MirroredStrategy ("You must feed a value for placeholder tensor",
     keras-team/keras#19246), so with 2 replicas fit runs one step per call."""
+    import tensorflow as tf
+    if replicas == 1:   # one core per device (see the module docstring); must precede TF's start
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     from ke_tf.engine import make_strategy
     strategy = make_strategy("auto", cpu_replicas=replicas)
     import keras
-    import tensorflow as tf
 
     from benchmarks.common import STEADY_EPOCHS, EngineRun, compare_steady, keras_fit_run, random_batch, train_config
     from ke_tf.models import build_model
@@ -123,7 +130,7 @@ def floor_row(replicas, n, steps, repeats):
     vs_step = [e / s for e, s in zip(rates["engine"], rates["per_step"])]
     noise = [e / a for e, a in zip(rates["engine"], rates["engine_again"])]
     med = {k: float(np.median(v)) for k, v in rates.items()}
-    where = "2 logical CPU replicas" if replicas == 2 else "one device"
+    where = "2 logical CPU replicas" if replicas == 2 else "one device, thread pools of 1"
     return entry(f"overhead floor: ResNet-20 8x8 b32, {where}, N={n}", SECTION, med["engine"], "steps/s",
                  ratio=float(np.median(vs_fit)),
                  target=f"engine >= Keras fit(steps_per_execution={fit_n}) and > one step per call",
