@@ -241,6 +241,8 @@ def test_non_finite_loss_stops_without_applying_or_is_skipped(tmp_path):
         stopped.fit(TensorData(x, y), seed=0)
     assert stopped.step == bad_step  # the steps before the NaN batch were applied, that one was not
     assert int(stopped.optimizer.iterations.numpy()) == bad_step
+    # The NaN step's update never ran (BN moving statistics did see the batch: the error says so).
+    assert not any(np.isnan(v.numpy()).any() for v in model.trainable_variables + stopped.optimizer.variables)
     with strategy.scope():
         other = _model(bn=True)
     skip = Trainer(_cfg(epochs=1, on_nan="skip", steps_per_loop=1), strategy, other, _poisoned(other), 4,
@@ -290,6 +292,22 @@ def test_schedules_hand_values():
     log = WarmupSchedule(1e-4, total_steps=100, kind="logspace", final_lr=1e-6)
     np.testing.assert_allclose(float(log(50)), 1e-5, rtol=1e-4)
     assert WarmupSchedule.from_config(log.get_config()).get_config() == log.get_config()
+    constant = WarmupSchedule(0.05, total_steps=100, kind="constant", warmup_steps=4)
+    assert [round(float(constant(s)), 8) for s in (0, 3, 4, 99)] == [0.0125, 0.05, 0.05, 0.05]
+    assert round(float(WarmupSchedule(0.05, total_steps=100, kind="step")(50)), 8) == 0.05   # no boundaries
+
+
+def test_loss_scale_halves_on_overflow_grows_after_a_run_and_ignores_inactive_steps():
+    from ke_tf.engine.loss_scale import LossScale
+    scale = LossScale(initial_scale=8.0, growth_steps=2)
+    scale.update(tf.constant(False))
+    assert float(scale.scale) == 4.0 and int(scale.finite_steps) == 0
+    scale.update(tf.constant(True))
+    assert float(scale.scale) == 4.0 and int(scale.finite_steps) == 1
+    scale.update(tf.constant(False), active=tf.constant(False))   # the step a NaN stop ended on
+    assert float(scale.scale) == 4.0 and int(scale.finite_steps) == 1
+    scale.update(tf.constant(True))
+    assert float(scale.scale) == 8.0 and int(scale.finite_steps) == 0
 
 
 @pytest.mark.parametrize("mode,policy,dtype", [("bf16", "mixed_bfloat16", "bfloat16"),
