@@ -77,3 +77,40 @@ def test_subclassed_model_learns_with_fit():
     history = model.fit(images, labels, batch_size=32, epochs=20, verbose=0)
     assert history.history["loss"][-1] < 0.6 * history.history["loss"][0]
     assert history.history["accuracy"][-1] > 0.6  # chance is 0.25
+
+
+def test_batch_norm_trains_with_the_fused_kernel_and_matches_keras_layer():
+    """One replica, training: our BN runs FusedBatchNormV3 and computes what Keras's layer does
+    (outputs, gradients, moving statistics); inference keeps Keras's path."""
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(2.0, 3.0, (8, 5, 5, 4)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(8, 5, 5, 4)).astype("float32"))
+    ours = ke_tf.SyncBatchNormalization(momentum=0.9, epsilon=1e-5)
+    keras_bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    for layer in (ours, keras_bn):
+        layer.build(x.shape)
+    start = [rng.uniform(0.5, 2.0, 4).astype("float32"), rng.normal(size=4).astype("float32"),
+             rng.normal(size=4).astype("float32"), rng.uniform(0.5, 2.0, 4).astype("float32")]
+    for layer in (ours, keras_bn):
+        layer.set_weights(start)   # gamma, beta, moving mean, moving variance
+
+    def step_of(layer):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * upstream)
+            return y, tape.gradient(loss, [x, layer.gamma, layer.beta])
+        return step
+    op_types = {name: {op.type for op in step_of(layer).get_concrete_function().graph.get_operations()}
+                for name, layer in (("ours", ours), ("keras", keras_bn))}
+    assert "FusedBatchNormV3" in op_types["ours"] and "FusedBatchNormV3" not in op_types["keras"]
+    (y_ours, g_ours), (y_keras, g_keras) = step_of(ours)(), step_of(keras_bn)()
+    np.testing.assert_allclose(y_ours, y_keras, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_ours, g_keras):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ours.get_weights(), keras_bn.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_allclose(ours(x, training=False), keras_bn(x, training=False), rtol=1e-5, atol=1e-5)
