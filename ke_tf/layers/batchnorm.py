@@ -5,10 +5,6 @@ E[x^2] - E[x]^2, which loses all precision on channels whose variance is tiny ne
 (measured on digits: 2 replicas drifted from one device by 2.6% of a weight after two steps).
 Here each replica's mean and centred sum of squares are combined exactly (Chan et al.'s parallel
 variance), so N replicas compute what `tf.nn.moments` computes on one device over the global batch.
-
-Training on one replica's statistics runs TensorFlow's fused kernel (FusedBatchNormV3 and its
-gradient) instead of Keras 3's moments + normalisation ops: 2.7x faster per BN layer on a
-128x32x32x16 batch on a 2-core CPU, and the BN layers were a fifth of a ResNet-56 step.
 """
 import keras
 import tensorflow as tf
@@ -37,33 +33,6 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` whose `synchronized=True` statistics are computed stably
     (see the module docstring); identical to Keras's layer otherwise. The Trainer switches
     `synchronized` on when `train.sync_bn` asks for it and there is more than one replica."""
-
-    def call(self, inputs, training=None, mask=None):
-        if self._fusable(inputs, training, mask):
-            return self._fused_training_call(inputs)
-        return super().call(inputs, training=training, mask=mask)
-
-    def _fusable(self, inputs, training, mask):
-        """Whether this call is the one case the fused kernel covers exactly: training on one
-        replica's statistics, float32 NHWC images, scale and centre, no mask or renorm."""
-        context = tf.distribute.get_replica_context()
-        synchronised = self.synchronized and context is not None and context.num_replicas_in_sync > 1
-        return (training is True and self.trainable and mask is None and not synchronised and not self.renorm
-                and self.scale and self.center and len(inputs.shape) == 4 and self.axis % 4 == 3
-                and inputs.dtype == tf.float32)
-
-    def _fused_training_call(self, inputs):
-        # The v1 API raises epsilon to 1.001e-5 where it is smaller (cuDNN's minimum), as tf-keras's
-        # fused BN did: with BN_EPSILON 1e-5 that moves the output by ~1e-9 relative.
-        outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
-            inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC", is_training=True)
-        # The kernel returns the Bessel-corrected variance; the moving average takes the biased
-        # one, as Keras's layer and the synchronised path do, so every path keeps the same statistics.
-        count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
-        variance = unbiased * ((count - 1.0) / count)
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        return tf.cast(outputs, self.compute_dtype)
 
     def _moments(self, inputs, mask):
         context = tf.distribute.get_replica_context()
