@@ -39,26 +39,10 @@ from ke_tf.models import build_from_spec, build_model, default_widths, model_spe
 from ke_tf.models.reducenet import get_deploy_model
 from ke_tf.models.transnet import TransNet
 from ke_tf.params import ParamsError, apply_params, load_params, save_params
+from ke_tf.run import run_method
 from ke_tf.slicing import slice_model
 
 __version__ = "0.1.0"
-
-
-def run_method(cfg, strategy=None):
-    """Run the loop `cfg.method` names (what train_cifar.py/train_flower.py do) and return its
-    summary dict. `cfg` is a `ke_tf.config.Config` (see `load_config`). The config's
-    `train.mixed_precision` policy is in force while it runs (models are built inside)."""
-    import keras
-
-    from ke_tf.engine import set_precision
-    from ke_tf.loops import get_loop
-    strategy = strategy or make_strategy(cfg.distribute.strategy, cfg.distribute.cpu_replicas)
-    previous = keras.mixed_precision.global_policy()
-    set_precision(cfg.train.mixed_precision)
-    try:
-        return get_loop(cfg.method).run(cfg, strategy)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 __all__ = [

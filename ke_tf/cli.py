@@ -78,21 +78,15 @@ def train_main(default_config, description):
         if args.config is None:
             parser.error("--config is required: a YAML file or a shipped config's name (--list shows them)")
         from ke_tf.config import load_config
-        from ke_tf.loops import get_loop, register_sections
+        from ke_tf.loops import get_loop
         from ke_tf.progress import log_line
+        from ke_tf.run import run_method
         from ke_tf.shipped_configs import resolve_config
-        register_sections()
         path = resolve_config(args.config)
         cfg = load_config(path, args.set)
-        loop = get_loop(cfg.method)
+        get_loop(cfg.method)   # an unknown method fails here, before the log line
         log_line(f"config {path}: method {cfg.method}, run_dir {cfg.run_dir}")
-        # The strategy comes first: MultiWorkerMirroredStrategy must exist before any TF op.
-        from ke_tf.engine import make_strategy, set_precision
-        strategy = make_strategy(cfg.distribute.strategy, cfg.distribute.cpu_replicas)
-        set_precision(cfg.train.mixed_precision)
-        import tensorflow as tf
-        tf.keras.utils.set_random_seed(cfg.seed)
-        summary = loop.run(cfg, strategy)
+        summary = run_method(cfg)
         from ke_tf.report import vertical_table
         print(vertical_table(summary))
         return summary

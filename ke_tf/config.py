@@ -1,7 +1,8 @@
 """Typed experiment configs: YAML + `--set a.b=value` overrides -> validated dataclasses.
 
 Unknown keys, wrong types and impossible values are rejected before any work starts, with the
-dotted key in the message. Method loops add their own section with `register_section`.
+dotted key in the message. Method loops add their own section with `register_section`; the
+loops are imported on demand, the first time a config names a section not yet registered.
 """
 import dataclasses
 import typing
@@ -123,6 +124,13 @@ def register_section(name, cls):
     return cls
 
 
+def _register_method_sections():
+    """Import the method loops, each of which registers its section (on demand: a config can be
+    loaded before any loop was imported)."""
+    from ke_tf.loops import register_sections
+    register_sections()
+
+
 @dataclasses.dataclass
 class Config:
     description: str = ""           # one line shown by `ke-tf-train --list`
@@ -138,6 +146,8 @@ class Config:
     def section(self, name):
         """The method section `name` (defaults if absent from the YAML)."""
         if name not in self.sections:
+            if name not in _SECTIONS:
+                _register_method_sections()
             self.sections[name] = _SECTIONS[name]()
         return self.sections[name]
 
@@ -205,6 +215,9 @@ def _build(cls, raw, key):
 def from_dict(raw):
     """Build and validate a Config from a plain dict (e.g. parsed YAML)."""
     raw = dict(raw or {})
+    top_level = {f.name for f in dataclasses.fields(Config)}
+    if any(name not in top_level and name not in _SECTIONS for name in raw):
+        _register_method_sections()
     sections = {}
     for name in list(raw):
         if name in _SECTIONS:

@@ -243,8 +243,6 @@ def test_variance_report_matches_numpy(tmp_path, nets):
 
 
 def test_config_validation():
-    from ke_tf.loops import register_sections
-    register_sections()
     base = {"method": "consistency"}
     cfg = from_dict({**base, "consistency": {"transnet": {"epochs": 3}}})
     kc = cfg.section("consistency")

@@ -302,8 +302,6 @@ def test_end_to_end_on_two_replicas(tmp_path):
 
 def test_configs_validate_and_reduction_rate_sets_target():
     from ke_tf.config import ConfigError, load_config
-    from ke_tf.loops import register_sections
-    register_sections()
     for name in ("cifar10", "cifar100"):
         cfg = load_config(f"configs/{name}_resnet56_ekg.yaml")
         assert cfg.method == "ekg" and cfg.model.options["shortcut"] == "B"

@@ -167,8 +167,6 @@ def test_task_split_and_config_validation():
     with pytest.raises(ConfigError, match="need 12 classes"):
         inc.task_split(inc.IncrementalConfig(first=4, increment=4, num_tasks=3), 10)
     from ke_tf.config import load_config
-    from ke_tf.loops import register_sections
-    register_sections()
     cfg = load_config("configs/cifar100_lwm.yaml")
     assert [len(t) for t in inc.task_split(cfg.section("incremental"), 100)] == [50] + [10] * 5
     with pytest.raises(ConfigError, match="incremental.compare"):

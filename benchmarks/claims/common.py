@@ -10,8 +10,6 @@ QUIET = ("train.progress=false", "train.checkpoint_every_epochs=0", "train.eval_
 def config(name, run_dir, seed, *overrides):
     """The shipped config `name` with `overrides` (`key=value`), run in `run_dir` with `seed`."""
     from ke_tf.config import load_config
-    from ke_tf.loops import register_sections
-    register_sections()
     return load_config(resolve_config(name), [*QUIET, f"run_dir={run_dir}", f"seed={seed}", *overrides])
 
 
@@ -48,8 +46,6 @@ def data_poor_digits(image_size=16, holdout_per_class=120):
 def plain_config(run_dir, seed, epochs, batch_size=32, lr=0.05, model=None, distillation=None, **train):
     """A distillation Config for loops driven directly (nesterov SGD, cosine, L2 5e-4)."""
     from ke_tf.config import from_dict
-    from ke_tf.loops import register_sections
-    register_sections()
     return from_dict({"method": "distillation", "seed": seed, "run_dir": run_dir, "model": model or {},
                       "distillation": distillation or {},
                       "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "nesterov": True,
