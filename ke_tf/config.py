@@ -70,6 +70,9 @@ class TrainConfig:
     checkpoint_every_epochs: int = 1
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
+    # auto: resume from the newest checkpoint that restores, refusing checkpoints of another model
+    # or config; restart: delete the stage's checkpoints and train from step 0 (engine.checkpoints).
+    resume: str = "auto"
     eval_every_epochs: int = 1
     eval_batch_size: int = 256
     on_nan: str = "stop"            # stop | skip
@@ -97,6 +100,7 @@ class TrainConfig:
         _choice(f"{key}.mixed_precision", self.mixed_precision, ("none", "bf16", "fp16"))
         _choice(f"{key}.on_nan", self.on_nan, ("stop", "skip"))
         _choice(f"{key}.sync_bn", self.sync_bn, ("auto", "on", "off"))
+        _choice(f"{key}.resume", self.resume, ("auto", "restart"))
         if self.schedule == "logspace" and self.final_lr <= 0:
             raise ConfigError(f"{key}.final_lr must be > 0 for the logspace schedule")
         if self.batch_size % self.accum_steps:

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import time
 
 import keras
@@ -33,6 +32,7 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError
 from ke_tf.data.stream import InputShard
+from ke_tf.engine.checkpoints import CheckpointError, StageCheckpoints, made_from, settle
 from ke_tf.engine.iterators import release_in_background
 from ke_tf.engine.loss_scale import LossScale
 from ke_tf.engine.optim import make_optimizer
@@ -134,8 +134,9 @@ class Trainer:
             self.checkpoint = tf.train.Checkpoint(model=model, optimizer=self.optimizer, **scaling,
                                                   **(extra_checkpoint or {}))
         self.ckpt_dir = os.path.join(run_dir, "checkpoints", name)
-        write_dir = self.ckpt_dir if self.chief else tempfile.mkdtemp(prefix="ke_tf_ckpt_")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep=cfg.keep_checkpoints)
+        self.checkpoints = StageCheckpoints(self.ckpt_dir, self.chief, made_from(model, cfg, self.steps_per_epoch),
+                                            cfg.resume)
+        self.manager = self.checkpoints.open_manager(self.checkpoint, cfg.keep_checkpoints)
         self._grads_fn = tf.function(self._gradients, jit_compile=True) if self.jit == "gradients" \
             else self._gradients
         self._step_fn = tf.function(self._replica_step, jit_compile=True) if self.jit == "step" \
@@ -276,19 +277,15 @@ class Trainer:
 
     # ---- checkpoints and signals ------------------------------------------------------------
     def restore(self):
-        """Resume from the newest checkpoint of this stage; returns True if one was found. Every
-        worker must restore the same step: a mismatch raises here, on every worker."""
-        latest = tf.train.latest_checkpoint(self.ckpt_dir)
-        if latest is not None:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        """Resume from the newest checkpoint of this stage that restores (`StageCheckpoints`);
+        returns True if one was found. Every worker takes the same outcome: a refusal, or
+        different restored steps, raises on every worker."""
+        try:
+            latest, failure = self.checkpoints.restore(self.checkpoint), None
+        except CheckpointError as e:
+            latest, failure = None, e
         self.step = int(self.optimizer.iterations.numpy())
-        if self.multi_worker:
-            mean = self._cluster_mean(self.step)
-            if mean != self.step or self._cluster_mean(self.step ** 2) != mean ** 2:
-                raise RuntimeError(
-                    f"{self.name}: workers restored different steps (this worker: step {self.step} from "
-                    f"{latest or 'no checkpoint'}; cluster mean {mean:g}). Every worker must see the "
-                    f"chief's checkpoints: put run_dir on a filesystem all workers share.")
+        settle(self.name, failure, self.step, latest, self._cluster_mean if self.multi_worker else None)
         if latest is not None:
             history = os.path.join(self.run_dir, f"{self.name}_history.json")
             if os.path.exists(history):
@@ -297,7 +294,7 @@ class Trainer:
         return latest is not None
 
     def save_checkpoint(self):
-        self.manager.save(checkpoint_number=self.step)
+        self.checkpoints.save(self.manager, self.step)
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
