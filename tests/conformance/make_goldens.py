@@ -1,14 +1,26 @@
 """Run the reference implementations on seeded inputs and write small `.npz` goldens for
-tests/test_conformance.py. Runs in a side environment OUTSIDE this repository, never in the tests:
+tests/test_conformance.py. Runs in side environments OUTSIDE this repository, never in the tests.
+torch goldens compute in float64 (the tests run ke_tf under the "float64" dtype policy), so a
+comparison is limited by float64 round-off, not by float32 summation order, which varies by CPU.
 
-    python3 -m venv /work/sideenv && /work/sideenv/bin/pip install torch==2.13.0 numpy
-    git --git-dir=<fetched ahmdtaha/knowledge_evolution> archive HEAD | tar -x -C /tmp/ke
-    /work/sideenv/bin/python tests/conformance/make_goldens.py ke /tmp/ke --commit <sha>
-    /work/sideenv/bin/python tests/conformance/make_goldens.py reducenet /tmp/reducenet --commit <sha>
-    python3 -m venv /work/sideenv_tf && /work/sideenv_tf/bin/pip install tensorflow tf-keras numpy
-    /work/sideenv_tf/bin/python tests/conformance/make_goldens.py ekg /tmp/ekg --commit <sha>
-    /work/sideenv/bin/python tests/conformance/make_goldens.py consistency /tmp/kc --commit <sha>
-    /work/sideenv/bin/python tests/conformance/make_goldens.py lwm /tmp/lwm --commit <sha> --ke_repo /tmp/ke --ke_commit <sha>
+Side environments (any location): a torch one for ke, reducenet, consistency and lwm, and a
+tf-keras one for ekg (EKG is TF2 code):
+
+    python3 -m venv "$TORCH_ENV" && "$TORCH_ENV/bin/pip" install torch==2.13.0 numpy pyyaml
+    python3 -m venv "$TF_ENV" && "$TF_ENV/bin/pip" install tensorflow tf-keras numpy
+
+The script re-runs itself with the side environment's interpreter given by --python, else by the
+environment variable GOLDENS_TORCH_PYTHON (GOLDENS_TF_PYTHON for ekg), else runs where started.
+Each golden takes the unpacked source tree of its original at the commit it records, e.g.
+
+    git clone https://github.com/ahmdtaha/knowledge_evolution "$SRC/ke"
+    git -C "$SRC/ke" checkout a3f2eb2eed7accb86ad1af2a15c13e4a9654fe16
+    export GOLDENS_TORCH_PYTHON="$TORCH_ENV/bin/python" GOLDENS_TF_PYTHON="$TF_ENV/bin/python"
+    python3 tests/conformance/make_goldens.py ke "$SRC/ke" --commit <sha>
+    python3 tests/conformance/make_goldens.py reducenet "$SRC/reducenet" --commit <sha>
+    python3 tests/conformance/make_goldens.py ekg "$SRC/ekg" --commit <sha>
+    python3 tests/conformance/make_goldens.py consistency "$SRC/kc" --commit <sha>
+    python3 tests/conformance/make_goldens.py lwm "$SRC/lwm" --commit <sha> --ke_repo "$SRC/ke" --ke_commit <sha>
 
 Weights are not stored: both sides build them with `seeded.seeded_state` from the key names and
 shapes the golden records. Every golden records the source repository and commit.
@@ -17,6 +29,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import types
 
 import numpy as np
@@ -27,7 +40,24 @@ from seeded import golden_images, seeded_state  # noqa: E402
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
 SEED = 0
 CLASSES = 10
-STEP_LR, STEP_WD = 0.1, 0.05
+# lr and momentum dyadic: exact in float32, as Keras's SGD holds its learning rate and casts its
+# momentum (a float32 constant on the way to float64: 0.9 would become 0.89999998).
+STEP_LR, STEP_MOMENTUM, STEP_WD = 0.125, 0.875, 0.05
+SIDE_PYTHON = {"ekg": "GOLDENS_TF_PYTHON"}  # the other goldens: GOLDENS_TORCH_PYTHON
+
+
+def _torch64():
+    """torch with float64 as the default dtype: the originals' modules and the tensors they
+    create internally compute in float64 (the seeded float32 weights convert exactly)."""
+    import torch
+    torch.set_default_dtype(torch.float64)
+    return torch
+
+
+def _tensor(array):
+    """A float64 torch tensor of `array` (the goldens' float32 images and features, exactly)."""
+    import torch
+    return torch.from_numpy(np.asarray(array, np.float64))
 
 
 def _torch_state(model, seed, keep_suffixes):
@@ -52,8 +82,8 @@ def _shape_record(shapes):
 def ke(repo, commit):
     """KE (ahmdtaha/knowledge_evolution): kels masks of every Split_ResNet18 layer (sr 0.5), the
     dense and slim logits from seeded weights, two SGD steps (label smoothing 0.1, coupled L2,
-    momentum 0.9) of the dense net."""
-    import torch
+    momentum) of the dense net."""
+    torch = _torch64()
     sys.path.insert(0, repo)
     from models.split_resnet import Split_ResNet18
     from utils.net_utils import LabelSmoothing, extract_slim
@@ -72,21 +102,21 @@ def ke(repo, commit):
     x, x_nhwc = golden_images(2, 64, SEED)
     dense.eval()
     with torch.no_grad():
-        dense_logits = dense(torch.from_numpy(x)).numpy()
+        dense_logits = dense(_tensor(x)).numpy()
     slim = Split_ResNet18(cfg(1.0, 0.5))
     extract_slim(slim, dense)
     slim.eval()
     with torch.no_grad():
-        slim_logits = slim(torch.from_numpy(x)).numpy()
-    # Training steps as KE_model.ke_cls_train: SGD(lr, momentum 0.9, weight_decay), LabelSmoothing(0.1).
+        slim_logits = slim(_tensor(x)).numpy()
+    # Training steps as KE_model.ke_cls_train: SGD(lr, momentum, weight_decay), LabelSmoothing(0.1).
     # Two steps (the second uses the momentum buffer) and a large weight decay, so that coupled vs
     # decoupled decay differs by far more than the tolerance (KE's 1e-4 would hide it at 1e-4).
     labels = np.array([3, 7])
     dense.train()
-    opt = torch.optim.SGD(dense.parameters(), lr=STEP_LR, momentum=0.9, weight_decay=STEP_WD)
+    opt = torch.optim.SGD(dense.parameters(), lr=STEP_LR, momentum=STEP_MOMENTUM, weight_decay=STEP_WD)
     losses = []
     for _ in range(2):
-        loss = LabelSmoothing(0.1)(dense(torch.from_numpy(x)), torch.from_numpy(labels))
+        loss = LabelSmoothing(0.1)(dense(_tensor(x)), torch.from_numpy(labels))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -97,18 +127,18 @@ def ke(repo, commit):
     np.savez_compressed(
         os.path.join(GOLDEN_DIR, "ke_resnet18.npz"), repo="ahmdtaha/knowledge_evolution", commit=commit,
         seed=SEED, images=x_nhwc, labels=labels, dense_logits=dense_logits, slim_logits=slim_logits,
-        step_losses=np.array(losses, np.float32), step_lr=STEP_LR, step_weight_decay=STEP_WD, **_shape_record(shapes),
+        step_losses=np.array(losses), step_lr=STEP_LR, step_momentum=STEP_MOMENTUM, step_weight_decay=STEP_WD, **_shape_record(shapes),
         **{f"mask/{k}": v for k, v in masks.items()},
         **{f"step/{k}": after[k] for k in full},
-        step_sum_keys=np.array(list(after)), step_sums=np.array([after[k].astype(np.float64).sum() for k in after]),
-        step_sq_sums=np.array([np.square(after[k].astype(np.float64)).sum() for k in after]))
+        step_sum_keys=np.array(list(after)), step_sums=np.array([after[k].sum() for k in after]),
+        step_sq_sums=np.array([np.square(after[k]).sum() for k in after]))
 
 
 def reducenet(repo, commit):
     """ReduceNet (ohmydroid/reducenet): reducenet20 teacher (scaler 1), student (scaler 0) and
     student with the lora branch on (lora 1) logits from the same seeded weights, and main.py's
     KD loss (alpha 0.7, T 5)."""
-    import torch
+    torch = _torch64()
     import torch.nn.functional as F
     sys.path.insert(0, repo)
     from models.reducenet import reducenet20
@@ -118,11 +148,11 @@ def reducenet(repo, commit):
     x, x_nhwc = golden_images(2, 32, SEED)
     net.eval()
     with torch.no_grad():
-        teacher = net(torch.from_numpy(x)).numpy()
+        teacher = net(_tensor(x)).numpy()
         net.scaler.data = torch.tensor(0.0)
-        student = net(torch.from_numpy(x)).numpy()
+        student = net(_tensor(x)).numpy()
         net.lora.data = torch.tensor(1.0)  # the linear branch (never enabled in the original's runs)
-        student_lora = net(torch.from_numpy(x)).numpy()
+        student_lora = net(_tensor(x)).numpy()
         net.lora.data = torch.tensor(0.0)
     labels = np.array([1, 4])
     alpha, temperature = 0.7, 5.0
@@ -133,7 +163,7 @@ def reducenet(repo, commit):
     np.savez_compressed(
         os.path.join(GOLDEN_DIR, "reducenet20.npz"), repo="ohmydroid/reducenet", commit=commit, seed=SEED,
         images=x_nhwc, labels=labels, teacher_logits=teacher, student_logits=student, student_lora_logits=student_lora,
-        kd_loss=np.float32(kd.item()),
+        kd_loss=kd.item(),
         alpha=alpha, temperature=temperature, **_shape_record(shapes))
 
 
@@ -151,7 +181,7 @@ def ekg(repo, commit, steps=3):
     tf.random.set_seed(SEED)
     args = types.SimpleNamespace(arch="ResNet-20", input_size=[32, 32, 3], num_classes=CLASSES, val_batch_size=16,
                                  search_batch_size=16, cardinality={"val": 16}, compile=False, accum=1, gpu_id=[0],
-                                 search_step=0.2, search_target_rate=0.1, train_path="/tmp/ekg_golden_run")
+                                 search_step=0.2, search_target_rate=0.1, train_path=tempfile.mkdtemp(prefix="ekg_golden_"))
     model = ResNet.Model(args, num_layers=20, num_class=CLASSES, name="ResNet")
     model(np.zeros([1, 32, 32, 3], np.float32), training=False)
     names = {v.name[len("ResNet/"):]: v for v in model.variables}
@@ -201,7 +231,7 @@ def consistency(repo, commit):
     """Knowledge consistency (nexuslrf/knowledge_consistency): the Trans-Net `LinearTester`
     (3 layers, instance std scaling, learnable p) on seeded 4-channel 8x8 features: g(x_A), its
     per-order components (`val_batch`) and the training loss MSE + sum alpha_k p_k^2."""
-    import torch
+    torch = _torch64()
     sys.path.insert(0, repo)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the constructor calls .cuda(); CPU here
     from Model_zoo.linearTest_sigmoidP_instance import LinearTester
@@ -216,22 +246,22 @@ def consistency(repo, commit):
     x_b = rng.standard_normal((2, *size)).astype(np.float32)
     alphas = np.array([0.1, 0.1], np.float32)
     net.eval()
-    output = net(torch.from_numpy(x_a))
+    output = net(_tensor(x_a))
     # Training_TransNet.py: nn.MSELoss()(g(x_A), x_B) + sum(p^2 * alphas)
-    loss = torch.nn.MSELoss()(output, torch.from_numpy(x_b)) + torch.sum(net.get_p() ** 2 * torch.from_numpy(alphas))
-    total, orders = net.val_batch(torch.from_numpy(x_a))
+    loss = torch.nn.MSELoss()(output, _tensor(x_b)) + torch.sum(net.get_p() ** 2 * _tensor(alphas))
+    total, orders = net.val_batch(_tensor(x_a))
     nhwc = (0, 2, 3, 1)
     np.savez_compressed(
         os.path.join(GOLDEN_DIR, "consistency_transnet.npz"), repo="nexuslrf/knowledge_consistency", commit=commit,
         seed=SEED, x_a=x_a.transpose(nhwc), x_b=x_b.transpose(nhwc), alphas=alphas,
         output=output.detach().numpy().transpose(nhwc), orders=orders.numpy().transpose(0, 1, 3, 4, 2),
-        orders_sum=total.numpy().transpose(nhwc), loss=np.float32(loss.item()), p_pre=state["nonLinearLayers_p_pre"],
+        orders_sum=total.numpy().transpose(nhwc), loss=loss.item(), p_pre=state["nonLinearLayers_p_pre"],
         **_shape_record(shapes))
 
 
 def _ke_resnet18(ke_repo, slim_factor, seed):
     """KE's (torchvision-layout) ResNet-18 at `slim_factor` width with seeded weights."""
-    import torch
+    torch = _torch64()
     if ke_repo not in sys.path:
         sys.path.insert(0, ke_repo)
     from models.split_resnet import Split_ResNet18
@@ -252,7 +282,7 @@ def lwm(repo, commit, ke_repo, ke_commit):
     satya15july's `grad_cam_loss` on the same tensors, which differs from the paper (its map sums
     alpha_k * dy/dA^k, its class is the student's top old class)."""
     import importlib.util
-    import torch
+    torch = _torch64()
     import torch.nn.functional as F
     sys.path.insert(0, repo)
     spec = importlib.util.spec_from_file_location("lwm_reference_utils", os.path.join(repo, "utils.py"))
@@ -265,7 +295,7 @@ def lwm(repo, commit, ke_repo, ke_commit):
         features = {}
         net.layer4.register_forward_hook(lambda module, inputs, output, f=features: f.update(A=output))
         net.layer3.register_forward_hook(lambda module, inputs, output, f=features: f.update(A3=output))
-        logits = net(torch.from_numpy(x))
+        logits = net(_tensor(x))
         nets[role], records[role] = net, (features["A"], logits, shapes)
         records[role + "_layer3_hook"] = features  # the hooks refresh it on every forward pass
     t_feat, t_logits, t_shapes = records["teacher"]
@@ -284,7 +314,7 @@ def lwm(repo, commit, ke_repo, ke_commit):
     # (a fresh forward pass: grad_cam_loss frees the graph it differentiates)
     fresh = {}
     for role in ("teacher", "student"):
-        logits = nets[role](torch.from_numpy(x))
+        logits = nets[role](_tensor(x))
         fresh[role] = (records[role + "_layer3_hook"]["A3"], logits)
     repo_loss_layer3 = reference.grad_cam_loss(*fresh["teacher"], *fresh["student"])
     np.savez_compressed(
@@ -293,8 +323,7 @@ def lwm(repo, commit, ke_repo, ke_commit):
         image_seed=SEED, image_size=128, slim_factor=0.25,
         teacher_logits=t_logits.detach().numpy(), student_logits=s_logits.detach().numpy(), classes=top.numpy(),
         teacher_map=maps["teacher"].detach().numpy(), student_map=maps["student"].detach().numpy(),
-        paper_loss=np.float32(paper_loss.item()), repo_loss=np.float32(repo_loss.item()),
-        repo_loss_layer3=np.float32(repo_loss_layer3.item()),
+        paper_loss=paper_loss.item(), repo_loss=repo_loss.item(), repo_loss_layer3=repo_loss_layer3.item(),
         **{f"teacher_{k}": v for k, v in _shape_record(t_shapes).items()})
 
 
@@ -305,7 +334,12 @@ if __name__ == "__main__":
     parser.add_argument("--commit", required=True, help="the source tree's commit (recorded in the golden)")
     parser.add_argument("--ke_repo", help="lwm: KE's source tree (its ResNet-18 is the network)")
     parser.add_argument("--ke_commit", help="lwm: the KE tree's commit")
+    parser.add_argument("--python", help="the side environment's interpreter to run with (default: "
+                        "$GOLDENS_TORCH_PYTHON, $GOLDENS_TF_PYTHON for ekg; neither: this interpreter)")
     args = parser.parse_args()
+    python = args.python or os.environ.get(SIDE_PYTHON.get(args.which, "GOLDENS_TORCH_PYTHON"))
+    if python and not os.environ.get("GOLDENS_IN_SIDE_ENV"):  # the marker: re-run once, never again
+        os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, "GOLDENS_IN_SIDE_ENV": "1"})
     os.makedirs(GOLDEN_DIR, exist_ok=True)
     repo = os.path.abspath(args.repo)
     if args.which == "lwm":
