@@ -1,4 +1,7 @@
-"""Re-parameterisation layers and ReduceNet: exact fusion, published sizes, serialisation."""
+"""Re-parameterisation layers and ReduceNet: exact fusion, published sizes, serialisation.
+
+Fused == multi-branch, deploy == student and loaded == saved are identities: they are built and run
+under the float64 policy and compared at float64 round-off (tests/numerics.py)."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -6,17 +9,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from ke_tf.flops import complexity  # noqa: E402
 from ke_tf.layers.activations import AnnealedReLU, linear_anneal, set_annealing  # noqa: E402
 from ke_tf.layers.reparam import ReduceConv, fold_bn, pad_kernel  # noqa: E402
 from ke_tf.models import build_from_spec, build_model, model_spec  # noqa: E402
 from ke_tf.models.reducenet import deploy_spec, get_deploy_model, variant_spec  # noqa: E402
-
-# Fused vs multi-branch outputs are compared at 1e-5: keep float32 convs exact on Ampere+ GPUs
-# (TF32 would add ~1e-3 relative error to both sides).
-tf.config.experimental.enable_tensor_float_32_execution(False)
+from tests.numerics import assert_identical, float64  # noqa: E402
 
 
 def randomize(model, seed=0):
@@ -25,11 +24,11 @@ def randomize(model, seed=0):
     for v in model.weights:
         shape = tuple(v.shape)
         if v.name == "moving_variance":
-            v.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+            v.assign(rng.uniform(0.5, 2.0, shape))
         elif v.name in ("moving_mean", "beta", "bias"):
-            v.assign(rng.normal(0, 0.2, shape).astype("float32"))
+            v.assign(rng.normal(0, 0.2, shape))
         elif v.name == "gamma":
-            v.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+            v.assign(rng.uniform(0.5, 1.5, shape))
 
 
 def test_annealed_relu_blends_relu_into_identity():
@@ -46,35 +45,35 @@ def test_annealed_relu_blends_relu_into_identity():
 
 
 def test_fold_bn_and_pad_match_keras():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 7, 7, 3)).astype("float32")
-    conv = keras.layers.Conv2D(4, 1, strides=2, padding="same", use_bias=False)
-    bn = keras.layers.BatchNormalization(epsilon=1e-5)
-    bn(conv(x), training=False)  # builds both layers
-    randomize(keras.Sequential([conv, bn]), seed=2)
-    ref = np.asarray(bn(conv(x), training=False))
-    k, b = fold_bn(conv.kernel, None, bn)
-    fused = keras.layers.Conv2D(4, 3, strides=2, padding="same")
-    fused.build(x.shape)
-    fused.set_weights([pad_kernel(k, 3).astype("float32"), b.astype("float32")])
-    np.testing.assert_allclose(fused(x), ref, atol=1e-5)
+    x = np.random.default_rng(1).normal(size=(2, 7, 7, 3))
+    with float64():
+        conv = keras.layers.Conv2D(4, 1, strides=2, padding="same", use_bias=False)
+        bn = keras.layers.BatchNormalization(epsilon=1e-5)
+        bn(conv(x), training=False)  # builds both layers
+        randomize(keras.Sequential([conv, bn]), seed=2)
+        ref = bn(conv(x), training=False).numpy()
+        k, b = fold_bn(conv.kernel, None, bn)
+        fused = keras.layers.Conv2D(4, 3, strides=2, padding="same")
+        fused.build(x.shape)
+        fused.set_weights([pad_kernel(k, 3), b])
+        assert_identical(fused(x).numpy(), ref)
 
 
 @pytest.mark.parametrize("size,strides,lora,lora_act", [(8, 1, False, "linear"), (8, 2, True, "linear"),
                                                         (7, 2, True, "linear"), (8, 2, True, "annealed")])
 def test_reduce_conv_fuses_exactly(size, strides, lora, lora_act):
     """Even sizes matter: Keras' stride-2 'same' padding centres a 3x3 window at 1, a 1x1 at 0."""
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(2, size, size, 6)).astype("float32")
-    unit = ReduceConv(5, strides, lora=lora, lora_act=lora_act)
-    unit(x)
-    randomize(keras.Sequential([unit]), seed=4)
-    set_annealing(keras.Sequential([unit]), 1.0)
-    kernel, bias = unit.fuse()
-    fused = keras.layers.Conv2D(5, 3, strides=strides, padding="same")
-    fused.build(x.shape)
-    fused.set_weights([kernel.astype("float32"), bias.astype("float32")])
-    np.testing.assert_allclose(fused(x), unit(x, training=False), atol=1e-5)
+    x = np.random.default_rng(3).normal(size=(2, size, size, 6))
+    with float64():
+        unit = ReduceConv(5, strides, lora=lora, lora_act=lora_act)
+        unit(x)
+        randomize(keras.Sequential([unit]), seed=4)
+        set_annealing(keras.Sequential([unit]), 1.0)
+        kernel, bias = unit.fuse()
+        fused = keras.layers.Conv2D(5, 3, strides=strides, padding="same")
+        fused.build(x.shape)
+        fused.set_weights([kernel, bias])
+        assert_identical(fused(x).numpy(), unit(x, training=False).numpy())
 
 
 def test_reduce_conv_refuses_nonlinear_fusion():
@@ -113,33 +112,34 @@ def test_reducenet20_sizes_match_the_paper():
 def test_deploy_model_equals_student(lora_act):
     spec = model_spec("reduce20", 10, (16, 16, 3), variant="student", width_mult=0.5, lora=True,
                       lora_act=lora_act)
-    student = build_from_spec(spec)
-    randomize(student, seed=5)
-    set_annealing(student, 1.0)
-    deploy = get_deploy_model(student)   # spec read from the layers
+    with float64():
+        student = build_from_spec(spec)
+        randomize(student, seed=5)
+        set_annealing(student, 1.0)
+        deploy = get_deploy_model(student)   # spec read from the layers
     assert deploy.count_params() == build_from_spec(deploy_spec(spec)).count_params()
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in deploy.layers)
     assert all(layer.use_bias for layer in deploy.layers if isinstance(layer, keras.layers.Conv2D))
-    x = np.random.default_rng(6).normal(size=(4, 16, 16, 3)).astype("float32")
-    want = np.asarray(student(x, training=False))
-    np.testing.assert_allclose(deploy(x, training=False), want, atol=1e-5, rtol=1e-5)
+    x = np.random.default_rng(6).normal(size=(4, 16, 16, 3))
+    assert_identical(deploy(x, training=False).numpy(), student(x, training=False).numpy())
     plain = build_from_spec(variant_spec(spec, "student", lora=False))
     assert complexity(deploy)["macs"] == complexity(plain)["macs"]
 
 
 def test_keras_round_trip(tmp_path):
-    inputs = keras.Input((8, 8, 3))
-    y = ReduceConv(4, 2, expansion=2, bottleneck=True, name="rep_t")(inputs)
-    z = ReduceConv(4, 1, lora=True, lora_act="annealed", name="rep_s")(y)
-    z = AnnealedReLU(initial_lambda=0.5, name="act")(z)
-    model = keras.Model(inputs, z)
-    randomize(model, seed=7)
-    set_annealing(model, 0.3)
-    x = np.random.default_rng(8).normal(size=(2, 8, 8, 3)).astype("float32")
+    x = np.random.default_rng(8).normal(size=(2, 8, 8, 3))
     path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), atol=1e-6)
+    with float64():
+        inputs = keras.Input((8, 8, 3))
+        y = ReduceConv(4, 2, expansion=2, bottleneck=True, name="rep_t")(inputs)
+        z = ReduceConv(4, 1, lora=True, lora_act="annealed", name="rep_s")(y)
+        z = AnnealedReLU(initial_lambda=0.5, name="act")(z)
+        model = keras.Model(inputs, z)
+        randomize(model, seed=7)
+        set_annealing(model, 0.3)
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        assert_identical(loaded(x, training=False).numpy(), model(x, training=False).numpy())
     assert loaded.get_layer("rep_t").get_config() == model.get_layer("rep_t").get_config()
     assert loaded.get_layer("act").get_config()["initial_lambda"] == 0.5
     assert float(loaded.get_layer("act").lam) == pytest.approx(0.3)

@@ -96,8 +96,8 @@ def deploy_spec(spec):
 
 
 def _set(layer, kernel, bias):
-    layer.kernel.assign(np.asarray(kernel, np.float32))
-    layer.bias.assign(np.asarray(bias, np.float32))
+    layer.kernel.assign(np.asarray(kernel, layer.kernel.dtype))
+    layer.bias.assign(np.asarray(bias, layer.bias.dtype))
 
 
 def student_spec_of(model):
@@ -113,7 +113,7 @@ def get_deploy_model(model, spec=None):
     """Fold a trained ReduceNet student `model` into its deploy model (built from
     `deploy_spec(spec)`; `spec` defaults to `student_spec_of(model)`): every BN folded into the
     conv before it, each block's branches merged into one 3x3 conv with bias. Equal to `model` in
-    inference mode up to float32 round-off."""
+    inference mode up to the round-off of its dtype."""
     deploy = build_from_spec(deploy_spec(spec or student_spec_of(model)))
     src = {layer.name: layer for layer in model.layers}
     for layer in deploy.layers:
