@@ -4,7 +4,7 @@ writes the final weights, every replica's BN moving statistics, the step and wha
 
     python tests/engine_worker.py OUT.npz --replicas R [--multi-worker] [--model tiny|resnet20]
         [--sync-bn 0|1] [--epochs E] [--steps-per-loop N] [--kill-at STEP] [--fp16-overflow]
-        [--run-dir DIR]
+        [--run-dir DIR] [--float64]
 
 The chief writes OUT; another worker writes OUT.worker<i>.npz. A stop by signal exits 130.
 """
@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--fp16-overflow", action="store_true")
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--data", default="digits", help="digits (ImageData) | noise (TensorData)")
+    parser.add_argument("--float64", action="store_true", help="the float64 dtype policy (identity tests)")
     args = parser.parse_args()
 
     strategy = make_strategy("multi_worker" if args.multi_worker else "auto",
@@ -81,6 +82,8 @@ def main():
 
     if args.fp16_overflow:
         keras.mixed_precision.set_global_policy("mixed_float16")
+    if args.float64:
+        keras.config.set_dtype_policy("float64")
     keras.utils.set_random_seed(0)
     counter = [0]
     batch = 32

@@ -37,6 +37,7 @@ from ke_tf.engine.iterators import release_in_background
 from ke_tf.engine.loss_scale import LossScale
 from ke_tf.engine.optim import make_optimizer
 from ke_tf.engine.strategy import is_chief, is_multi_worker, jit_scope
+from ke_tf.losses import at_least_float32
 from ke_tf.params import atomic_write_bytes
 from ke_tf.progress import log_line, progress_bar
 
@@ -86,6 +87,19 @@ def _split(batch, k, i):
         size = tf.shape(t)[0] // k
         return t[i * size:(i + 1) * size]
     return tf.nest.map_structure(cut, batch)
+
+
+def _all_reduce_sum(context, values):
+    """Sum `values` over the replicas in one all-reduce per dtype (a float64 model's gradients
+    cannot be packed with the float32 loss), keeping their order."""
+    by_dtype = {}
+    for i, v in enumerate(values):
+        by_dtype.setdefault(v.dtype, []).append(i)
+    out = list(values)
+    for indices in by_dtype.values():
+        for i, r in zip(indices, context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in indices])):
+            out[i] = r
+    return out
 
 
 def _correct(logits, labels):
@@ -164,13 +178,13 @@ class Trainer:
                 micro = tf.nest.map_structure(tf.identity, _split(batch, k, i)) if k > 1 else batch
             with tf.GradientTape() as tape:
                 out = self.loss_fn(micro, training=True)
-                loss = tf.nn.compute_average_loss(tf.cast(out["loss"], tf.float32),
+                loss = tf.nn.compute_average_loss(at_least_float32(out["loss"]),
                                                   global_batch_size=self.cfg.batch_size)
                 scaled = loss * self.loss_scale.scale if self.loss_scale is not None else loss
             micro_grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype)   # None: v unused by the loss
                            for g, v in zip(tape.gradient(scaled, self.variables), self.variables)]
             grads = micro_grads if grads is None else [g + mg for g, mg in zip(grads, micro_grads)]
-            loss_sum += loss
+            loss_sum += tf.cast(loss, tf.float32)
             if "logits" in out:
                 correct += _correct(out["logits"], micro[1])
         return loss_sum, correct, grads
@@ -183,7 +197,7 @@ class Trainer:
         loss, correct, grads = self._grads_fn(batch)
         context = tf.distribute.get_replica_context()
         if self.replicas > 1:
-            loss, correct, *grads = context.all_reduce(tf.distribute.ReduceOp.SUM, [loss, correct, *grads])
+            loss, correct, *grads = _all_reduce_sum(context, [loss, correct, *grads])
         loss_ok = tf.math.is_finite(loss)
         # One sum over every gradient element is non-finite iff an element is (Inf - Inf = NaN),
         # short of the sum itself passing 3e38, which only a run already diverging reaches: one
