@@ -3,7 +3,7 @@
 (a) Blocking host reads (`EagerTensor._numpy`) and `tf.function` calls per training step, counted
     on the real `Trainer.fit` path (a tiny ResNet-20, one device, evaluation off) with the default
     automatic loop length and with one step per loop. The engine before loops of steps measured
-    12.3 reads + 2 calls per step (shared/DESIGN.md).
+    12.3 reads + 2 calls per step (measured 2026-11-23, README: Benchmarks).
 (b) The overhead floor: a model so small that dispatch dominates, as a CIFAR step on a fast GPU
     (ResNet-20 at 8x8, batch 32) over 2 logical CPU replicas (a subprocess: the CPU split precedes
     TensorFlow's start): `Trainer.fit` with N steps per loop vs Keras `fit(steps_per_execution=N)`

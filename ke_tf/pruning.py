@@ -1,5 +1,5 @@
 """EKG sub-network search on a gated network (Lee & Song, ECCV 2022), re-implemented from the
-reference notes: Taylor filter importance, a greedy one-group-at-a-time width search scored on a
+paper and the original code (sseung0703/EKG@0c0b516, `prune_utils.py`): Taylor filter importance, a greedy one-group-at-a-time width search scored on a
 held-out split against a running-mean ensemble of the chosen sub-networks, analytic MACs of a
 masked candidate, and the memory-bank teacher choice. Weights never change during the search.
 """

@@ -36,7 +36,7 @@ def _mask(model, name):
 
 # ---- masks ---------------------------------------------------------------------------------
 def test_kels_masks_match_the_reference_log(resnet18_224):
-    # Fit-weight counts logged by KE's code for ResNet-18, sr=0.5, 100 classes (notes 1.2).
+    # Fit-weight counts logged by KE's code (ahmdtaha/knowledge_evolution@a3f2eb2) for ResNet-18, sr=0.5, 100 classes.
     expected = {"stem_conv": 4704, "s1b0_conv1": 9216, "s2b0_conv1": 18432, "s2b0_short_conv": 2048,
                 "s4b1_conv2": 589824, "classifier": 25600}
     for name, count in expected.items():

@@ -1,7 +1,8 @@
 """Dynamic loss scaling for fp16, owned by the engine rather than Keras's LossScaleOptimizer.
 
 Keras 3's LossScaleOptimizer decides "finite?" on replica 0's local gradients before the
-all-reduce, so an overflow on another replica writes inf into every replica's weights (DESIGN.md).
+all-reduce, so an overflow on another replica writes inf into every replica's weights (measured
+with 2 logical CPU replicas, TF 2.21 / Keras 3.15).
 Here the Trainer decides on the all-reduced gradients (identical on every replica) and updates
 the scale in cross-replica context. Same policy as Keras: start at 2^15, halve on overflow,
 double after 2000 finite steps in a row.

@@ -52,8 +52,9 @@ def uses_gpu(strategy):
 def jit_scope(setting, strategy, sync_bn=False):
     """What XLA compiles: "off", "gradients" (loss + gradients; all-reduce and update outside) or
     "step" (the whole replica step including the update). `auto` = on for GPUs, off for CPUs, where
-    XLA measured 1.5-3x slower than oneDNN (DESIGN.md). With one replica the whole step compiles;
-    with several, jit-compiling the update fails (DESIGN.md), so only loss + gradients are compiled,
+    XLA measured 1.5-3x slower than oneDNN on an AVX-512 EPYC (README: Benchmarks). With one replica
+    the whole step compiles; with several, jit-compiling the update fails under MirroredStrategy
+    (TF 2.21, 2 logical CPUs), so only loss + gradients are compiled,
     and nothing when synchronised BN puts all-reduces inside the forward pass (they do not compile
     on CPU devices and are unverified on GPUs here)."""
     if setting == "off" or (setting == "auto" and not uses_gpu(strategy)):

@@ -48,7 +48,8 @@ REINIT_RULES = ("kaiming_uniform", "kaiming_normal")
 def reset_initializer(rule="kaiming_uniform", seed=None):
     """Distribution the reset hypothesis is re-drawn from. "kaiming_uniform" is KE's code:
     torch `kaiming_uniform_(a=sqrt(5))` = U(+-1/sqrt(fan_in)), fan_in = kh*kw*C_in, ~0.41x the
-    std of the initial He-normal init (reference notes 1.3; the paper only says "randomly
+    std of the initial He-normal init (ahmdtaha/knowledge_evolution@a3f2eb2, `utils/net_utils.py` `split_reinitialize`
+    and the split layers' `split_reinitialize`; the paper only says "randomly
     re-initialised"). "kaiming_normal" re-draws from the initial distribution instead."""
     if rule == "kaiming_uniform":
         return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform",

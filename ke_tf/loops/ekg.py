@@ -5,7 +5,7 @@ sub-networks -> physical slicing -> fine-tuning distilled from the memory bank.
 Writes `slimmed_params.pkl` (after search), `memory_bank.npy`, `trained_params.pkl` (after
 fine-tuning; `test.py` rebuilds the pruned net from its metadata) and `results.json`.
 
-Deliberate differences from the reference code (docs: shared/reference/ekg.md):
+Deliberate differences from the original code (sseung0703/EKG@0c0b516, `prune_utils.py`, `op_utils.py`):
 - the norm-preserving kernel rescale only for the classifier (`ekg.rescale`, see
   `ke_tf.pruning.ClassifierRescale`): every gated conv feeds a BN whose batch statistics cancel
   a per-layer scale, the classifier has none; the sliced net equals the rescaled masked net;
