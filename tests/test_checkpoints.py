@@ -7,13 +7,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import json
 import re
 
-import numpy as np
 import pytest
 from test_engine import _cfg, _load, _model, _train, _two_workers, _weights, _weights_of
 
 from ke_tf.config import ConfigError
 from ke_tf.data.stream import TensorData
 from ke_tf.engine.checkpoints import CheckpointError
+from tests.numerics import assert_all_identical, float64
 
 
 @pytest.fixture
@@ -36,20 +36,15 @@ def _damage(folder, step):
         f.truncate(data.stat().st_size // 2)
 
 
-def _assert_same(a, b, tol=1e-6):
-    """Resumed and uninterrupted runs compute the same steps: equal up to float32 round-off."""
-    for k in (b.keys() if isinstance(b, dict) else range(len(b))):
-        np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol, err_msg=str(k))
-
-
 def test_resume_skips_a_damaged_checkpoint_and_fails_clearly_when_none_restores(tmp_path, resume_points, capsys):
     cfg = _cfg(epochs=2)   # 4 steps per epoch: checkpoints 4 and 8
-    full, _ = _train(tmp_path, cfg, model=lambda: _model(bn=True))
     folder = tmp_path / "checkpoints" / "train"
-    _damage(folder, 8)
-    resumed, trainer = _train(tmp_path, cfg, model=lambda: _model(bn=True, seed=5))
+    with float64():
+        full, _ = _train(tmp_path, cfg, model=lambda: _model(bn=True))
+        _damage(folder, 8)
+        resumed, trainer = _train(tmp_path, cfg, model=lambda: _model(bn=True, seed=5))
     assert resume_points == [(0, 0), (1, 0)] and trainer.step == 8   # resumed from step 4, not 0
-    _assert_same(_weights(resumed), _weights(full))
+    assert_all_identical(_weights(resumed), _weights(full))
     warning = [line for line in capsys.readouterr().err.splitlines() if "cannot be restored" in line]
     assert warning == [f"warning: checkpoint {folder / 'ckpt-8'} cannot be restored "
                        "(IndexError: Read less bytes than requested); trying an older one"]
@@ -57,7 +52,8 @@ def test_resume_skips_a_damaged_checkpoint_and_fails_clearly_when_none_restores(
     _damage(folder, 8)
     with pytest.raises(CheckpointError, match=f"no checkpoint in {re.escape(str(folder))} can be restored "
                                               r"\(ckpt-8: .*; ckpt-4: .*\): .*train.resume=restart") as failure:
-        _train(tmp_path, cfg, model=lambda: _model(bn=True))
+        with float64():
+            _train(tmp_path, cfg, model=lambda: _model(bn=True))
     assert isinstance(failure.value, ConfigError)   # the CLI's one `error:` line, exit status 2
 
 
@@ -72,13 +68,17 @@ def test_checkpoints_of_another_model_or_config_are_refused_until_restart(tmp_pa
     with pytest.raises(CheckpointError, match="train.batch_size 16 there, 32 here; steps per epoch 4 there, 2 here"):
         _train(tmp_path, _cfg(epochs=1, batch_size=32))
     assert resume_points == [(0, 0)]   # the refused runs trained nothing
-    restarted, _ = _train(tmp_path, _cfg(epochs=1, resume="restart"), model=lambda: _model(bn=True))
-    fresh, _ = _train(tmp_path / "fresh", _cfg(epochs=1), model=lambda: _model(bn=True))
-    _assert_same(_weights(restarted), _weights(fresh))
+    with float64():
+        restarted, _ = _train(tmp_path, _cfg(epochs=1, resume="restart"), model=lambda: _model(bn=True))
+        fresh, _ = _train(tmp_path / "fresh", _cfg(epochs=1), model=lambda: _model(bn=True))
+    assert_all_identical(_weights(restarted), _weights(fresh))
     assert "bn/gamma" in json.loads((folder / "made_from.json").read_text())["variables"]
     # Checkpoints written before records existed resume as they always did.
+    with pytest.raises(CheckpointError, match=r"variable dtypes \['float64'\] there, \['float32'\] here"):
+        _train(tmp_path, _cfg(epochs=2), model=lambda: _model(bn=True))
     (folder / "made_from.json").unlink()
-    _, trainer = _train(tmp_path, _cfg(epochs=2), model=lambda: _model(bn=True))
+    with float64():
+        _, trainer = _train(tmp_path, _cfg(epochs=2), model=lambda: _model(bn=True))
     assert resume_points[-1] == (1, 0) and trainer.step == 8
 
 
@@ -86,7 +86,7 @@ def test_two_workers_skip_a_damaged_checkpoint_and_both_refuse_another_model(tmp
     """Both workers resume from the chief's newest checkpoint that restores (the damaged newest
     one skipped) and end with the weights of the uninterrupted run; checkpoints of another model
     are refused on both workers, neither left waiting for the other."""
-    args = ["--epochs", 2, "--sync-bn", 0]   # digits: 9 steps of 32 per epoch, checkpoints 9 and 18
+    args = ["--epochs", 2, "--sync-bn", 0, "--float64"]   # digits: 9 steps of 32 per epoch, checkpoints 9 and 18
     for code, err in _two_workers(tmp_path, "full", [args, args]):
         assert code == 0, err[-3000:]
     full = _load(tmp_path / "full.npz")
@@ -99,8 +99,8 @@ def test_two_workers_skip_a_damaged_checkpoint_and_both_refuse_another_model(tmp
     # Each worker decoded its half of one epoch only: the run resumed at step 9, not 0.
     assert int(chief["input_count"]) == int(worker["input_count"]) == int(full["input_count"]) // 2
     assert int(chief["step"]) == 18
-    _assert_same(_weights_of(chief), _weights_of(full))
-    _assert_same(_weights_of(worker), _weights_of(full))
+    assert_all_identical(_weights_of(chief), _weights_of(full))
+    assert_all_identical(_weights_of(worker), _weights_of(full))
     for code, err in _two_workers(tmp_path, "other", [args + ["--model", "resnet20"]] * 2, run_dirs=run_dirs):
         assert code != 0 and "were made from another model or config" in err and "train.resume=restart" in err, \
             err[-3000:]

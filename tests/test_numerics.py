@@ -30,15 +30,22 @@ def _name(call):
     return call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
 
 
+def _defaults(function):
+    """The function's keyword defaults that are numbers: a tolerance passed down as `tol`."""
+    args = function.args.args[len(function.args.args) - len(function.args.defaults):]
+    return {a.arg: d.value for a, d in zip(args, function.args.defaults) if isinstance(d, ast.Constant)}
+
+
 def _tight_float_comparisons(function):
-    """Lines of `assert_allclose` calls in `function` whose tolerance is tight (or left at numpy's
-    default rtol 1e-7)."""
-    lines = []
+    """Lines of `assert_allclose` calls in `function` whose tolerance is tight (a literal or a
+    defaulted argument), or left at numpy's default rtol 1e-7."""
+    defaults, lines = _defaults(function), []
     for node in ast.walk(function):
         if isinstance(node, ast.Call) and _name(node) == "assert_allclose":
             tolerances = [k.value for k in node.keywords if k.arg in ("rtol", "atol")]
-            literal = [t.value for t in tolerances if isinstance(t, ast.Constant)]
-            if not tolerances or any(0 < t < TIGHT for t in literal):
+            values = [t.value if isinstance(t, ast.Constant) else defaults.get(getattr(t, "id", None))
+                      for t in tolerances]
+            if not tolerances or any(v is not None and 0 < v < TIGHT for v in values):
                 lines.append(node.lineno)
     return lines
 
@@ -53,8 +60,10 @@ def test_no_training_equivalence_is_compared_in_float32_without_a_measured_bound
             continue
         with open(os.path.join(HERE, name), encoding="utf-8") as f:
             tree = ast.parse(f.read(), name)
-        for function in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")):
-            trains = any(isinstance(n, ast.Call) and _name(n) in TRAINING_CALLS for n in ast.walk(function))
-            if trains:
-                offenders += [f"{name}:{line} ({function.name})" for line in _tight_float_comparisons(function)]
+        functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        for function in (f for n, f in functions.items() if n.startswith("test_")):
+            called = {_name(n) for n in ast.walk(function) if isinstance(n, ast.Call)}
+            if called & TRAINING_CALLS:   # the test's own comparisons and those of the helpers it calls
+                for checked in [function] + [functions[n] for n in called if n in functions]:
+                    offenders += [f"{name}:{line} ({function.name})" for line in _tight_float_comparisons(checked)]
     assert not offenders, "float32 training equivalences without a measured bound:\n" + "\n".join(offenders)

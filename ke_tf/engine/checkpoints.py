@@ -44,7 +44,8 @@ def made_from(model, cfg, steps_per_epoch):
     counter means (the epoch it falls in, the data order); JSON-ready."""
     settings = {"train.optimizer": cfg.optimizer, "train.mixed_precision": cfg.mixed_precision,
                 "train.batch_size": cfg.batch_size, "steps per epoch": steps_per_epoch,
-                "model input shape": getattr(model, "input_shape", None)}
+                "model input shape": getattr(model, "input_shape", None),
+                "variable dtypes": sorted({v.dtype for v in model.weights})}
     record = {"settings": settings, "variables": {v.path: list(v.shape) for v in model.weights}}
     return json.loads(json.dumps(record))   # tuples -> lists, as read back from the file
 
