@@ -127,7 +127,8 @@ def ke(repo, commit):
     np.savez_compressed(
         os.path.join(GOLDEN_DIR, "ke_resnet18.npz"), repo="ahmdtaha/knowledge_evolution", commit=commit,
         seed=SEED, images=x_nhwc, labels=labels, dense_logits=dense_logits, slim_logits=slim_logits,
-        step_losses=np.array(losses), step_lr=STEP_LR, step_momentum=STEP_MOMENTUM, step_weight_decay=STEP_WD, **_shape_record(shapes),
+        step_losses=np.array(losses), step_lr=STEP_LR, step_momentum=STEP_MOMENTUM, step_weight_decay=STEP_WD,
+        **_shape_record(shapes),
         **{f"mask/{k}": v for k, v in masks.items()},
         **{f"step/{k}": after[k] for k in full},
         step_sum_keys=np.array(list(after)), step_sums=np.array([after[k].sum() for k in after]),
@@ -181,7 +182,8 @@ def ekg(repo, commit, steps=3):
     tf.random.set_seed(SEED)
     args = types.SimpleNamespace(arch="ResNet-20", input_size=[32, 32, 3], num_classes=CLASSES, val_batch_size=16,
                                  search_batch_size=16, cardinality={"val": 16}, compile=False, accum=1, gpu_id=[0],
-                                 search_step=0.2, search_target_rate=0.1, train_path=tempfile.mkdtemp(prefix="ekg_golden_"))
+                                 search_step=0.2, search_target_rate=0.1,
+                                 train_path=tempfile.mkdtemp(prefix="ekg_golden_"))
     model = ResNet.Model(args, num_layers=20, num_class=CLASSES, name="ResNet")
     model(np.zeros([1, 32, 32, 3], np.float32), training=False)
     names = {v.name[len("ResNet/"):]: v for v in model.variables}
@@ -339,7 +341,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     python = args.python or os.environ.get(SIDE_PYTHON.get(args.which, "GOLDENS_TORCH_PYTHON"))
     if python and not os.environ.get("GOLDENS_IN_SIDE_ENV"):  # the marker: re-run once, never again
-        os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, "GOLDENS_IN_SIDE_ENV": "1"})
+        os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]],
+                  {**os.environ, "GOLDENS_IN_SIDE_ENV": "1"})
     os.makedirs(GOLDEN_DIR, exist_ok=True)
     repo = os.path.abspath(args.repo)
     if args.which == "lwm":
