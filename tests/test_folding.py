@@ -1,4 +1,5 @@
-"""BN folding for deployment keeps inference outputs and MACs."""
+"""BN folding for deployment keeps inference outputs and MACs: folded == BN network is an identity,
+built and run under the float64 policy and compared at float64 round-off (tests/numerics.py)."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -10,6 +11,7 @@ import pytest
 from ke_tf.flops import complexity
 from ke_tf.folding import fold_batchnorm
 from ke_tf.models import build_from_spec, model_spec
+from tests.numerics import assert_identical, float64
 
 
 @pytest.mark.parametrize("spec", [
@@ -19,16 +21,17 @@ from ke_tf.models import build_from_spec, model_spec
 ], ids=["pruned-resnet20-B", "resnet20-A", "resnet50"])
 def test_folded_network_equals_bn_network(spec):
     rng = np.random.default_rng(0)
-    model = build_from_spec(spec)
-    for v in model.weights:
-        if v.name == "moving_variance":
-            v.assign(rng.uniform(0.5, 2.0, v.shape).astype("float32"))
-        elif v.name in ("moving_mean", "beta", "gamma"):
-            v.assign(rng.normal(0, 0.5, v.shape).astype("float32"))
-    folded = fold_batchnorm(model, spec)
-    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
-    x = rng.normal(size=(2,) + tuple(spec["input_shape"])).astype("float32")
-    np.testing.assert_allclose(folded(x), model(x, training=False), atol=1e-5)
+    with float64():
+        model = build_from_spec(spec)
+        for v in model.weights:
+            if v.name == "moving_variance":
+                v.assign(rng.uniform(0.5, 2.0, v.shape))
+            elif v.name in ("moving_mean", "beta", "gamma"):
+                v.assign(rng.normal(0, 0.5, v.shape))
+        folded = fold_batchnorm(model, spec)
+        assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+        x = rng.normal(size=(2,) + tuple(spec["input_shape"]))
+        assert_identical(folded(x).numpy(), model(x, training=False).numpy())
     assert complexity(folded)["macs"] == complexity(model)["macs"]
 
 

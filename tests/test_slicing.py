@@ -1,4 +1,5 @@
-"""Physical slicing keeps the function of the kept channels exactly."""
+"""Physical slicing keeps the function of the kept channels exactly: sliced == masked is an identity,
+built and run under the float64 policy and compared at float64 round-off (tests/numerics.py)."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -10,14 +11,15 @@ import pytest
 from ke_tf.flops import complexity
 from ke_tf.models import build_model, default_widths, model_spec
 from ke_tf.slicing import layer_groups, slice_model
+from tests.numerics import assert_identical, float64
 
 
 def _randomise_bn(model, rng):
     for v in model.weights:
         if v.name == "moving_variance":
-            v.assign(rng.uniform(0.5, 2.0, v.shape).astype("float32"))
+            v.assign(rng.uniform(0.5, 2.0, v.shape))
         elif v.name in ("moving_mean", "beta", "gamma"):
-            v.assign(rng.normal(0, 0.5, v.shape).astype("float32"))
+            v.assign(rng.normal(0, 0.5, v.shape))
 
 
 def _zero_dropped_channels(model, keep, widths):
@@ -27,7 +29,7 @@ def _zero_dropped_channels(model, keep, widths):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             group = groups[layer.name][1]
-            mask = np.zeros(widths[group], "float32")
+            mask = np.zeros(widths[group])
             mask[keep[group]] = 1.0
             layer.gamma.assign(layer.gamma.numpy() * mask)
             layer.beta.assign(layer.beta.numpy() * mask)
@@ -39,14 +41,15 @@ def _zero_dropped_channels(model, keep, widths):
 ])
 def test_sliced_network_equals_masked_network(arch, shape, options):
     rng = np.random.default_rng(0)
-    model = build_model(arch, 10, shape, **options)
-    _randomise_bn(model, rng)
-    widths = default_widths(arch)
-    keep = {g: sorted(rng.choice(c, size=max(1, c // 2), replace=False)) for g, c in widths.items()}
-    _zero_dropped_channels(model, keep, widths)
-    narrow, spec = slice_model(model, model_spec(arch, 10, shape, **options), keep)
-    x = rng.normal(size=(3,) + shape).astype("float32")
-    np.testing.assert_allclose(narrow(x, training=False), model(x, training=False), atol=1e-5)
+    with float64():
+        model = build_model(arch, 10, shape, **options)
+        _randomise_bn(model, rng)
+        widths = default_widths(arch)
+        keep = {g: sorted(rng.choice(c, size=max(1, c // 2), replace=False)) for g, c in widths.items()}
+        _zero_dropped_channels(model, keep, widths)
+        narrow, spec = slice_model(model, model_spec(arch, 10, shape, **options), keep)
+        x = rng.normal(size=(3,) + shape)
+        assert_identical(narrow(x, training=False).numpy(), model(x, training=False).numpy())
     assert spec["widths"] == {g: len(ix) for g, ix in keep.items()}
     assert complexity(narrow)["macs"] < 0.4 * complexity(model)["macs"]
 
