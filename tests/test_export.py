@@ -1,4 +1,5 @@
-"""Export: SavedModel + TFLite of deployable models match Keras outputs."""
+"""Export: SavedModel + TFLite of deployable models match Keras outputs. The exported artifacts are
+float32 by design, so they are compared with the float32 Keras model within a measured bound."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,6 +12,13 @@ import tensorflow as tf
 
 from ke_tf.models import build_from_spec, model_spec
 from ke_tf.params import save_params
+from tests.numerics import assert_within_measured_bound
+
+# Largest difference measured from the float32 Keras outputs (AVX2 EPYC, oneDNN on): SavedModel
+# 3.9e-7, TFLite (XNNPACK) 4.4e-7 of the logits' scale, both nets; float32 Keras itself is 2.9e-7
+# from the float64 model. 10x the largest.
+EXPORT_BOUND = 5e-6
+EXPORT_MEASURED = "exported vs float32 Keras: max 4.4e-7 of the scale (TFLite), x10"
 
 
 def _random_bn(model, rng):
@@ -51,8 +59,9 @@ def test_test_py_export_writes_savedmodel_and_tflite_that_match(tmp_path, spec):
     expected = model(x, training=False).numpy()
     loaded = tf.saved_model.load(result["exported"]["saved_model"])  # keep a reference: it owns the variables
     served = loaded.serve(tf.constant(x)).numpy()
-    np.testing.assert_allclose(served, expected, atol=1e-4)
-    np.testing.assert_allclose(_tflite_predict(result["exported"]["tflite"], x), expected, atol=1e-4)
+    assert_within_measured_bound(served, expected, EXPORT_BOUND, EXPORT_MEASURED)
+    assert_within_measured_bound(_tflite_predict(result["exported"]["tflite"], x), expected, EXPORT_BOUND,
+                                 EXPORT_MEASURED)
 
 
 def test_export_module_cli_reports_bad_file(tmp_path, capsys):

@@ -1,5 +1,7 @@
 """Every public layer is a good Keras citizen: registered, complete config, `.keras` round trip
-with equal outputs, usable in subclassed models trained by `model.fit`."""
+with equal outputs, usable in subclassed models trained by `model.fit`. Loaded == saved is an
+identity: built, saved, loaded and run under the float64 policy, compared at float64 round-off
+(tests/numerics.py)."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 import ke_tf
+from tests.numerics import assert_identical, float64
 
 LAYERS = {
     "SplitConv2D": lambda: ke_tf.SplitConv2D(6, 3, padding="same", split_rate=0.5, split_mode="wels", seed=3),
@@ -24,27 +27,28 @@ LAYERS = {
 def _randomise(model, rng):
     for v in model.weights:
         if v.name == "moving_variance":
-            v.assign(rng.uniform(0.5, 2.0, v.shape).astype("float32"))
+            v.assign(rng.uniform(0.5, 2.0, v.shape))
         elif v.name in ("gate",):
-            v.assign((rng.uniform(size=v.shape) > 0.5).astype("float32"))
+            v.assign(rng.uniform(size=v.shape) > 0.5)
         elif v.name not in ("mask",):
-            v.assign(rng.normal(0, 0.3, v.shape).astype("float32"))
+            v.assign(rng.normal(0, 0.3, v.shape))
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_round_trips_through_keras_file(tmp_path, name):
-    layer = LAYERS[name]()
-    assert keras.saving.get_registered_name(type(layer)) == f"ke_tf>{name}"
-    assert type(layer).from_config(layer.get_config()).get_config() == layer.get_config()
-    dense_input = name == "SplitDense"
-    inputs = keras.Input((5,) if dense_input else (8, 8, 6))
-    model = keras.Model(inputs, layer(inputs))
-    _randomise(model, np.random.default_rng(0))
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    x = np.random.default_rng(1).normal(size=(2,) + tuple(inputs.shape[1:])).astype("float32")
-    np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), atol=1e-6)
+    with float64():
+        layer = LAYERS[name]()
+        assert keras.saving.get_registered_name(type(layer)) == f"ke_tf>{name}"
+        assert type(layer).from_config(layer.get_config()).get_config() == layer.get_config()
+        dense_input = name == "SplitDense"
+        inputs = keras.Input((5,) if dense_input else (8, 8, 6))
+        model = keras.Model(inputs, layer(inputs))
+        _randomise(model, np.random.default_rng(0))
+        path = str(tmp_path / "m.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+    x = np.random.default_rng(1).normal(size=(2,) + tuple(inputs.shape[1:]))
+    assert_identical(loaded(x, training=False).numpy(), model(x, training=False).numpy())
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
