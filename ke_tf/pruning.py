@@ -66,7 +66,7 @@ class ClassifierRescale:
         classifier = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1]
         self.layer, self.group = classifier, layer_groups(model)[classifier.name][0]
         self.row_norms = np.square(classifier.kernel.numpy()).sum(axis=1)
-        self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32)
+        self.scale = tf.Variable(1.0, trainable=False, dtype=classifier.kernel.dtype)
 
     def factor(self, keep):
         """s for the kept channels `keep` ({group: indices}); 1 when the input group is unpruned."""

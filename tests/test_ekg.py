@@ -1,5 +1,9 @@
 """EKG filter pruning: gates, importance, search, MACs, slicing equivalence, bank distillation,
-end-to-end CLI run; slow: EKG beats random filter pruning on digits."""
+end-to-end CLI run; slow: EKG beats random filter pruning on digits.
+
+The gated network of these tests is built under the float64 policy, so its identities (open gates ==
+plain, clone == original, pruned == masked, rescaled == factor * masked, reverse- == forward-mode
+derivative) are compared at float64 round-off (tests/numerics.py) and hold on any CPU."""
 import json
 import os
 
@@ -18,6 +22,7 @@ from ke_tf.models import build_from_spec, model_spec  # noqa: E402
 from ke_tf.pruning import (GreedySearch, MaskedMacs, filter_l1, batch_stat_forward, importance_fn,  # noqa: E402
                            moving_statistics, pick_teachers, search_objective, trimmed_otsu)
 from ke_tf.slicing import slice_model  # noqa: E402
+from tests.numerics import assert_identical, float64  # noqa: E402
 
 SPEC = model_spec("resnet20", 10, (16, 16, 3), shortcut="B")
 
@@ -27,22 +32,24 @@ def _randomise(model, seed=0):
     rng = np.random.RandomState(seed)
     for v in model.weights:
         if v.name in ("gamma", "moving_variance"):
-            v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32"))
+            v.assign(rng.uniform(0.5, 1.5, v.shape))
         elif v.name in ("beta", "moving_mean"):
-            v.assign(rng.normal(0, 0.2, v.shape).astype("float32"))
+            v.assign(rng.normal(0, 0.2, v.shape))
 
 
 @pytest.fixture(scope="module")
 def gated():
+    """A randomised gated ResNet-20 in float64 (its layers keep the policy they were built with)."""
     keras.utils.set_random_seed(0)
-    model = build_from_spec(SPEC, GatedLayerFactory())
+    with float64():
+        model = build_from_spec(SPEC, GatedLayerFactory())
     _randomise(model)
     return model
 
 
 @pytest.fixture(scope="module")
 def images():
-    return tf.random.stateless_normal([8, 16, 16, 3], seed=[1, 2])
+    return tf.random.stateless_normal([8, 16, 16, 3], seed=[1, 2], dtype=tf.float64)
 
 
 def test_gate_is_shared_per_group_and_masks_every_site():
@@ -63,12 +70,13 @@ def test_gate_is_shared_per_group_and_masks_every_site():
 def test_gated_resnet_groups_sites_and_open_gates_equal_plain(gated, images):
     assert gate_sites(gated) == {"stage1": 4, "stage2": 3, "stage3": 3,
                                  **{f"s{s}b{j}": 1 for s in (1, 2, 3) for j in range(3)}}
-    plain = build_from_spec(SPEC)
+    with float64():
+        plain = build_from_spec(SPEC)
     set_masks(model_gates(gated), {})
     arrays = {v.path: v.numpy() for v in gated.weights}
     for v in plain.weights:
         v.assign(arrays[v.path])
-    np.testing.assert_allclose(plain(images, training=False), gated(images, training=False), atol=1e-6)
+    assert_identical(plain(images, training=False).numpy(), gated(images, training=False).numpy())
     assert complexity(plain) == complexity(gated)  # gates are neither params nor MACs
 
 
@@ -83,7 +91,7 @@ def test_mask_change_does_not_retrace_and_config_roundtrips(gated, images):
     clone = keras.Model.from_config(gated.get_config())
     clone.set_weights(gated.get_weights())
     assert len(model_gates(clone)) == len(model_gates(gated))
-    np.testing.assert_allclose(clone(images, training=False), masked, atol=1e-6)
+    assert_identical(clone(images, training=False).numpy(), masked)
     set_masks(model_gates(gated), {})
 
 
@@ -113,13 +121,13 @@ def test_importance_is_abs_derivative_of_loss_wrt_shared_gate(gated, images):
     for group in ("stage2", "s1b1", "stage3"):
         var = gates[group].gate
         channel = int(np.argmax(scores[group]))
-        tangent = tf.one_hot(channel, int(var.shape[0]))
+        tangent = tf.one_hot(channel, int(var.shape[0]), dtype=var.dtype)
         if group == "stage2":  # forward-mode AD retraces the forward pass: once is enough
             with tf.autodiff.ForwardAccumulator(var.value, tangent) as acc:
                 value = loss()
-            np.testing.assert_allclose(float(scores[group][channel]), abs(float(acc.jvp(value))), rtol=1e-4)
+            assert_identical(scores[group][channel].numpy(), np.abs(acc.jvp(value).numpy()))
         eps = 1e-3
-        ones = np.ones(var.shape, np.float32)
+        ones = np.ones(var.shape)
         var.assign(ones + eps * tangent.numpy())
         l_up = float(loss())
         var.assign(ones - eps * tangent.numpy())
@@ -141,12 +149,13 @@ def test_masked_macs_and_pruned_equals_masked(gated, images):
     keep = {g: sorted(rng.choice(int(l.gate.shape[0]), rng.randint(1, int(l.gate.shape[0]) + 1), replace=False))
             for g, l in gates.items()}
     set_masks(gates, keep)
-    narrow, spec = slice_model(gated, SPEC, keep)
+    with float64():
+        narrow, spec = slice_model(gated, SPEC, keep)
     counter = MaskedMacs(gated)
     assert counter.full == complexity(build_from_spec(SPEC))["macs"]
     assert complexity(narrow)["macs"] == counter({g: len(k) for g, k in keep.items()})
     assert spec["widths"] == {g: len(k) for g, k in keep.items()}
-    np.testing.assert_allclose(narrow(images, training=False), gated(images, training=False), atol=1e-5)
+    assert_identical(narrow(images, training=False).numpy(), gated(images, training=False).numpy())
     set_masks(gates, {})
 
 
@@ -207,10 +216,11 @@ def test_classifier_rescale_is_norm_preserving_and_slices_exactly(gated, images)
     plain.mask(keep)
     masked = plain.forward(images).numpy()
     bias = gated.get_layer("classifier").bias.numpy()
-    np.testing.assert_allclose(rescaled - bias, factor * (masked - bias), rtol=1e-4, atol=1e-5)
-    narrow, _ = slice_model(gated, SPEC, keep)
+    assert_identical(rescaled - bias, factor * (masked - bias))
+    with float64():
+        narrow, _ = slice_model(gated, SPEC, keep)
     search.rescale.rescale_kernel(narrow, keep)
-    np.testing.assert_allclose(narrow(images, training=True), rescaled, rtol=1e-4, atol=1e-4)
+    assert_identical(narrow(images, training=True).numpy(), rescaled)
     set_masks(model_gates(gated), {})
 
 
