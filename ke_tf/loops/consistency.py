@@ -133,6 +133,7 @@ def variance_report(orders_fn, cache, batch_size):
     count = 0
     for (xa, xb), _ in cache.dataset(batch_size):
         parts = orders_fn(xa)
+        xb = tf.cast(xb, parts[0].dtype)   # the cache is float32; a float64 Trans-Net's orders are not
         tensors = list(parts) + [xb - tf.add_n(list(parts)), xb]
         flat = [t.numpy().astype(np.float64).reshape(-1, t.shape[-1]) for t in tensors]
         if sums is None:
