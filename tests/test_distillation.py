@@ -95,7 +95,11 @@ def test_tiny_reducenet_run_and_deploy_evaluation(reducenet_run):
     assert rows[0]["macs"] > rows[1]["macs"] > rows[2]["macs"]
     student = test_main(["--trained_param", str(tmp / "student_params.pkl")])
     deploy = test_main(["--trained_param", str(tmp / "deploy_params.pkl")])
-    assert deploy["test_top1"] == student["test_top1"] == summary["deploy_top1"]
+    # The saved deploy net evaluates as the run did (same weights, same computation) ...
+    assert deploy["test_top1"] == summary["deploy_top1"]
+    # ... and as the student up to float32 round-off of the fused kernels (fused == unfused is a
+    # float64 identity in test_reparam): one near-tie prediction of the test split may flip.
+    assert abs(deploy["test_top1"] - student["test_top1"]) <= 1.0 / deploy["examples"]
     assert deploy["test_loss"] == pytest.approx(student["test_loss"], abs=1e-4)
     assert load_params(str(tmp / "deploy_params.pkl"))[1]["model"]["options"]["variant"] == "deploy"
 

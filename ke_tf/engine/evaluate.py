@@ -4,6 +4,7 @@ import tensorflow as tf
 from ke_tf.data.stream import InputShard
 from ke_tf.engine.iterators import release_in_background
 from ke_tf.engine.trainer import instance_function
+from ke_tf.losses import at_least_float32
 
 
 def distribute_eval_input(strategy, source):
@@ -30,20 +31,23 @@ class Evaluator:
         self._run = instance_function(self._evaluate)
 
     def _replica(self, batch):
-        """Sums over the batch's real rows (label >= 0; sharded sources pad with label -1)."""
+        """Sums over the batch's real rows (label >= 0; sharded sources pad with label -1), in
+        float64: a float32 sum would depend on how the test set is split into batches and replicas."""
         images, labels = batch[0], tf.cast(batch[1], tf.int32)
-        valid = tf.cast(labels >= 0, tf.float32)
+        valid = tf.cast(labels >= 0, tf.float64)
         labels = tf.maximum(labels, 0)
-        logits = tf.cast(self.predict(images), tf.float32)
+        logits = at_least_float32(self.predict(images))
         ce = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        ranked = tf.cast(logits, tf.float32)   # in_top_k takes float32 only
         k5 = min(5, int(logits.shape[-1]))
-        return tf.stack([tf.reduce_sum(ce * valid),
-                         tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32) * valid),
-                         tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k5), tf.float32) * valid),
-                         tf.reduce_sum(valid)])
+
+        def total(values):
+            return tf.reduce_sum(tf.cast(values, tf.float64) * valid)
+        return tf.stack([total(ce), total(tf.math.in_top_k(labels, ranked, 1)),
+                         total(tf.math.in_top_k(labels, ranked, k5)), tf.reduce_sum(valid)])
 
     def _evaluate(self, batches):
-        totals = tf.zeros([4], tf.float32)
+        totals = tf.zeros([4], tf.float64)
         for batch in batches:
             sums = self.strategy.run(self._replica, args=(batch,))
             totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
