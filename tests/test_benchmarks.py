@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accumulation
+from benchmarks.claims import run_claim
 from benchmarks.run import SECTIONS, markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +70,19 @@ def test_readme_claims_table_is_generated_from_the_committed_json():
         table = claims_table(json.load(f))
     with open(os.path.join(root, "README.md")) as f:
         assert table in f.read()
+
+
+def test_claim_with_a_subset_of_arms_trains_and_judges_only_those(tmp_path, monkeypatch):
+    """The slow KE test asks for two arms: the third is never trained, its comparison not judged."""
+    import benchmarks.claims.ke as ke
+    trained = []
+
+    def fake_run(name, run_dir, seed, *overrides):
+        trained.append(os.path.basename(run_dir))
+        top1 = 0.9 if os.path.basename(run_dir) == "ke" else 0.1 + 0.01 * seed
+        return {"slim_top1": top1, "dense_top1": 0.95, "slim_macs": 1, "test_top1": top1, "macs": 1}
+    monkeypatch.setattr(ke, "run", fake_run)
+    result = run_claim("ke", str(tmp_path), seeds=range(3), arms=("KE", "no re-init"))
+    assert sorted(set(trained)) == ["ke", "no_reinit"] and len(trained) == 6
+    assert [v["comparison"] for v in result["verdicts"]] == ["KE vs no re-init (slim_top1)"]
+    assert result["holds"] and set(result["arms"]) == {"KE", "no re-init"}

@@ -27,7 +27,8 @@ def assert_holds(result, *comparisons, checks=()):
 
 
 def test_ke_reinitialising_the_reset_hypothesis_makes_the_slim_net_work(tmp_path):
-    assert_holds(run_claim("ke", str(tmp_path)), "KE vs no re-init (slim_top1)")
+    # The slim-from-scratch arm is reported by `python -m benchmarks.claims`, not asserted: not trained here.
+    assert_holds(run_claim("ke", str(tmp_path), arms=("KE", "no re-init")), "KE vs no re-init (slim_top1)")
 
 
 def test_kd_student_follows_the_teacher_more_than_the_ce_student(tmp_path):

@@ -7,6 +7,7 @@ A comparison holds when the one-sided 95% lower confidence bound of the mean pai
 (Student t over the seeds) is above zero: the margin is the seed spread, not a tuned threshold.
 """
 import dataclasses
+import functools
 import importlib
 import math
 import os
@@ -55,11 +56,18 @@ def load_claim(name):
     return importlib.import_module(f"benchmarks.claims.{name}").CLAIM
 
 
-def run_claim(name, workdir, seeds=None, progress=None):
+def run_claim(name, workdir, seeds=None, progress=None, arms=None):
     """Train every arm of claim `name` for each seed (default: the claim's own `seeds` count)
     under `workdir`; returns `summarise(...)`. `progress` (the runner's tqdm bar) is told each
-    seed and advanced after it."""
+    seed and advanced after it. `arms` (claims whose `run_seed` takes them) trains only those
+    arms, and only the comparisons between them are judged: the slow tests skip arms they do not
+    assert."""
     claim = load_claim(name)
+    if arms is not None:
+        claim = dataclasses.replace(
+            claim, arms=tuple(a for a in claim.arms if a in arms),
+            comparisons=tuple(c for c in claim.comparisons if c.better in arms and c.worse in arms),
+            run_seed=functools.partial(claim.run_seed, arms=frozenset(arms)))
     seeds = range(claim.seeds) if seeds is None else seeds
     os.makedirs(workdir, exist_ok=True)
     context = claim.prepare(os.path.join(workdir, "shared")) if claim.prepare else None
