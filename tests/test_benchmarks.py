@@ -72,17 +72,26 @@ def test_readme_claims_table_is_generated_from_the_committed_json():
         assert table in f.read()
 
 
-def test_claim_with_a_subset_of_arms_trains_and_judges_only_those(tmp_path, monkeypatch):
-    """The slow KE test asks for two arms: the third is never trained, its comparison not judged."""
-    import benchmarks.claims.ke as ke
-    trained = []
+@pytest.mark.parametrize("name,arms,trained,comparisons", [
+    ("ke", ("KE", "no re-init"), ["ke", "no_reinit"], ["KE vs no re-init (slim_top1)"]),
+    ("ekg", ("EKG", "random", "dense"), ["ekg", "random"], ["EKG vs random (top1)", "EKG vs random (holdout_ce)"]),
+])
+def test_claim_with_a_subset_of_arms_trains_and_judges_only_those(tmp_path, monkeypatch, name, arms, trained,
+                                                                   comparisons):
+    """The slow tests ask for the arms they assert: the others are never trained nor judged."""
+    import importlib
+    module = importlib.import_module(f"benchmarks.claims.{name}")
+    runs = []
 
-    def fake_run(name, run_dir, seed, *overrides):
-        trained.append(os.path.basename(run_dir))
-        top1 = 0.9 if os.path.basename(run_dir) == "ke" else 0.1 + 0.01 * seed
-        return {"slim_top1": top1, "dense_top1": 0.95, "slim_macs": 1, "test_top1": top1, "macs": 1}
-    monkeypatch.setattr(ke, "run", fake_run)
-    result = run_claim("ke", str(tmp_path), seeds=range(3), arms=("KE", "no re-init"))
-    assert sorted(set(trained)) == ["ke", "no_reinit"] and len(trained) == 6
-    assert [v["comparison"] for v in result["verdicts"]] == ["KE vs no re-init (slim_top1)"]
-    assert result["holds"] and set(result["arms"]) == {"KE", "no re-init"}
+    def fake_run(config, run_dir, seed, *overrides):
+        runs.append(os.path.basename(run_dir))
+        good = os.path.basename(run_dir) in ("ke", "ekg")
+        top1 = 0.9 if good else 0.1 + 0.01 * seed
+        return {"slim_top1": top1, "dense_top1": 0.95, "slim_macs": 1, "test_top1": top1, "macs": 1,
+                "dense_test_top1": 0.95, "search_holdout_ce": 0.3 if good else 2.0 + 0.1 * seed,
+                "macs_reduction": 0.6}
+    monkeypatch.setattr(module, "run", fake_run)
+    result = run_claim(name, str(tmp_path), seeds=range(3), arms=arms)
+    assert sorted(set(runs) - {"shared"}) == trained and runs.count(trained[0]) == 3
+    assert [v["comparison"] for v in result["verdicts"]] == comparisons
+    assert result["holds"] and set(result["arms"]) == set(arms)

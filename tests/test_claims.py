@@ -48,5 +48,6 @@ def test_reducenet_inheriting_student_beats_scratch_and_fuses_exactly(tmp_path):
 
 
 def test_ekg_search_finds_lower_loss_than_random_pruning_at_the_same_macs(tmp_path):
-    assert_holds(run_claim("ekg", str(tmp_path)), "EKG vs random (holdout_ce)",
+    # The L1-norm arm is reported by `python -m benchmarks.claims`, not asserted: not trained here.
+    assert_holds(run_claim("ekg", str(tmp_path), arms=("EKG", "random", "dense")), "EKG vs random (holdout_ce)",
                  checks=("same MACs for every arm",))
