@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--quick] [--only NAME ...] [--repeats N] [--out PATH]
 
-Sections: throughput, host_sync, split_overhead, accumulation, inference, pipeline, scaling. Every number
+Sections: throughput, host_sync, host_memory, split_overhead, accumulation, inference, pipeline, scaling. Every number
 is a ratio measured in the same run (warm-up, then the median of `--repeats` interleaved timings).
 """
 import argparse
@@ -16,10 +16,11 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `ke_tf` 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks import (accumulation, common, host_sync, inference, pipeline, scaling, split_overhead,  # noqa: E402
-                        throughput)
+from benchmarks import (accumulation, common, host_memory, host_sync, inference, pipeline, scaling,  # noqa: E402
+                        split_overhead, throughput)
 
-SECTIONS = {"throughput": throughput, "host_sync": host_sync, "split_overhead": split_overhead,
+SECTIONS = {"throughput": throughput, "host_sync": host_sync, "host_memory": host_memory,
+            "split_overhead": split_overhead,
             "accumulation": accumulation, "inference": inference, "pipeline": pipeline, "scaling": scaling}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

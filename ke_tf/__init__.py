@@ -22,6 +22,10 @@ from ke_tf.tf_startup import import_tensorflow
 
 import_tensorflow()  # before anything else loads TensorFlow: its start-up log lines are filtered
 
+from ke_tf.engine.host_memory import keep_freed_host_memory
+
+keep_freed_host_memory()  # before TensorFlow's thread pools first allocate (see the module)
+
 from ke_tf.config import ConfigError, load_config
 from ke_tf.data import load_data
 from ke_tf.engine import Evaluator, Trainer, make_strategy

@@ -8,6 +8,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ke_tf  # noqa: E402,F401  first: its host-memory setting acts only before TensorFlow's threads allocate
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: learning runs on real data (run with -m slow)")
