@@ -1,5 +1,6 @@
 """ke_tf: Knowledge Evolution, distillation, incremental learning, EKG pruning and knowledge
 consistency for TensorFlow 2 / Keras 3."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -12,11 +13,13 @@ setup(
     packages=find_packages(include=["ke_tf", "ke_tf.*"]) + ["ke_tf.configs"],
     package_dir={"ke_tf.configs": "configs"},
     package_data={"ke_tf.configs": ["*.yaml"]},
-    entry_points={"console_scripts": [
-        "ke-tf-train = ke_tf.cli:train_command",
-        "ke-tf-test = ke_tf.cli:test_command",
-        "ke-tf-export = ke_tf.cli:export_command",
-    ]},
+    entry_points={
+        "console_scripts": [
+            "ke-tf-train = ke_tf.cli:train_command",
+            "ke-tf-test = ke_tf.cli:test_command",
+            "ke-tf-export = ke_tf.cli:export_command",
+        ]
+    },
     python_requires=">=3.9",
     install_requires=[
         "tensorflow>=2.16",
@@ -28,7 +31,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "setuptools", "wheel"],  # setuptools, wheel: the test that builds a wheel
+        # setuptools, wheel: the test that builds a wheel; ruff pinned: its formatter's style changes
+        # between releases, and `ruff format --check` in .ci/run must mean the same on every machine.
+        "test": ["pytest", "setuptools", "wheel", "ruff==0.17.6"],
         "demo": ["scikit-learn"],
         "plot": ["matplotlib"],
         # ke_tf.convert reading PyTorch checkpoints (KE, ReduceNet); never needed by the core or tests.

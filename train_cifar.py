@@ -5,6 +5,7 @@ EKG pruning of ResNet-56 on CIFAR-10 as the default config.
     python train_cifar.py --config cifar10_resnet56 --set train.epochs=10
     python train_cifar.py --list
 """
+
 from ke_tf.cli import train_main
 
 main = train_main("cifar10_resnet56_ekg", __doc__)

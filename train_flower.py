@@ -4,6 +4,7 @@ with Knowledge Evolution of ResNet-18 on Flower102 as the default config.
     python train_flower.py --set data.data_dir=/data/tfds
     python train_flower.py --config quickstart_ke_digits
 """
+
 from ke_tf.cli import train_main
 
 main = train_main("flower102_resnet18_ke", __doc__)

@@ -8,6 +8,7 @@ only equal to the big batch for BN-free losses; with frozen BN the two steps are
 Untrained ResNets with frozen BN have huge activations, so "equal" is judged relative to the
 step's update: ||w(k=4) - w(k=1)|| / ||w(k=1) - w0|| <= 1e-3 for every variable.
 """
+
 import argparse
 import json
 import os
@@ -37,6 +38,7 @@ def _rss_mib():
     except OSError:
         pass
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB; macOS: bytes
 
 
@@ -55,8 +57,14 @@ def child(arch, classes, side, batch_size, accum, out):
     with strategy.scope():
         model = build_model(arch, classes, (side, side, 3))
     batch = random_batch(batch_size, (side, side, 3), classes)
-    steps = EngineRun(strategy, model, train_config(batch_size, uses_gpu(), accum_steps=accum), batch, 1,
-                      loss_fn=_frozen_bn_loss(model))
+    steps = EngineRun(
+        strategy,
+        model,
+        train_config(batch_size, uses_gpu(), accum_steps=accum),
+        batch,
+        1,
+        loss_fn=_frozen_bn_loss(model),
+    )
     initial = [v.numpy() for v in model.trainable_variables]
     before = _rss_mib()
     gpu = uses_gpu()
@@ -65,7 +73,7 @@ def child(arch, classes, side, batch_size, accum, out):
     steps()
     result = {"peak_rss_mib": _rss_mib(), "rss_before_step_mib": before}
     if gpu:
-        result["gpu_peak_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
+        result["gpu_peak_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
     np.savez(out, *[w for v, w0 in zip(model.trainable_variables, initial) for w in (w0, v.numpy())])
     print("RESULT " + json.dumps(result))
 
@@ -76,6 +84,7 @@ def _frozen_bn_loss(model):
     def loss_fn(batch, training):
         logits = model(batch[0], training=False)
         return {"loss": cross_entropy(logits, batch[1], 0.0), "logits": logits}
+
     return loss_fn
 
 
@@ -90,15 +99,28 @@ def update_relative_difference(one, accumulated):
 
 
 def _spawn(arch, classes, side, batch_size, accum, out):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    cmd = [sys.executable, "-m", "benchmarks.accumulation", "--child", arch, str(classes), str(side),
-           str(batch_size), str(accum), out]
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.accumulation",
+        "--child",
+        arch,
+        str(classes),
+        str(side),
+        str(batch_size),
+        str(accum),
+        out,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"accumulation child failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def run(quick=False, **_):
@@ -118,14 +140,27 @@ def run(quick=False, **_):
     # Tiny (--quick) models can peak before the step (tracing), leaving no step increase to compare.
     ratio = step[K] / step[1] if step[1] > 0 else None
     met = bool(ratio <= 0.75 and equal) if ratio is not None else None
-    return [entry(f"grad accumulation k={K} peak memory {arch} B={batch_size}", SECTION, step[K], "MiB",
-                  ratio=ratio, target="step peak ratio <= 0.75 and weights allclose", met=met,
-                  notes=f"{'GPU allocator peak' if key == 'gpu_peak_mib' else 'peak RSS increase during the step'}"
-                        f" (fresh subprocess each) k={K}: {step[K]:.0f} MiB vs k=1: {step[1]:.0f} MiB; "
-                        f"process peaks {res[K][key]:.0f} vs {res[1][key]:.0f} MiB; weights allclose="
-                        f"{equal} (max ||w4-w1||/||update|| {max_diff:.1e}); BN frozen so micro-batches are exact",
-                  step_peak_k1_mib=step[1], step_peak_k4_mib=step[K], process_peak_k1_mib=res[1][key],
-                  process_peak_k4_mib=res[K][key], weights_allclose=equal, max_update_relative_diff=max_diff)]
+    return [
+        entry(
+            f"grad accumulation k={K} peak memory {arch} B={batch_size}",
+            SECTION,
+            step[K],
+            "MiB",
+            ratio=ratio,
+            target="step peak ratio <= 0.75 and weights allclose",
+            met=met,
+            notes=f"{'GPU allocator peak' if key == 'gpu_peak_mib' else 'peak RSS increase during the step'}"
+            f" (fresh subprocess each) k={K}: {step[K]:.0f} MiB vs k=1: {step[1]:.0f} MiB; "
+            f"process peaks {res[K][key]:.0f} vs {res[1][key]:.0f} MiB; weights allclose="
+            f"{equal} (max ||w4-w1||/||update|| {max_diff:.1e}); BN frozen so micro-batches are exact",
+            step_peak_k1_mib=step[1],
+            step_peak_k4_mib=step[K],
+            process_peak_k1_mib=res[1][key],
+            process_peak_k4_mib=res[K][key],
+            weights_allclose=equal,
+            max_update_relative_diff=max_diff,
+        )
+    ]
 
 
 if __name__ == "__main__":

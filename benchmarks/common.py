@@ -1,5 +1,6 @@
 """Shared benchmark machinery: device description, interleaved median timing, result entries
 and small model/trainer builders (so every benchmark times the same things the same way)."""
+
 import os
 import platform
 import statistics
@@ -25,17 +26,25 @@ def device_description():
     """What the numbers were measured on: CPU model, cores, GPUs, TF/Keras versions."""
     import keras
     import tensorflow as tf
+
     gpus = tf.config.list_physical_devices("GPU")
     gpu_names = []
     for g in gpus:
         details = tf.config.experimental.get_device_details(g)
         gpu_names.append(details.get("device_name", g.name))
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpus": gpu_names,
-            "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "gpus": gpu_names,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def uses_gpu():
     import tensorflow as tf
+
     return bool(tf.config.list_logical_devices("GPU"))
 
 
@@ -65,8 +74,17 @@ def compare(fns, warmup=1, repeats=5):
 
 def entry(name, section, value, unit, ratio=None, target=None, met=None, notes="", **values):
     """One results.json row; `values` holds the raw numbers behind `value`/`ratio`."""
-    return {"name": name, "section": section, "value": _plain(value), "values": _plain(values),
-            "unit": unit, "ratio": _plain(ratio), "target": target, "met": met, "notes": notes}
+    return {
+        "name": name,
+        "section": section,
+        "value": _plain(value),
+        "values": _plain(values),
+        "unit": unit,
+        "ratio": _plain(ratio),
+        "target": target,
+        "met": met,
+        "notes": notes,
+    }
 
 
 def _plain(x):
@@ -86,9 +104,19 @@ def train_config(batch_size, jit, **overrides):
     """A TrainConfig for timing: constant LR SGD, no weight decay (Keras fit gets the identical
     optimizer), no checkpoints, progress bars or log lines."""
     from ke_tf.config import TrainConfig
-    base = dict(epochs=1, batch_size=batch_size, optimizer="sgd", lr=0.01, momentum=0.9, schedule="constant",
-                weight_decay=0.0, jit_compile="on" if jit else "off", checkpoint_every_epochs=0,
-                progress=False)
+
+    base = dict(
+        epochs=1,
+        batch_size=batch_size,
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.9,
+        schedule="constant",
+        weight_decay=0.0,
+        jit_compile="on" if jit else "off",
+        checkpoint_every_epochs=0,
+        progress=False,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -109,6 +137,7 @@ class EngineRun:
         from ke_tf.data.stream import TensorData
         from ke_tf.engine import Trainer
         from ke_tf.losses import classifier_loss
+
         self.data = data if data is not None else TensorData(*(np.concatenate([a] * steps) for a in batch))
         self.run_dir = tempfile.mkdtemp(prefix="ke_tf_bench_")
         self.trainer = Trainer(cfg, strategy, model, loss_fn or classifier_loss(model), steps, self.run_dir)
@@ -118,8 +147,13 @@ class EngineRun:
     def __call__(self):
         self.epochs += self.epochs_per_call
         ends = []
-        self.trainer.fit(self.data, seed=0, epochs=self.epochs, resume=False,
-                         eval_fn=lambda epoch: ends.append(time.perf_counter()) or {})
+        self.trainer.fit(
+            self.data,
+            seed=0,
+            epochs=self.epochs,
+            resume=False,
+            eval_fn=lambda epoch: ends.append(time.perf_counter()) or {},
+        )
         return ends
 
 
@@ -131,12 +165,14 @@ def keras_fit_run(model, dataset, steps, epochs):
     class EpochClock(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             ends.append(time.perf_counter())
+
     ends = []
 
     def run():
         ends.clear()
         model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[EpochClock()])
         return list(ends)
+
     return run
 
 
@@ -157,4 +193,5 @@ def compare_steady(fns, repeats=5):
 
 def model_macs(model):
     from ke_tf.flops import complexity
+
     return complexity(model)["macs"]

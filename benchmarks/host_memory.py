@@ -2,6 +2,7 @@
 (`ke_tf/engine/host_memory.py`). The setting acts once per process, so each contender is the
 digits quickstart CLI in its own process; the number is the steady-state epoch time (epochs after
 the first) from the run's history, interleaved over repeats."""
+
 import json
 import os
 import statistics
@@ -19,10 +20,22 @@ CONTENDERS = {"glibc default": "0", "ke_tf pad": "64"}
 
 
 def _steady_epoch_seconds(pad_mb, epochs, image_size, run_dir):
-    command = [sys.executable, os.path.join(ROOT, "train_cifar.py"), "--config", "quickstart_digits",
-               "--set", f"run_dir={run_dir}", "--set", f"train.epochs={epochs}",
-               "--set", f"data.image_size={image_size}", "--set", "train.progress=false",
-               "--set", "train.checkpoint_every_epochs=0"]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train_cifar.py"),
+        "--config",
+        "quickstart_digits",
+        "--set",
+        f"run_dir={run_dir}",
+        "--set",
+        f"train.epochs={epochs}",
+        "--set",
+        f"data.image_size={image_size}",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.checkpoint_every_epochs=0",
+    ]
     env = {**os.environ, "KE_TF_MALLOC_TOP_PAD_MB": pad_mb, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MALLOC_TOP_PAD_", None)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -43,8 +56,19 @@ def run(quick=False, repeats=5, **_):
                 samples[name].append(_steady_epoch_seconds(pad_mb, run_dir=run_dir, **setting))
     default, padded = (statistics.median(samples[name]) for name in CONTENDERS)
     speedup = default / padded
-    return [entry(f"64 MiB malloc pad, digits quickstart ResNet-20 {setting['image_size']}px b64", SECTION,
-                  speedup, "x speed-up", ratio=speedup, target=">= 1.0", met=bool(speedup >= 1.0),
-                  notes="steady epoch seconds with glibc's default M_TOP_PAD / with KE_TF_MALLOC_TOP_PAD_MB=64, "
-                        "each contender a CLI process; median over repeats",
-                  default_s=default, padded_s=padded, samples=samples)]
+    return [
+        entry(
+            f"64 MiB malloc pad, digits quickstart ResNet-20 {setting['image_size']}px b64",
+            SECTION,
+            speedup,
+            "x speed-up",
+            ratio=speedup,
+            target=">= 1.0",
+            met=bool(speedup >= 1.0),
+            notes="steady epoch seconds with glibc's default M_TOP_PAD / with KE_TF_MALLOC_TOP_PAD_MB=64, "
+            "each contender a CLI process; median over repeats",
+            default_s=default,
+            padded_s=padded,
+            samples=samples,
+        )
+    ]

@@ -3,6 +3,7 @@ their MAC ratio: KE's slim network (kels sr=0.5 fit hypothesis sliced out), an E
 ResNet-56 B (~50% MACs: first half of every block-inner group kept) and the fused ReduceNet
 deploy model vs its student (BN folded, branches merged). KE and EKG pairs are compared as they
 are exported: BN folded into the convs of both networks (`ke_tf.folding`)."""
+
 import re
 
 import keras
@@ -25,9 +26,10 @@ def _sizes(quick):
 
 def ke_pair(arch, classes, side):
     from ke_tf.layers.split import SplitLayerFactory
-    from ke_tf.loops.evolution import fit_keep
+    from ke_tf.methods.evolution.loop import fit_keep
     from ke_tf.models import build_model, model_spec
     from ke_tf.slicing import slice_model
+
     keras.utils.set_random_seed(0)
     dense = build_model(arch, classes, (side, side, 3), layers=SplitLayerFactory(0.5, "kels"))
     spec = model_spec(arch, classes, (side, side, 3))
@@ -38,6 +40,7 @@ def ke_pair(arch, classes, side):
 def ekg_pair(depth, side):
     from ke_tf.models import build_model, default_widths, model_spec
     from ke_tf.slicing import slice_model
+
     arch = f"resnet{depth}"
     keras.utils.set_random_seed(0)
     dense = build_model(arch, 10, (side, side, 3), shortcut="B")
@@ -50,6 +53,7 @@ def ekg_pair(depth, side):
 def reduce_pair(depth, side):
     from ke_tf.models import build_from_spec, model_spec
     from ke_tf.models.reducenet import get_deploy_model
+
     spec = model_spec(f"reduce{depth}", 10, (side, side, 3), variant="student")
     keras.utils.set_random_seed(0)
     student = build_from_spec(spec)
@@ -64,8 +68,10 @@ def _predictor(model, x):
 def run(quick=False, repeats=5, **_):
     (ke_arch, ke_classes, ke_side), cifar_side, depth, batch = _sizes(quick)
     pairs = {
-        f"KE slim {ke_arch} sr=0.5 vs dense ({ke_side}x{ke_side}, BN folded)":
-            (ke_pair(ke_arch, ke_classes, ke_side), ke_side),
+        f"KE slim {ke_arch} sr=0.5 vs dense ({ke_side}x{ke_side}, BN folded)": (
+            ke_pair(ke_arch, ke_classes, ke_side),
+            ke_side,
+        ),
         f"EKG pruned resnet{depth}-B ~50% MACs vs dense (BN folded)": (ekg_pair(depth, cifar_side), cifar_side),
         f"ReduceNet-{depth} deploy (fused) vs student": (reduce_pair(depth, cifar_side), cifar_side),
     }
@@ -76,10 +82,20 @@ def run(quick=False, repeats=5, **_):
         speedup = times["big"] / times["small"]
         mac_ratio = model_macs(big) / model_macs(small)
         ratio = speedup / mac_ratio
-        rows.append(entry(name, SECTION, speedup, "x speed-up", ratio=ratio, target=">= 0.8 x MAC ratio",
-                          met=bool(ratio >= 0.8),
-                          notes=f"batch {batch} latency {times['big'] * 1e3:.1f} -> {times['small'] * 1e3:.1f} ms; "
-                                f"MAC ratio {mac_ratio:.2f}; ratio = speed-up / MAC ratio",
-                          latency_dense_ms=times["big"] * 1e3, latency_small_ms=times["small"] * 1e3,
-                          mac_ratio=mac_ratio))
+        rows.append(
+            entry(
+                name,
+                SECTION,
+                speedup,
+                "x speed-up",
+                ratio=ratio,
+                target=">= 0.8 x MAC ratio",
+                met=bool(ratio >= 0.8),
+                notes=f"batch {batch} latency {times['big'] * 1e3:.1f} -> {times['small'] * 1e3:.1f} ms; "
+                f"MAC ratio {mac_ratio:.2f}; ratio = speed-up / MAC ratio",
+                latency_dense_ms=times["big"] * 1e3,
+                latency_small_ms=times["small"] * 1e3,
+                mac_ratio=mac_ratio,
+            )
+        )
     return rows

@@ -3,6 +3,7 @@
 
 tfds' default mock Flowers images are tiny (tens of pixels), which would flatter the JPEG decode +
 resized-crop cost; the Flowers mock here serves real-sized (500x667) JPEGs instead."""
+
 import contextlib
 import tempfile
 import time
@@ -37,6 +38,7 @@ def _flowers_as_dataset(num_examples, shape):
         images = [jpegs[i % len(jpegs)] for i in range(num_examples)]
         labels = np.arange(num_examples, dtype=np.int64) % 102
         return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
     return as_dataset
 
 
@@ -44,9 +46,11 @@ def _load(name, num_examples, data_dir):
     import tensorflow_datasets as tfds
 
     from ke_tf.data import load_data
+
     kwargs = {"as_dataset_fn": _flowers_as_dataset(num_examples, FLOWER_SHAPE)} if name != "cifar10" else {}
-    with tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.AUTO,
-                                data_dir=data_dir, **kwargs):
+    with tfds.testing.mock_data(
+        num_examples=num_examples, policy=tfds.testing.MockPolicy.AUTO, data_dir=data_dir, **kwargs
+    ):
         return load_data(name, data_dir=data_dir)
 
 
@@ -67,18 +71,32 @@ def run(quick=False, repeats=5, train_rates=None, **_):
     """`train_rates` {dataset: engine images/s} from the throughput benchmark, if it ran."""
     train_rates = train_rates or {}
     rows = []
-    for name, examples, batch in (("cifar10", 512 if quick else 4096, 128),
-                                  ("oxford_flowers102", 64 if quick else 512, 32)):
+    for name, examples, batch in (
+        ("cifar10", 512 if quick else 4096, 128),
+        ("oxford_flowers102", 64 if quick else 512, 32),
+    ):
         with contextlib.ExitStack() as stack:
             data = _load(name, examples, stack.enter_context(tempfile.TemporaryDirectory()))
         rate = images_per_second(data, batch, 1 if quick else min(repeats, 3))
         train = train_rates.get(name)
         ratio = rate / train if train else None
-        rows.append(entry(f"input pipeline {name} {data.info.image_shape[0]}px b{batch}", SECTION, rate, "images/s",
-                          ratio=ratio, target="> training step rate" if train else None,
-                          met=bool(ratio > 1.0) if train else None,
-                          notes=(f"ratio = pipeline / engine training rate ({train:.1f} img/s); " if train else
-                                 "no training rate in this run (run with the throughput benchmark); ")
-                                + "measured alone: on a CPU the pipeline shares cores with the step",
-                          pipeline_images_per_s=rate, train_images_per_s=train))
+        rows.append(
+            entry(
+                f"input pipeline {name} {data.info.image_shape[0]}px b{batch}",
+                SECTION,
+                rate,
+                "images/s",
+                ratio=ratio,
+                target="> training step rate" if train else None,
+                met=bool(ratio > 1.0) if train else None,
+                notes=(
+                    f"ratio = pipeline / engine training rate ({train:.1f} img/s); "
+                    if train
+                    else "no training rate in this run (run with the throughput benchmark); "
+                )
+                + "measured alone: on a CPU the pipeline shares cores with the step",
+                pipeline_images_per_s=rate,
+                train_images_per_s=train,
+            )
+        )
     return rows

@@ -5,6 +5,7 @@
 Sections: throughput, host_sync, host_memory, split_overhead, accumulation, inference, pipeline, scaling. Every number
 is a ratio measured in the same run (warm-up, then the median of `--repeats` interleaved timings).
 """
+
 import argparse
 import json
 import os
@@ -16,19 +17,38 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `ke_tf` 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks import (accumulation, common, host_memory, host_sync, inference, pipeline, scaling,  # noqa: E402
-                        split_overhead, throughput)
+from benchmarks import (  # noqa: E402
+    accumulation,
+    common,
+    host_memory,
+    host_sync,
+    inference,
+    pipeline,
+    scaling,
+    split_overhead,
+    throughput,
+)
 
-SECTIONS = {"throughput": throughput, "host_sync": host_sync, "host_memory": host_memory,
-            "split_overhead": split_overhead,
-            "accumulation": accumulation, "inference": inference, "pipeline": pipeline, "scaling": scaling}
+SECTIONS = {
+    "throughput": throughput,
+    "host_sync": host_sync,
+    "host_memory": host_memory,
+    "split_overhead": split_overhead,
+    "accumulation": accumulation,
+    "inference": inference,
+    "pipeline": pipeline,
+    "scaling": scaling,
+}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 
 
 def _train_rates(rows):
     """{dataset: engine images/s at the device's default jit} from throughput rows, for `pipeline`."""
-    return {r["values"]["dataset"]: r["values"]["engine"] for r in rows
-            if r["section"] == "throughput" and r["target"] and "dataset" in r["values"]}
+    return {
+        r["values"]["dataset"]: r["values"]["engine"]
+        for r in rows
+        if r["section"] == "throughput" and r["target"] and "dataset" in r["values"]
+    }
 
 
 def run_all(names, quick=False, repeats=5, on_section=None):
@@ -42,8 +62,9 @@ def run_all(names, quick=False, repeats=5, on_section=None):
             section_rows = SECTIONS[name].run(quick=quick, repeats=repeats, **kwargs)
         except Exception as e:  # report and continue with the other benchmarks
             traceback.print_exc()
-            section_rows = [common.entry(f"{name} failed", name, None, "", met=False,
-                                         notes=f"{type(e).__name__}: {e}"[:500])]
+            section_rows = [
+                common.entry(f"{name} failed", name, None, "", met=False, notes=f"{type(e).__name__}: {e}"[:500])
+            ]
         for row in section_rows:
             row["seconds"] = round(time.time() - start, 1)
         rows.extend(section_rows)
@@ -55,23 +76,29 @@ def run_all(names, quick=False, repeats=5, on_section=None):
 
 def markdown(rows):
     """The results as a markdown table (value, ratio, target, met)."""
+
     def fmt(v):
         if v is None:
             return "-"
         if isinstance(v, bool):
             return "yes" if v else "NO"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
+
     lines = ["| benchmark | value | unit | ratio | target | met | notes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {fmt(r['value'])} | {r['unit']} | {fmt(r['ratio'])} | "
-                     f"{r['target'] or '-'} | {fmt(r['met'])} | {r['notes']} |")
+        lines.append(
+            f"| {r['name']} | {fmt(r['value'])} | {r['unit']} | {fmt(r['ratio'])} | "
+            f"{r['target'] or '-'} | {fmt(r['met'])} | {r['notes']} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, sizes and repeats (smoke test)")
-    parser.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run only this benchmark (repeatable)")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(SECTIONS), help="run only this benchmark (repeatable)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (median)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON path")
     args = parser.parse_args(argv)
@@ -87,15 +114,22 @@ def main(argv=None):
         """Write the rows so far, so an interrupted run keeps its finished sections."""
         for row in rows:
             row["device"] = device
-        result = {"device": device, "quick": args.quick, "repeats": repeats,
-                  "seconds": round(time.time() - start, 1), "benchmarks": rows}
+        result = {
+            "device": device,
+            "quick": args.quick,
+            "repeats": repeats,
+            "seconds": round(time.time() - start, 1),
+            "benchmarks": rows,
+        }
         atomic_write_bytes(args.out, json.dumps(result, indent=1).encode())
         return result
 
     rows = run_all(names, quick=args.quick, repeats=repeats, on_section=save)
     result = save(rows)
-    print(f"Device: {device['cpu']}, {device['cores']} cores, GPUs: {', '.join(device['gpus']) or 'none'}, "
-          f"TF {device['tensorflow']}, Keras {device['keras']}")
+    print(
+        f"Device: {device['cpu']}, {device['cores']} cores, GPUs: {', '.join(device['gpus']) or 'none'}, "
+        f"TF {device['tensorflow']}, Keras {device['keras']}"
+    )
     print(markdown(rows))
     print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
     return 0

@@ -1,5 +1,6 @@
 """Benchmark 2: training-step cost of Knowledge Evolution's split layers (SplitLayerFactory:
 kernels carry a fit-hypothesis mask variable) relative to the plain network."""
+
 import keras
 
 from benchmarks.common import EngineRun, compare, entry, random_batch, train_config, uses_gpu
@@ -27,8 +28,18 @@ def run(quick=False, repeats=5, **_):
         fns[name] = EngineRun(strategy, model, train_config(batch_size, jit), batch, steps)
     times = compare(fns, warmup=1, repeats=repeats)
     ratio = times["split"] / times["plain"]
-    return [entry(f"split-mask step overhead {arch} b{batch_size}", SECTION, ratio, "x step time",
-                  ratio=ratio, target="<= 1.05", met=bool(ratio <= 1.05),
-                  notes="split step time / plain step time (engine step, kels sr=0.5, jit "
-                        f"{'on' if jit else 'off'}); masks are non-trainable and stay out of the forward pass",
-                  plain_s=times["plain"] / steps, split_s=times["split"] / steps)]
+    return [
+        entry(
+            f"split-mask step overhead {arch} b{batch_size}",
+            SECTION,
+            ratio,
+            "x step time",
+            ratio=ratio,
+            target="<= 1.05",
+            met=bool(ratio <= 1.05),
+            notes="split step time / plain step time (engine step, kels sr=0.5, jit "
+            f"{'on' if jit else 'off'}); masks are non-trainable and stay out of the forward pass",
+            plain_s=times["plain"] / steps,
+            split_s=times["split"] / steps,
+        )
+    ]

@@ -9,6 +9,7 @@ epoch; epochs 2-3 are timed (steady state: set-up and tracing left out). Rows re
 over interleaved repeats and the spread of the per-repeat ratios. XLA is timed where
 `jit_compile: auto` turns it on (GPUs; on GPUs also off, for comparison): on CPUs it measured
 1.5-3x slower and is off."""
+
 import contextlib
 import tempfile
 import time
@@ -17,16 +18,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.common import (STEADY_EPOCHS, EngineRun, compare_samples, compare_steady, entry, keras_fit_run,
-                               model_macs, train_config, uses_gpu)
+from benchmarks.common import (
+    STEADY_EPOCHS,
+    EngineRun,
+    compare_samples,
+    compare_steady,
+    entry,
+    keras_fit_run,
+    model_macs,
+    train_config,
+    uses_gpu,
+)
 from benchmarks.pipeline import _load
 from ke_tf.engine.iterators import release_in_background
 
 SECTION = "throughput"
 
 # (arch, build options, image side, batch, steps per timed call (= N per loop/execution), dataset)
-FULL = [("resnet56", {"shortcut": "B"}, 32, 128, 8, "cifar10"),
-        ("resnet18", {}, 224, 32, 4, "oxford_flowers102")]
+FULL = [("resnet56", {"shortcut": "B"}, 32, 128, 8, "cifar10"), ("resnet18", {}, 224, 32, 4, "oxford_flowers102")]
 QUICK = [("resnet20", {}, 32, 16, 4, "cifar10")]
 
 
@@ -40,27 +49,33 @@ def measure_peak(quick=False, repeats=5):
     x = tf.random.normal(shape)
     k = tf.random.normal([3, 3, shape[-1], shape[-1]])
     conv = tf.function(lambda: tf.nn.conv2d(x, k, 1, "SAME"))
-    times = {name: float(np.median(s)) for name, s in compare_samples(
-        {"matmul": lambda: matmul().numpy(), "conv": lambda: conv().numpy()}, warmup=2, repeats=repeats).items()}
-    flops = {"matmul": 2.0 * n ** 3 / times["matmul"],
-             "conv": 2.0 * np.prod(shape) * 9 * shape[-1] / times["conv"]}
+    times = {
+        name: float(np.median(s))
+        for name, s in compare_samples(
+            {"matmul": lambda: matmul().numpy(), "conv": lambda: conv().numpy()}, warmup=2, repeats=repeats
+        ).items()
+    }
+    flops = {"matmul": 2.0 * n**3 / times["matmul"], "conv": 2.0 * np.prod(shape) * 9 * shape[-1] / times["conv"]}
     return max(flops.values()), flops
 
 
 def _model(arch, options, num_classes, side):
     from ke_tf.models import build_model
+
     keras.utils.set_random_seed(0)
     return build_model(arch, num_classes, (side, side, 3), **options)
-
-
 
 
 def _keras_fit(model, dataset, steps, jit):
     """Keras `fit` over the same stream, N = `steps` steps per execution (one execution per epoch,
     as the engine's loop)."""
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=jit, steps_per_execution=steps,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["sparse_categorical_accuracy"])   # the engine counts top-1 too
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        jit_compile=jit,
+        steps_per_execution=steps,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["sparse_categorical_accuracy"],
+    )  # the engine counts top-1 too
     return keras_fit_run(model, dataset, steps, STEADY_EPOCHS)
 
 
@@ -79,7 +94,7 @@ def _plain_step(model, dataset, steps, jit):
         return loss
 
     def run():
-        batches = [iter(dataset)]   # released as the engine releases its own (see ke_tf.engine.iterators)
+        batches = [iter(dataset)]  # released as the engine releases its own (see ke_tf.engine.iterators)
         ends = []
         for _ in range(STEADY_EPOCHS):
             for _ in range(steps):
@@ -88,21 +103,32 @@ def _plain_step(model, dataset, steps, jit):
             ends.append(time.perf_counter())
         release_in_background(batches)
         return ends
+
     return run
 
 
 def _contenders(arch, options, data, side, batch_size, steps, jit):
     from ke_tf.engine import make_strategy
+
     classes = data.info.num_classes
     strategy = make_strategy("one_device")
     with strategy.scope():
         model = _model(arch, options, classes, side)
-    engine = EngineRun(strategy, model, train_config(batch_size, jit, steps_per_loop=steps), None, steps, data=data,
-                       epochs_per_call=STEADY_EPOCHS)
-    stream = data.stream(batch_size, 0, 0, 10 ** 6)
-    return {"engine": engine,
-            "keras_fit": _keras_fit(_model(arch, options, classes, side), stream, steps, jit),
-            "plain_step": _plain_step(_model(arch, options, classes, side), stream, steps, jit)}
+    engine = EngineRun(
+        strategy,
+        model,
+        train_config(batch_size, jit, steps_per_loop=steps),
+        None,
+        steps,
+        data=data,
+        epochs_per_call=STEADY_EPOCHS,
+    )
+    stream = data.stream(batch_size, 0, 0, 10**6)
+    return {
+        "engine": engine,
+        "keras_fit": _keras_fit(_model(arch, options, classes, side), stream, steps, jit),
+        "plain_step": _plain_step(_model(arch, options, classes, side), stream, steps, jit),
+    }
 
 
 def run(quick=False, repeats=5, **_):
@@ -110,33 +136,55 @@ def run(quick=False, repeats=5, **_):
     repeats = 1 if quick else max(3, repeats)
     peak, peaks = measure_peak(quick, repeats)
     gpu = uses_gpu()
-    rows = [entry("device peak FLOP/s", SECTION, peak / 1e9, "GFLOP/s",
-                  notes="max of a dense float32 matmul and 3x3 conv measured in this run",
-                  **{f"{k}_gflops": v / 1e9 for k, v in peaks.items()})]
-    for arch, options, side, batch_size, steps, dataset in (QUICK if quick else FULL):
+    rows = [
+        entry(
+            "device peak FLOP/s",
+            SECTION,
+            peak / 1e9,
+            "GFLOP/s",
+            notes="max of a dense float32 matmul and 3x3 conv measured in this run",
+            **{f"{k}_gflops": v / 1e9 for k, v in peaks.items()},
+        )
+    ]
+    for arch, options, side, batch_size, steps, dataset in QUICK if quick else FULL:
         with contextlib.ExitStack() as stack:
             data = _load(dataset, batch_size * steps, stack.enter_context(tempfile.TemporaryDirectory()))
         macs = model_macs(_model(arch, options, data.info.num_classes, side))
         # The device's default XLA setting; on GPUs also XLA off (--quick: the default only).
-        for jit in ((False, True) if gpu and not quick else (gpu,)):
+        for jit in (False, True) if gpu and not quick else (gpu,):
             samples = compare_steady(_contenders(arch, options, data, side, batch_size, steps, jit), repeats=repeats)
             rates = {k: steps * batch_size / float(np.median(t)) for k, t in samples.items()}
             vs_plain = [p / e for e, p in zip(samples["engine"], samples["plain_step"])]
             vs_fit = [f / e for e, f in zip(samples["engine"], samples["keras_fit"])]
-            targeted = jit == gpu   # targets apply to the device's recommended setting
+            targeted = jit == gpu  # targets apply to the device's recommended setting
             # Judged on the median over repeats: one repeat on a shared machine varies by ~10%.
             met = bool(np.median(vs_plain) >= 0.95 and np.median(vs_fit) >= 1.0) if targeted else None
             flops = 3 * macs * 2 * rates["engine"]
-            rows.append(entry(
-                f"train {arch} {side}x{side} b{batch_size} jit={'on' if jit else 'off'}", SECTION,
-                rates["engine"], "images/s", ratio=float(np.median(vs_plain)),
-                target="engine >= 0.95 x plain step and >= fit (medians over repeats)" if targeted else None, met=met,
-                notes=(f"{dataset} pipeline ({len(samples['engine'])} repeats of 2 timed epochs of {steps} steps, "
-                       f"N={steps}); engine/plain step {min(vs_plain):.2f}-{max(vs_plain):.2f}, engine/fit "
-                       f"{min(vs_fit):.2f}-{max(vs_fit):.2f}; fit {rates['keras_fit']:.1f}, plain step "
-                       f"{rates['plain_step']:.1f} img/s; model FLOP/s = 3 x fwd MACs x 2 x img/s = "
-                       f"{flops / 1e9:.1f} GFLOP/s = {flops / peak:.0%} of peak"),
-                dataset=dataset, engine=rates["engine"], keras_fit=rates["keras_fit"], plain_step=rates["plain_step"],
-                engine_vs_plain=vs_plain, engine_vs_fit=vs_fit, forward_macs=macs, model_gflops=flops / 1e9,
-                peak_fraction=flops / peak))
+            rows.append(
+                entry(
+                    f"train {arch} {side}x{side} b{batch_size} jit={'on' if jit else 'off'}",
+                    SECTION,
+                    rates["engine"],
+                    "images/s",
+                    ratio=float(np.median(vs_plain)),
+                    target="engine >= 0.95 x plain step and >= fit (medians over repeats)" if targeted else None,
+                    met=met,
+                    notes=(
+                        f"{dataset} pipeline ({len(samples['engine'])} repeats of 2 timed epochs of {steps} steps, "
+                        f"N={steps}); engine/plain step {min(vs_plain):.2f}-{max(vs_plain):.2f}, engine/fit "
+                        f"{min(vs_fit):.2f}-{max(vs_fit):.2f}; fit {rates['keras_fit']:.1f}, plain step "
+                        f"{rates['plain_step']:.1f} img/s; model FLOP/s = 3 x fwd MACs x 2 x img/s = "
+                        f"{flops / 1e9:.1f} GFLOP/s = {flops / peak:.0%} of peak"
+                    ),
+                    dataset=dataset,
+                    engine=rates["engine"],
+                    keras_fit=rates["keras_fit"],
+                    plain_step=rates["plain_step"],
+                    engine_vs_plain=vs_plain,
+                    engine_vs_fit=vs_fit,
+                    forward_macs=macs,
+                    model_gflops=flops / 1e9,
+                    peak_fraction=flops / peak,
+                )
+            )
     return rows

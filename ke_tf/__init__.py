@@ -18,6 +18,7 @@ The public API, by what you would use it for:
 - Training: `Trainer`, `Evaluator`, `make_strategy`; `load_data`; `load_config`, `run_method`
   (the loop entry points: supervised, evolution, distillation, incremental, ekg, consistency).
 """
+
 from ke_tf.tf_startup import import_tensorflow
 
 import_tensorflow()  # before anything else loads TensorFlow: its start-up log lines are filtered
@@ -31,7 +32,6 @@ from ke_tf.data import load_data
 from ke_tf.engine import Evaluator, Trainer, make_strategy
 from ke_tf.flops import complexity, count_macs, count_params
 from ke_tf.folding import fold_batchnorm
-from ke_tf.gradcam import grad_cam
 from ke_tf.layers.activations import AnnealedReLU
 from ke_tf.layers.batchnorm import SyncBatchNormalization
 from ke_tf.layers.factory import LayerFactory
@@ -39,9 +39,10 @@ from ke_tf.layers.gates import ChannelGate, GatedLayerFactory
 from ke_tf.layers.reparam import ReduceConv
 from ke_tf.layers.split import SplitConv2D, SplitDense, SplitLayerFactory
 from ke_tf.losses import attention_distillation, cross_entropy, kd_loss, soft_cross_entropy
+from ke_tf.methods.consistency.transnet import TransNet
+from ke_tf.methods.incremental.gradcam import grad_cam
 from ke_tf.models import build_from_spec, build_model, default_widths, model_spec, register_arch
 from ke_tf.models.reducenet import get_deploy_model
-from ke_tf.models.transnet import TransNet
 from ke_tf.params import ParamsError, apply_params, load_params, save_params
 from ke_tf.run import run_method
 from ke_tf.slicing import slice_model
@@ -50,12 +51,41 @@ __version__ = "0.1.0"
 
 
 __all__ = [
-    "AnnealedReLU", "ChannelGate", "ConfigError", "Evaluator", "GatedLayerFactory", "LayerFactory",
-    "ParamsError", "ReduceConv", "SplitConv2D", "SplitDense", "SplitLayerFactory", "SyncBatchNormalization",
-    "Trainer", "TransNet",
-    "apply_params", "attention_distillation", "build_from_spec", "build_model", "complexity",
-    "count_macs", "count_params", "cross_entropy", "default_widths", "fold_batchnorm", "get_deploy_model",
+    "AnnealedReLU",
+    "ChannelGate",
+    "ConfigError",
+    "Evaluator",
+    "GatedLayerFactory",
+    "LayerFactory",
+    "ParamsError",
+    "ReduceConv",
+    "SplitConv2D",
+    "SplitDense",
+    "SplitLayerFactory",
+    "SyncBatchNormalization",
+    "Trainer",
+    "TransNet",
+    "apply_params",
+    "attention_distillation",
+    "build_from_spec",
+    "build_model",
+    "complexity",
+    "count_macs",
+    "count_params",
+    "cross_entropy",
+    "default_widths",
+    "fold_batchnorm",
+    "get_deploy_model",
     "grad_cam",
-    "kd_loss", "load_config", "load_data", "load_params", "make_strategy", "model_spec",
-    "register_arch", "run_method", "save_params", "slice_model", "soft_cross_entropy",
+    "kd_loss",
+    "load_config",
+    "load_data",
+    "load_params",
+    "make_strategy",
+    "model_spec",
+    "register_arch",
+    "run_method",
+    "save_params",
+    "slice_model",
+    "soft_cross_entropy",
 ]

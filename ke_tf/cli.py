@@ -4,6 +4,7 @@ ke-tf-test (test.py) and ke-tf-export. Expected failures end in one `error:` lin
 TensorFlow's start-up log lines are filtered by `ke_tf.tf_startup` (when ke_tf is imported, before
 these functions run); `--verbose` keeps them.
 """
+
 import argparse
 import logging
 import sys
@@ -22,6 +23,7 @@ def fail(message, debug=False):
 
 def guarded(main):
     """Run `main(argv)` turning expected failures into one error line."""
+
     def wrapper(argv=None):
         argv = sys.argv[1:] if argv is None else argv
         # TensorFlow's logger has its own handler; absl's first log call (a checkpoint save) gives
@@ -33,6 +35,7 @@ def guarded(main):
         from ke_tf.config import ConfigError
         from ke_tf.engine.trainer import NonFiniteLossError, StopRequested
         from ke_tf.params import ParamsError
+
         try:
             return main(argv)
         except StopRequested as e:
@@ -40,6 +43,7 @@ def guarded(main):
             sys.exit(130)
         except (ConfigError, ParamsError, NonFiniteLossError, ValueError, FileNotFoundError) as e:
             fail(str(e), debug)
+
     return wrapper
 
 
@@ -54,6 +58,7 @@ def parser_for(description):
 def list_configs():
     """Print the shipped configs, one `name  description` line each."""
     from ke_tf.shipped_configs import describe, shipped_configs
+
     shipped = shipped_configs()
     width = max(map(len, shipped))
     for name, path in shipped.items():
@@ -63,14 +68,23 @@ def list_configs():
 def train_main(default_config, description):
     """The training command: --config (a path or a shipped config's name; `default_config` if
     given, else required), --set key=value overrides, --list; returns the run's summary dict."""
+
     @guarded
     def main(argv):
         parser = parser_for(description)
-        parser.add_argument("--config", default=default_config,
-                            help="YAML experiment config: a file, or the name of a shipped config (see --list)"
-                            + (f"; default {default_config}" if default_config else ""))
-        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+        parser.add_argument(
+            "--config",
+            default=default_config,
+            help="YAML experiment config: a file, or the name of a shipped config (see --list)"
+            + (f"; default {default_config}" if default_config else ""),
+        )
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.epochs=5 (repeatable)",
+        )
         parser.add_argument("--list", action="store_true", help="list the shipped configs and exit")
         args = parser.parse_args(argv)
         if args.list:
@@ -78,18 +92,21 @@ def train_main(default_config, description):
         if args.config is None:
             parser.error("--config is required: a YAML file or a shipped config's name (--list shows them)")
         from ke_tf.config import load_config
-        from ke_tf.loops import get_loop
+        from ke_tf.methods import get_loop
         from ke_tf.progress import log_line
         from ke_tf.run import run_method
         from ke_tf.shipped_configs import resolve_config
+
         path = resolve_config(args.config)
         cfg = load_config(path, args.set)
-        get_loop(cfg.method)   # an unknown method fails here, before the log line
+        get_loop(cfg.method)  # an unknown method fails here, before the log line
         log_line(f"config {path}: method {cfg.method}, run_dir {cfg.run_dir}")
         summary = run_method(cfg)
         from ke_tf.report import vertical_table
+
         print(vertical_table(summary))
         return summary
+
     return main
 
 
@@ -98,8 +115,8 @@ def evaluate_params_file(path, dataset=None, data_dir=None, batch_size=256, clas
     asked)."""
     from ke_tf.data import load_data
     from ke_tf.engine import evaluate, make_strategy
-    from ke_tf.export import load_deployable
     from ke_tf.flops import complexity
+    from ke_tf.models.from_params import load_deployable
     from ke_tf.params import ParamsError
 
     strategy = make_strategy("auto")
@@ -109,15 +126,28 @@ def evaluate_params_file(path, dataset=None, data_dir=None, batch_size=256, clas
     name = dataset or data_meta.get("name")
     if not name:
         raise ParamsError(f"{path}: no dataset recorded; pass --dataset")
-    data = load_data(name, data_dir=data_dir, image_size=data_meta.get("image_size"),
-                     classes=classes if classes is not None else data_meta.get("classes"))
+    data = load_data(
+        name,
+        data_dir=data_dir,
+        image_size=data_meta.get("image_size"),
+        classes=classes if classes is not None else data_meta.get("classes"),
+    )
     if data.info.num_classes != meta["model"]["num_classes"]:
-        raise ParamsError(f"{path}: model has {meta['model']['num_classes']} outputs but dataset "
-                          f"{name} has {data.info.num_classes} classes")
+        raise ParamsError(
+            f"{path}: model has {meta['model']['num_classes']} outputs but dataset "
+            f"{name} has {data.info.num_classes} classes"
+        )
     metrics = evaluate(strategy, lambda x: model(x, training=False), data.test(batch_size))
-    result = {"params_file": path, "arch": meta["model"]["arch"], "dataset": name,
-              "test_loss": metrics["loss"], "test_top1": metrics["top1"], "test_top5": metrics["top5"],
-              "examples": metrics["count"], **complexity(model)}
+    result = {
+        "params_file": path,
+        "arch": meta["model"]["arch"],
+        "dataset": name,
+        "test_loss": metrics["loss"],
+        "test_top1": metrics["top1"],
+        "test_top5": metrics["top5"],
+        "examples": metrics["count"],
+        **complexity(model),
+    }
     dense = meta.get("dense_complexity")
     if dense:
         result["params_reduction"] = 1.0 - result["params"] / dense["params"]
@@ -145,20 +175,27 @@ def evaluate_main(argv):
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     parser.add_argument("--export", metavar="DIR", help="also export the model as SavedModel + TFLite")
     args = parser.parse_args(argv)
-    result, model, meta = evaluate_params_file(args.trained_param, args.dataset, args.data_dir, args.batch_size,
-                                               with_model=True)
-    print(f"Test loss: {result['test_loss']:.4f}, Top-1: {100 * result['test_top1']:.2f}%, "
-          f"Top-5: {100 * result['test_top5']:.2f}%")
+    result, model, meta = evaluate_params_file(
+        args.trained_param, args.dataset, args.data_dir, args.batch_size, with_model=True
+    )
+    print(
+        f"Test loss: {result['test_loss']:.4f}, Top-1: {100 * result['test_top1']:.2f}%, "
+        f"Top-5: {100 * result['test_top5']:.2f}%"
+    )
     line = f"Params: {result['params'] / 1e6:.4f}M, MACs: {result['macs'] / 1e6:.2f}M"
     if "macs_reduction" in result:
-        line += (f" (reduction vs dense: params {100 * result['params_reduction']:.1f}%, "
-                 f"MACs {100 * result['macs_reduction']:.1f}%)")
+        line += (
+            f" (reduction vs dense: params {100 * result['params_reduction']:.1f}%, "
+            f"MACs {100 * result['macs_reduction']:.1f}%)"
+        )
     print(line)
     if args.json:
         from ke_tf.report import write_json
+
         write_json(args.json, result)
     if args.export:
         from ke_tf.export import deployable, export_model
+
         result["exported"] = export_model(deployable(model, meta), args.export)
         print(f"Exported SavedModel and TFLite to {args.export}")
     return result
@@ -183,7 +220,31 @@ def test_command():
     evaluate_main()
 
 
+EXPORT_DESCRIPTION = """Export a trained params file's deployable model as a SavedModel and a TFLite flatbuffer.
+
+    ke-tf-export --trained_param runs/x/trained_params.pkl --out exported/
+    ke-tf-test --trained_param runs/x/trained_params.pkl --export exported/   (evaluates too)
+
+Masks and gates are gone from KE slim, EKG-pruned and fused ReduceNet networks, and BN is folded
+into the convolutions (ke_tf/export.py).
+"""
+
+
+@guarded
+def export_main(argv):
+    """The export command (ke-tf-export, python -m ke_tf.export); returns the written paths."""
+    from ke_tf.export import export_params_file
+
+    parser = parser_for(EXPORT_DESCRIPTION)
+    parser.add_argument("--trained_param", required=True, help="pickled params file")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    paths = export_params_file(args.trained_param, args.out)
+    for kind, p in paths.items():
+        print(f"{kind}: {p}")
+    return paths
+
+
 def export_command():
     """ke-tf-export."""
-    from ke_tf.export import main
-    main()
+    export_main()

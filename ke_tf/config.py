@@ -4,6 +4,7 @@ Unknown keys, wrong types and impossible values are rejected before any work sta
 dotted key in the message. Method loops add their own section with `register_section`; the
 loops are imported on demand, the first time a config names a section not yet registered.
 """
+
 import dataclasses
 import typing
 
@@ -16,12 +17,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class DataConfig:
-    name: str = "digits"            # digits | cifar10 | cifar100 | oxford_flowers102 | image_folder
+    name: str = "digits"  # digits | cifar10 | cifar100 | oxford_flowers102 | image_folder
     data_dir: typing.Optional[str] = None
     image_size: typing.Optional[int] = None
     classes: typing.Optional[typing.List[int]] = None
-    test_split: str = "tst"         # image_folder only: tst | val
-    on_bad_file: str = "fail"       # fail | skip
+    test_split: str = "tst"  # image_folder only: tst | val
+    on_bad_file: str = "fail"  # fail | skip
     split_seed: int = 0
 
     def validate(self, key):
@@ -38,24 +39,25 @@ class ModelConfig:
 
     def validate(self, key):
         from ke_tf.models import available_archs
+
         _choice(f"{key}.arch", self.arch, tuple(available_archs()))
 
 
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 128           # global batch (all replicas, all micro-batches)
-    optimizer: str = "sgd"          # sgd | adam
+    batch_size: int = 128  # global batch (all replicas, all micro-batches)
+    optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
-    schedule: str = "cosine"        # constant | cosine | step | logspace
+    schedule: str = "cosine"  # constant | cosine | step | logspace
     warmup_epochs: float = 0.0
     decay_epochs: typing.List[float] = dataclasses.field(default_factory=list)
     decay_factor: float = 0.1
-    final_lr: float = 0.0           # cosine floor / logspace end value
+    final_lr: float = 0.0  # cosine floor / logspace end value
     weight_decay: float = 5e-4
-    weight_decay_mode: str = "coupled"   # coupled (L2 added to gradients, SGD+L2 recipes) | decoupled
+    weight_decay_mode: str = "coupled"  # coupled (L2 added to gradients, SGD+L2 recipes) | decoupled
     label_smoothing: float = 0.0
     accum_steps: int = 1
     # Steps run by one tf.function call (metrics read once per call). 0 = auto: about 2 s of work
@@ -65,8 +67,8 @@ class TrainConfig:
     # device computes) or per replica with the moving statistics averaged every step ("off").
     # "auto": on when a replica's micro-batch is below 32 images (README: Clusters; engine.trainer).
     sync_bn: str = "auto"
-    jit_compile: str = "auto"       # auto (GPU on, CPU off) | on | off
-    mixed_precision: str = "none"   # none | bf16 | fp16
+    jit_compile: str = "auto"  # auto (GPU on, CPU off) | on | off
+    mixed_precision: str = "none"  # none | bf16 | fp16
     checkpoint_every_epochs: int = 1
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
@@ -75,7 +77,7 @@ class TrainConfig:
     resume: str = "auto"
     eval_every_epochs: int = 1
     eval_batch_size: int = 256
-    on_nan: str = "stop"            # stop | skip
+    on_nan: str = "stop"  # stop | skip
     progress: bool = True
 
     def validate(self, key):
@@ -85,8 +87,14 @@ class TrainConfig:
         _positive(f"{key}.eval_batch_size", self.eval_batch_size)
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "warmup_epochs", "final_lr", "checkpoint_every_epochs",
-                     "checkpoint_every_steps", "steps_per_loop"):
+        for name in (
+            "weight_decay",
+            "warmup_epochs",
+            "final_lr",
+            "checkpoint_every_epochs",
+            "checkpoint_every_steps",
+            "steps_per_loop",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
@@ -104,14 +112,15 @@ class TrainConfig:
         if self.schedule == "logspace" and self.final_lr <= 0:
             raise ConfigError(f"{key}.final_lr must be > 0 for the logspace schedule")
         if self.batch_size % self.accum_steps:
-            raise ConfigError(f"{key}.batch_size {self.batch_size} is not divisible by "
-                              f"{key}.accum_steps {self.accum_steps}")
+            raise ConfigError(
+                f"{key}.batch_size {self.batch_size} is not divisible by {key}.accum_steps {self.accum_steps}"
+            )
 
 
 @dataclasses.dataclass
 class DistributeConfig:
-    strategy: str = "auto"          # auto | one_device | mirrored | multi_worker
-    cpu_replicas: int = 0           # >1: split the CPU into logical devices (tests, debugging)
+    strategy: str = "auto"  # auto | one_device | mirrored | multi_worker
+    cpu_replicas: int = 0  # >1: split the CPU into logical devices (tests, debugging)
 
     def validate(self, key):
         _choice(f"{key}.strategy", self.strategy, ("auto", "one_device", "mirrored", "multi_worker"))
@@ -131,13 +140,14 @@ def register_section(name, cls):
 def _register_method_sections():
     """Import the method loops, each of which registers its section (on demand: a config can be
     loaded before any loop was imported)."""
-    from ke_tf.loops import register_sections
+    from ke_tf.methods import register_sections
+
     register_sections()
 
 
 @dataclasses.dataclass
 class Config:
-    description: str = ""           # one line shown by `ke-tf-train --list`
+    description: str = ""  # one line shown by `ke-tf-train --list`
     method: str = "supervised"
     seed: int = 1
     run_dir: str = "runs/default"
@@ -205,8 +215,9 @@ def _build(cls, raw, key):
     kwargs = {}
     for name, value in raw.items():
         if name not in fields:
-            raise ConfigError(f"unknown config key {key + '.' if key else ''}{name} "
-                              f"(known: {', '.join(sorted(fields))})")
+            raise ConfigError(
+                f"unknown config key {key + '.' if key else ''}{name} (known: {', '.join(sorted(fields))})"
+            )
         tp = hints[name]
         full = f"{key}.{name}" if key else name
         kwargs[name] = _build(tp, value, full) if dataclasses.is_dataclass(tp) else _check_type(full, value, tp)

@@ -5,6 +5,7 @@ FLOPs are multiply-accumulates of conv and dense layers (ResNet-56: 125.5M, ResN
 (kernels, biases, BN gamma/beta), not BN moving statistics or masks. A custom layer that is not a
 Conv/Dense subclass can define `count_macs(input_shape, output_shape) -> int` to be counted.
 """
+
 import math
 
 import keras

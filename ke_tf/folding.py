@@ -5,6 +5,7 @@ k * gamma / sqrt(var + eps) and bias beta - mean * gamma / sqrt(var + eps). Prun
 (KE) ResNets keep their BN layers; on CPUs those memory-bound ops are a large share of latency,
 so the exported network folds them (the same arithmetic `get_deploy_model` applies to ReduceNet).
 """
+
 import keras
 import numpy as np
 
@@ -15,8 +16,18 @@ from ke_tf.models import build_from_spec
 class FoldedLayerFactory(LayerFactory):
     """Convs with a bias and no BN: the layers of a BN-folded network."""
 
-    def conv(self, filters, kernel_size, strides=1, name=None, role="body", group=None, use_bias=False,
-             groups=1, padding="same"):
+    def conv(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        name=None,
+        role="body",
+        group=None,
+        use_bias=False,
+        groups=1,
+        padding="same",
+    ):
         return super().conv(filters, kernel_size, strides, name, role, group, True, groups, padding)
 
     def bn(self, name=None, zero_gamma=False):

@@ -1,6 +1,7 @@
 """Per-example losses shared by the method loops (the Trainer averages over the global batch).
 They compute in float32 for float16/bfloat16 inputs and in the inputs' own dtype otherwise, so a
 float64 model trains on a float64 loss."""
+
 import tensorflow as tf
 
 
@@ -18,8 +19,9 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     if not label_smoothing:
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     k = tf.shape(logits)[-1]
-    targets = (tf.one_hot(labels, k, dtype=logits.dtype) * (1.0 - label_smoothing)
-               + label_smoothing / tf.cast(k, logits.dtype))
+    targets = tf.one_hot(labels, k, dtype=logits.dtype) * (1.0 - label_smoothing) + label_smoothing / tf.cast(
+        k, logits.dtype
+    )
     return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
 
 
@@ -43,9 +45,11 @@ def kd_loss(student_logits, teacher_logits, temperature):
 
 def classifier_loss(model, label_smoothing=0.0):
     """The standard supervised `loss_fn` for the Trainer: CE of `model` on (images, labels)."""
+
     def loss_fn(batch, training):
         logits = model(batch[0], training=training)
         return {"loss": cross_entropy(logits, batch[1], label_smoothing), "logits": logits}
+
     return loss_fn
 
 

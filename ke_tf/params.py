@@ -5,6 +5,7 @@ a restricted unpickler that only reconstructs numpy arrays/dtypes/scalars and pl
 a pickle that would call anything else (e.g. `os.system` via `__reduce__`) is refused before any
 of it runs.
 """
+
 import hashlib
 import io
 import os
@@ -18,11 +19,16 @@ VERSION = 1
 
 # The only globals a params pickle may name: what numpy needs to rebuild arrays and scalars.
 _ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("builtins", "bytearray"), ("_codecs", "encode"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "bytearray"),
+    ("_codecs", "encode"),
 }
 _DTYPE_MODULES = ("numpy", "numpy.dtypes")
 
@@ -36,8 +42,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED_GLOBALS or (module in _DTYPE_MODULES and name.endswith("DType")):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name}: params files may only hold numpy arrays "
-            "and plain Python values")
+            f"refusing to load global {module}.{name}: params files may only hold numpy arrays and plain Python values"
+        )
 
 
 def safe_loads(data, source="<bytes>"):
@@ -116,15 +122,20 @@ def apply_params(model, arrays, source="params", strict=True):
     missing = [p for p in variables if p not in arrays]
     unused = [p for p in arrays if p not in variables]
     if strict and missing:
-        raise ParamsError(f"{source}: missing key {missing[0]!r} for model {model.name!r} "
-                          f"({len(missing)} missing); was it saved from another architecture?")
+        raise ParamsError(
+            f"{source}: missing key {missing[0]!r} for model {model.name!r} "
+            f"({len(missing)} missing); was it saved from another architecture?"
+        )
     if strict and unused:
-        raise ParamsError(f"{source}: key {unused[0]!r} matches no variable of model {model.name!r} "
-                          f"({len(unused)} unused); was it saved from another architecture?")
+        raise ParamsError(
+            f"{source}: key {unused[0]!r} matches no variable of model {model.name!r} "
+            f"({len(unused)} unused); was it saved from another architecture?"
+        )
     for p, v in variables.items():
         if p in arrays and tuple(arrays[p].shape) != tuple(v.shape):
-            raise ParamsError(f"{source}: shape mismatch for {p!r}: file has {tuple(arrays[p].shape)}, "
-                              f"model expects {tuple(v.shape)}")
+            raise ParamsError(
+                f"{source}: shape mismatch for {p!r}: file has {tuple(arrays[p].shape)}, model expects {tuple(v.shape)}"
+            )
     for p, v in variables.items():
         if p in arrays:
             v.assign(arrays[p].astype(v.dtype))

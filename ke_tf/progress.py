@@ -5,6 +5,7 @@ output to a file) a bar writes no carriage-return updates: one plain line at mos
 `PLAIN_INTERVAL_SECONDS` while it runs and, for bars that `leave` their result, one when it closes.
 So an epoch shorter than the interval adds nothing beside the training loop's own epoch line.
 """
+
 import sys
 import time
 
@@ -24,8 +25,9 @@ class PlainProgress:
     """The part of tqdm's interface ke_tf uses (`update`, `set_postfix`, `write`, `close`, `n`,
     context manager), reported as occasional plain lines on stderr."""
 
-    def __init__(self, total=None, desc="", initial=0, unit="it", disable=False, leave=False,
-                 interval=PLAIN_INTERVAL_SECONDS):
+    def __init__(
+        self, total=None, desc="", initial=0, unit="it", disable=False, leave=False, interval=PLAIN_INTERVAL_SECONDS
+    ):
         self.total, self.desc, self.unit, self.disable, self.leave = total, desc, unit, disable, leave
         self.n = initial
         self.interval = interval
@@ -80,8 +82,7 @@ def progress_bar(total=None, desc="", initial=0, unit="it", disable=False, leave
     `PlainProgress` otherwise)."""
     if not on_terminal():
         return PlainProgress(total=total, desc=desc, initial=initial, unit=unit, disable=disable, leave=leave)
-    return tqdm(total=total, desc=desc, initial=initial, unit=unit, disable=disable, leave=leave,
-                dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, initial=initial, unit=unit, disable=disable, leave=leave, dynamic_ncols=True)
 
 
 def log_line(message):

@@ -1,6 +1,7 @@
 """Results tables (markdown, CSV, JSON) and PNG plots; matplotlib is optional.
 
 Only the chief process of a multi-worker run writes files (workers compute the same results)."""
+
 import csv
 import io
 import json
@@ -53,9 +54,10 @@ def write_table(path_stem, rows, columns=None, summary=None):
     if chief_process():
         atomic_write_bytes(path_stem + ".md", (md + "\n").encode())
         atomic_write_bytes(path_stem + ".csv", buf.getvalue().encode())
-        atomic_write_bytes(path_stem + ".json",
-                           json.dumps({"rows": rows, **({"summary": summary} if summary else {})},
-                                      indent=1, default=float).encode())
+        atomic_write_bytes(
+            path_stem + ".json",
+            json.dumps({"rows": rows, **({"summary": summary} if summary else {})}, indent=1, default=float).encode(),
+        )
     return md
 
 
@@ -71,10 +73,11 @@ def pyplot(path):
         return None
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn("matplotlib not installed (pip install ke_tf[plot]); skipping plot " + path)
+        warnings.warn("matplotlib not installed (pip install ke_tf[plot]); skipping plot " + path, stacklevel=2)
         return None
     return plt
 
@@ -82,6 +85,7 @@ def pyplot(path):
 def save_figure(fig, path):
     """Write a matplotlib figure as PNG atomically and close it; returns the path."""
     import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -98,9 +102,10 @@ def plot_lines(path, x, series, xlabel, ylabel, title):
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in series.items():
-        ax.plot(x[:len(ys)], ys, marker="o", label=label)
+        ax.plot(x[: len(ys)], ys, marker="o", label=label)
     if all(float(v).is_integer() for v in x):  # generations, tasks, epochs, class counts
         from matplotlib.ticker import MaxNLocator
+
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -1,10 +1,11 @@
 """The one entry point of a training run, shared by `ke-tf-train` and `ke_tf.run_method`: strategy
 first (MultiWorkerMirroredStrategy must exist before any TensorFlow op), then the precision policy
 and the seed, then the method's loop."""
+
 import keras
 
 from ke_tf.engine import make_strategy, set_precision
-from ke_tf.loops import get_loop
+from ke_tf.methods import get_loop
 
 
 def run_method(cfg, strategy=None):

@@ -3,6 +3,7 @@
 The repository's configs/ is the only copy: setup.py installs it as package data `ke_tf/configs`,
 and a checkout or an editable install reads it where it is.
 """
+
 import os
 
 import yaml
@@ -24,7 +25,7 @@ def configs_dir():
 def shipped_configs():
     """{name: path} of the shipped configs, sorted by name."""
     folder = configs_dir()
-    return {f[:-len(SUFFIX)]: os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(SUFFIX)}
+    return {f[: -len(SUFFIX)]: os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(SUFFIX)}
 
 
 def describe(path):
@@ -39,11 +40,13 @@ def resolve_config(name_or_path):
         return name_or_path
     shipped = shipped_configs()
     base = os.path.basename(name_or_path)
-    name = base[:-len(SUFFIX)] if base.endswith(SUFFIX) else base
+    name = base[: -len(SUFFIX)] if base.endswith(SUFFIX) else base
     if not os.path.dirname(name_or_path):  # a bare name
         if name in shipped:
             return shipped[name]
-        raise ConfigError(f"config {name_or_path} not found: no such file and no shipped config of that name "
-                          f"(shipped: {', '.join(shipped)}; --list describes them)")
+        raise ConfigError(
+            f"config {name_or_path} not found: no such file and no shipped config of that name "
+            f"(shipped: {', '.join(shipped)}; --list describes them)"
+        )
     hint = f"; the shipped config of that name runs with --config {name}" if name in shipped else ""
     raise ConfigError(f"config file {name_or_path} not found{hint}")

@@ -6,6 +6,7 @@ Used for Knowledge Evolution's slim network (keep the fit hypothesis) and EKG's 
 builders put on every conv (`ke_tf.layers.factory.tag_group`); other layers inherit the group of
 their input, so BN, gates and the classifier's input rows are sliced consistently.
 """
+
 import numpy as np
 
 from ke_tf.layers.factory import PLAIN
@@ -23,6 +24,7 @@ def _producer(tensor):
 def layer_groups(model):
     """{layer name: (input group, output group)} for every layer of a functional `model`."""
     import keras
+
     from ke_tf.models.resnet_cifar import ZeroPadShortcut
 
     out_group, groups = {}, {}
@@ -33,8 +35,9 @@ def layer_groups(model):
         node = layer._inbound_nodes[0]
         in_groups = [out_group[_producer(t).name] for t in node.input_tensors]
         if isinstance(layer, ZeroPadShortcut):
-            raise ValueError(f"{layer.name}: option-A (zero-pad) shortcuts cannot be sliced; "
-                             "build the network with shortcut='B'")
+            raise ValueError(
+                f"{layer.name}: option-A (zero-pad) shortcuts cannot be sliced; build the network with shortcut='B'"
+            )
         if len(set(in_groups)) > 1:
             raise ValueError(f"{layer.name}: merges channel groups {sorted(set(in_groups))}")
         tag = getattr(layer, "channel_group", None)
@@ -56,6 +59,7 @@ def _take(array, axis, index):
 def _slice(array, layer, in_idx, out_idx):
     """Slice one variable of `layer` by its input/output channel indices."""
     import keras
+
     if array.ndim == 4:  # conv kernel or a mask shaped like it: [kh, kw, in, out]
         if getattr(layer, "groups", 1) != 1:
             raise ValueError(f"{layer.name}: grouped convolutions cannot be sliced")
@@ -86,8 +90,10 @@ def sliced_arrays(model, keep):
 
 def narrow_spec(spec, keep):
     """The model spec whose channel-group widths are the sizes of `keep`."""
-    widths = {**default_widths(spec["arch"], **{k: v for k, v in spec.get("options", {}).items()
-                                               if k == "width_mult"}), **(spec.get("widths") or {})}
+    widths = {
+        **default_widths(spec["arch"], **{k: v for k, v in spec.get("options", {}).items() if k == "width_mult"}),
+        **(spec.get("widths") or {}),
+    }
     widths.update({g: len(ix) for g, ix in keep.items()})
     return {**spec, "widths": widths}
 

@@ -9,6 +9,7 @@ would have filtered are dropped; everything else is written back. TF_CPP_MIN_LOG
 `--verbose` on the command line of a ke_tf command (read here: it must act before TensorFlow
 loads, which importing ke_tf does before the command parses its arguments), keeps all.
 """
+
 import os
 import re
 import sys
@@ -56,10 +57,12 @@ def import_tensorflow():
         return
     if not _is_command(sys.argv):
         import tensorflow  # noqa: F401
+
         return
     min_level = _min_level(sys.argv)
     if min_level == 0:
         import tensorflow  # noqa: F401
+
         return
     try:
         # A file, not a pipe: a pipe nobody reads while TF loads could fill up and block the import.
@@ -67,6 +70,7 @@ def import_tensorflow():
         saved = os.dup(2)
     except OSError:  # nowhere to capture to, or no stderr to capture
         import tensorflow  # noqa: F401
+
         return
     sys.stderr.flush()
     with captured:

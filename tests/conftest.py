@@ -2,6 +2,7 @@
 
 `pytest` runs the fast suite; `pytest -m slow` runs the learning runs (CI runs both).
 """
+
 import os
 import sys
 

@@ -8,6 +8,7 @@ writes the final weights, every replica's BN moving statistics, the step and wha
 
 The chief writes OUT; another worker writes OUT.worker<i>.npz. A stop by signal exits 130.
 """
+
 import argparse
 import os
 import signal
@@ -33,6 +34,7 @@ class CountingTransform:
         def tick():
             self.counter[0] += 1
             return np.int32(0)
+
         done = tf.numpy_function(tick, [], tf.int32)
         with tf.control_dependencies([done]):
             return self.inner.train(item, seed)
@@ -43,6 +45,7 @@ class CountingTransform:
 
 def build(keras, kind):
     import ke_tf
+
     if kind == "resnet20":
         return ke_tf.build_model("resnet20", 10, (16, 16, 3), width_mult=0.25)
     inputs = keras.Input((16, 16, 3))
@@ -69,8 +72,9 @@ def main():
     parser.add_argument("--float64", action="store_true", help="the float64 dtype policy (identity tests)")
     args = parser.parse_args()
 
-    strategy = make_strategy("multi_worker" if args.multi_worker else "auto",
-                             cpu_replicas=0 if args.multi_worker else args.replicas)
+    strategy = make_strategy(
+        "multi_worker" if args.multi_worker else "auto", cpu_replicas=0 if args.multi_worker else args.replicas
+    )
     import keras
     import tensorflow as tf
 
@@ -88,7 +92,7 @@ def main():
     counter = [0]
     batch = 32
     if args.data == "digits":
-        data = load_data("digits", image_size=16, classes=[0, 1])   # 291 images: 9 steps of 32
+        data = load_data("digits", image_size=16, classes=[0, 1])  # 291 images: 9 steps of 32
         data._transform = CountingTransform(data._transform, counter)
         steps = data.info.train_size // batch
     else:  # BN statistics differ between the halves of every global batch (replica 0 vs 1)
@@ -97,9 +101,19 @@ def main():
         x.reshape(2, 2, batch // 2, 16, 16, 3)[:, 1] += 1.5
         data = TensorData(x, rng.integers(0, 10, size=2 * batch).astype("int32"))
         steps = 2
-    cfg = TrainConfig(epochs=args.epochs, batch_size=batch, lr=0.02, momentum=0.9, schedule="cosine",
-                      weight_decay=1e-3, progress=False, jit_compile="off", sync_bn="on" if args.sync_bn else "off",
-                      steps_per_loop=args.steps_per_loop, mixed_precision="fp16" if args.fp16_overflow else "none")
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=batch,
+        lr=0.02,
+        momentum=0.9,
+        schedule="cosine",
+        weight_decay=1e-3,
+        progress=False,
+        jit_compile="off",
+        sync_bn="on" if args.sync_bn else "off",
+        steps_per_loop=args.steps_per_loop,
+        mixed_precision="fp16" if args.fp16_overflow else "none",
+    )
     with strategy.scope():
         model = build(keras, args.model)
     base = classifier_loss(model)
@@ -110,6 +124,7 @@ def main():
         def grad(dy):
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
             return dy * tf.cast(tf.where(tf.equal(replica, 1), 6e4, 1.0), dy.dtype)
+
         return tf.identity(logits), grad
 
     def signal_at_step():
@@ -125,14 +140,17 @@ def main():
         if not args.fp16_overflow:
             return base(batch, training)
         logits = overflow_on_replica_1(model(batch[0], training=training))
-        return {"loss": tf.keras.losses.sparse_categorical_crossentropy(batch[1], logits, from_logits=True),
-                "logits": logits}
+        return {
+            "loss": tf.keras.losses.sparse_categorical_crossentropy(batch[1], logits, from_logits=True),
+            "logits": logits,
+        }
 
     run_dir = args.run_dir or os.path.join(os.path.dirname(args.out), f"run_{os.getpid()}")
     initial = {v.path: v.numpy() for v in model.weights}
-    from ke_tf.engine.stage import evaluate_model
+    from ke_tf.methods.stage import evaluate_model
+
     test_data = data if args.data == "digits" else load_data("digits", image_size=16)
-    evaluation = evaluate_model(strategy, model, test_data, 64)   # uneven: 72 or 360 images, batch 64
+    evaluation = evaluate_model(strategy, model, test_data, 64)  # uneven: 72 or 360 images, batch 64
     trainer = Trainer(cfg, strategy, model, loss_fn, steps, run_dir)
     code = 0
     try:
@@ -146,8 +164,12 @@ def main():
             arrays[f"replica{r}__{v.path}"] = value.numpy()
     arrays.update({f"init__{k}": v for k, v in initial.items()})
     arrays.update({f"eval_{k}": v for k, v in evaluation.items()})
-    arrays.update(replicas=strategy.num_replicas_in_sync, step=trainer.step, input_count=counter[0],
-                  iterations=int(trainer.optimizer.iterations.numpy()))
+    arrays.update(
+        replicas=strategy.num_replicas_in_sync,
+        step=trainer.step,
+        input_count=counter[0],
+        iterations=int(trainer.optimizer.iterations.numpy()),
+    )
     if trainer.loss_scale is not None:
         arrays["loss_scale"] = float(trainer.loss_scale.scale.numpy())
     task = strategy.cluster_resolver.task_id if args.multi_worker else 0

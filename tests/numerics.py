@@ -3,6 +3,7 @@ accumulated == large batch, resumed == uninterrupted, ours == the original's) is
 float64 dtype policy and compared at float64 round-off, so it holds on any CPU: AVX2 or AVX-512,
 oneDNN on or off, any thread count. A float32 comparison is kept only where float32 itself is the
 point, with a bound that a measurement gave (`assert_within_measured_bound`)."""
+
 import contextlib
 
 import keras
@@ -31,7 +32,8 @@ def _require_float64(array, what, err_msg):
         raise AssertionError(
             f"{err_msg or 'identity'}: {what} is {np.asarray(array).dtype}; an identity is computed in float64 "
             "(build the models under tests.numerics.float64()), or compared with "
-            "assert_within_measured_bound when float32 itself is the point")
+            "assert_within_measured_bound when float32 itself is the point"
+        )
 
 
 def assert_identical(actual, expected, tol=IDENTITY_TOL, err_msg=""):
@@ -41,8 +43,13 @@ def assert_identical(actual, expected, tol=IDENTITY_TOL, err_msg=""):
     _require_float64(actual, "the actual value", err_msg)
     _require_float64(expected, "the expected value", err_msg)
     expected = np.asarray(expected)
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=0,
-                               atol=tol * max(1.0, float(np.abs(expected).max(initial=0.0))), err_msg=err_msg)
+    np.testing.assert_allclose(
+        np.asarray(actual),
+        expected,
+        rtol=0,
+        atol=tol * max(1.0, float(np.abs(expected).max(initial=0.0))),
+        err_msg=err_msg,
+    )
 
 
 def assert_all_identical(actual, expected, tol=IDENTITY_TOL):
@@ -62,6 +69,10 @@ def assert_within_measured_bound(actual, expected, bound, measured):
     the bound comes from (e.g. the spread between two summation orders of the reference)."""
     assert measured and bound > 0, "a float32 bound needs the measurement it comes from"
     expected = np.asarray(expected, np.float64)
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=0,
-                               atol=bound * max(1.0, float(np.abs(expected).max(initial=0.0))),
-                               err_msg=f"bound {bound:g} ({measured})")
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64),
+        expected,
+        rtol=0,
+        atol=bound * max(1.0, float(np.abs(expected).max(initial=0.0))),
+        err_msg=f"bound {bound:g} ({measured})",
+    )

@@ -1,5 +1,6 @@
 """Benchmarks: `--quick` runs every section end to end and writes valid results JSON (timings
 themselves are not asserted: they depend on the machine and its load)."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,8 +22,13 @@ KEYS = {"name", "section", "value", "values", "unit", "ratio", "target", "met", 
 
 def test_quick_run_writes_all_sections(tmp_path):
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = result["benchmarks"]
@@ -47,9 +53,12 @@ def test_update_relative_difference():
 def test_claim_verdict_is_the_paired_lower_bound():
     """Paired differences over seeds; the claim holds when mean - t(0.95, n-1) * sd / sqrt(n) > 0."""
     from benchmarks.claims import Comparison, paired_verdict
-    per_seed = {0: {"a": {"acc": 0.50, "loss": 1.0}, "b": {"acc": 0.30, "loss": 1.2}},
-                1: {"a": {"acc": 0.60, "loss": 1.0}, "b": {"acc": 0.35, "loss": 0.9}},
-                2: {"a": {"acc": 0.55, "loss": 1.0}, "b": {"acc": 0.36, "loss": 1.3}}}
+
+    per_seed = {
+        0: {"a": {"acc": 0.50, "loss": 1.0}, "b": {"acc": 0.30, "loss": 1.2}},
+        1: {"a": {"acc": 0.60, "loss": 1.0}, "b": {"acc": 0.35, "loss": 0.9}},
+        2: {"a": {"acc": 0.55, "loss": 1.0}, "b": {"acc": 0.36, "loss": 1.3}},
+    }
     v = paired_verdict(Comparison("a", "b", "acc", ""), per_seed)
     diffs = np.array([0.20, 0.25, 0.19])
     assert v["diffs"] == pytest.approx(diffs)
@@ -65,6 +74,7 @@ def test_readme_claims_table_is_generated_from_the_committed_json():
     --table` renders from benchmarks/claims.json."""
     from benchmarks.claims.__main__ import DEFAULT_OUT
     from benchmarks.claims.table import claims_table
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(DEFAULT_OUT) as f:
         table = claims_table(json.load(f))
@@ -72,14 +82,19 @@ def test_readme_claims_table_is_generated_from_the_committed_json():
         assert table in f.read()
 
 
-@pytest.mark.parametrize("name,arms,trained,comparisons", [
-    ("ke", ("KE", "no re-init"), ["ke", "no_reinit"], ["KE vs no re-init (slim_top1)"]),
-    ("ekg", ("EKG", "random", "dense"), ["ekg", "random"], ["EKG vs random (top1)", "EKG vs random (holdout_ce)"]),
-])
-def test_claim_with_a_subset_of_arms_trains_and_judges_only_those(tmp_path, monkeypatch, name, arms, trained,
-                                                                   comparisons):
+@pytest.mark.parametrize(
+    "name,arms,trained,comparisons",
+    [
+        ("ke", ("KE", "no re-init"), ["ke", "no_reinit"], ["KE vs no re-init (slim_top1)"]),
+        ("ekg", ("EKG", "random", "dense"), ["ekg", "random"], ["EKG vs random (top1)", "EKG vs random (holdout_ce)"]),
+    ],
+)
+def test_claim_with_a_subset_of_arms_trains_and_judges_only_those(
+    tmp_path, monkeypatch, name, arms, trained, comparisons
+):
     """The slow tests ask for the arms they assert: the others are never trained nor judged."""
     import importlib
+
     module = importlib.import_module(f"benchmarks.claims.{name}")
     runs = []
 
@@ -87,9 +102,17 @@ def test_claim_with_a_subset_of_arms_trains_and_judges_only_those(tmp_path, monk
         runs.append(os.path.basename(run_dir))
         good = os.path.basename(run_dir) in ("ke", "ekg")
         top1 = 0.9 if good else 0.1 + 0.01 * seed
-        return {"slim_top1": top1, "dense_top1": 0.95, "slim_macs": 1, "test_top1": top1, "macs": 1,
-                "dense_test_top1": 0.95, "search_holdout_ce": 0.3 if good else 2.0 + 0.1 * seed,
-                "macs_reduction": 0.6}
+        return {
+            "slim_top1": top1,
+            "dense_top1": 0.95,
+            "slim_macs": 1,
+            "test_top1": top1,
+            "macs": 1,
+            "dense_test_top1": 0.95,
+            "search_holdout_ce": 0.3 if good else 2.0 + 0.1 * seed,
+            "macs_reduction": 0.6,
+        }
+
     monkeypatch.setattr(module, "run", fake_run)
     result = run_claim(name, str(tmp_path), seeds=range(3), arms=arms)
     assert sorted(set(runs) - {"shared"}) == trained and runs.count(trained[0]) == 3

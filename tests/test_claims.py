@@ -3,6 +3,7 @@ cheap, noisy claim), through the same code as `python -m benchmarks.claims`. A c
 when the one-sided 95% lower bound of its mean paired difference is above zero (the margin is the
 seed spread, not a number tuned on one machine). Comparisons the README table reports as not
 holding are not asserted here."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,8 +20,10 @@ def assert_holds(result, *comparisons, checks=()):
     verdicts = {v["comparison"]: v for v in result["verdicts"]}
     for name in comparisons:
         v = verdicts[name]
-        assert v["holds"], (f"{result['claim']}: {name}: paired diffs {[round(d, 4) for d in v['diffs']]}, "
-                            f"mean {v['mean_diff']:+.4f}, 95% lower bound {v['lower_bound']:+.4f}")
+        assert v["holds"], (
+            f"{result['claim']}: {name}: paired diffs {[round(d, 4) for d in v['diffs']]}, "
+            f"mean {v['mean_diff']:+.4f}, 95% lower bound {v['lower_bound']:+.4f}"
+        )
     found = {c["name"]: c for c in result["checks"]}
     for name in checks:
         assert found[name]["holds"], f"{result['claim']}: {name}: {found[name]['detail']}"
@@ -43,11 +46,17 @@ def test_ban_ensemble_beats_its_last_generation(tmp_path):
 
 
 def test_reducenet_inheriting_student_beats_scratch_and_fuses_exactly(tmp_path):
-    assert_holds(run_claim("reducenet", str(tmp_path)), "distilled vs scratch (top1)",
-                 checks=("fused == unfused after annealing",))
+    assert_holds(
+        run_claim("reducenet", str(tmp_path)),
+        "distilled vs scratch (top1)",
+        checks=("fused == unfused after annealing",),
+    )
 
 
 def test_ekg_search_finds_lower_loss_than_random_pruning_at_the_same_macs(tmp_path):
     # The L1-norm arm is reported by `python -m benchmarks.claims`, not asserted: not trained here.
-    assert_holds(run_claim("ekg", str(tmp_path), arms=("EKG", "random", "dense")), "EKG vs random (holdout_ce)",
-                 checks=("same MACs for every arm",))
+    assert_holds(
+        run_claim("ekg", str(tmp_path), arms=("EKG", "random", "dense")),
+        "EKG vs random (holdout_ce)",
+        checks=("same MACs for every arm",),
+    )

@@ -1,5 +1,6 @@
 """The commands as a user meets them: shipped configs by name from any directory, quiet TensorFlow
 start-up, progress that suits a captured log, a readable summary, and a wheel that installs them."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -45,8 +46,14 @@ def test_startup_filter_keeps_what_the_log_level_allows():
 def _command_stderr(tmp_path, *argv):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["PYTHONPATH"] = ROOT
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "test.py"), "--help", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "test.py"), "--help", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and "--trained_param" in done.stdout, done.stderr[-2000:]
     return done.stderr
 
@@ -60,6 +67,7 @@ def test_commands_keep_tensorflow_startup_quiet_unless_verbose(tmp_path):
 
 def test_python_m_ke_tf_convert_is_a_quiet_command(monkeypatch):
     from ke_tf import tf_startup
+
     # While `python -m` imports the package, sys.argv[0] is just "-m": the module comes from orig_argv.
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "ke_tf.convert", "--from", "x"], raising=False)
     assert tf_startup._is_command(["-m", "--from", "x"])
@@ -168,13 +176,17 @@ def test_config_is_a_path_or_a_shipped_name_from_any_directory(monkeypatch, tmp_
     assert resolve_config("quickstart_digits.yaml") == "quickstart_digits.yaml"  # a file wins
     with pytest.raises(ConfigError, match=r"config quickstart_digitz not found: .*shipped: .*quickstart_digits"):
         resolve_config("quickstart_digitz")
-    with pytest.raises(ConfigError, match=r"config file configs/quickstart_ke_digits.yaml not found; .*"
-                                          r"--config quickstart_ke_digits"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config file configs/quickstart_ke_digits.yaml not found; .*"
+        r"--config quickstart_ke_digits",
+    ):
         resolve_config("configs/quickstart_ke_digits.yaml")
 
 
 def test_list_shows_each_shipped_config_with_its_description(monkeypatch, tmp_path, capsys):
     from ke_tf.cli import train_command
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["ke-tf-train", "--list"])
     assert train_command() is None  # a console script exits with this value: status 0
@@ -184,10 +196,12 @@ def test_list_shows_each_shipped_config_with_its_description(monkeypatch, tmp_pa
         assert line.split(None, 1) == [name, describe(path)]
 
 
-@pytest.mark.parametrize("script,config", [("train_cifar", "cifar10_resnet56_ekg"),
-                                           ("train_flower", "flower102_resnet18_ke")])
+@pytest.mark.parametrize(
+    "script,config", [("train_cifar", "cifar10_resnet56_ekg"), ("train_flower", "flower102_resnet18_ke")]
+)
 def test_scripts_find_their_default_config_from_another_directory(monkeypatch, tmp_path, capsys, script, config):
     import importlib
+
     loaded = []
 
     def load_config(path, overrides=()):
@@ -204,6 +218,7 @@ def test_scripts_find_their_default_config_from_another_directory(monkeypatch, t
 
 def test_ke_tf_train_requires_a_config(monkeypatch, capsys):
     from ke_tf.cli import train_command
+
     monkeypatch.setattr(sys, "argv", ["ke-tf-train"])
     with pytest.raises(SystemExit) as exc:
         train_command()
@@ -230,8 +245,21 @@ def test_wheel_runs_the_quickstart_by_name_from_an_unrelated_directory(tmp_path)
         shutil.copy(os.path.join(ROOT, name), src)
     for name in ("ke_tf", "configs"):
         shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", str(tmp_path / "dist"), str(src)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ]
+    )
     (wheel,) = (tmp_path / "dist").glob("ke_tf-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for config in shipped_configs():
@@ -254,17 +282,35 @@ def test_wheel_runs_the_quickstart_by_name_from_an_unrelated_directory(tmp_path)
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "PYTHONPATH")}
     bin_dir = venv / "bin"
-    where = _run([python, "-c", "import ke_tf.shipped_configs as s; print(s.__file__); print(s.configs_dir())"],
-                 cwd=elsewhere, env=env).stdout.split()
+    where = _run(
+        [python, "-c", "import ke_tf.shipped_configs as s; print(s.__file__); print(s.configs_dir())"],
+        cwd=elsewhere,
+        env=env,
+    ).stdout.split()
     assert all(p.startswith(venv_site) for p in where), where
     listed = _run([str(bin_dir / "ke-tf-train"), "--list"], cwd=elsewhere, env=env).stdout
     assert sorted(line.split()[0] for line in listed.splitlines()) == sorted(shipped_configs())
 
     log_path = tmp_path / "train.log"
     with open(log_path, "w") as log:  # stdout and stderr into one file, as a batch scheduler does
-        done = subprocess.run([str(bin_dir / "ke-tf-train"), "--config", "quickstart_digits", "--set", "train.epochs=1",
-                               "--set", "data.image_size=16", "--set", "run_dir=run"],
-                              cwd=elsewhere, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900)
+        done = subprocess.run(
+            [
+                str(bin_dir / "ke-tf-train"),
+                "--config",
+                "quickstart_digits",
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "data.image_size=16",
+                "--set",
+                "run_dir=run",
+            ],
+            cwd=elsewhere,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
     text = log_path.read_text()
     assert done.returncode == 0, text[-3000:]
     assert "\r" not in text and not ABSL_LINE.search(text) and "absl::" not in text, text
@@ -275,8 +321,11 @@ def test_wheel_runs_the_quickstart_by_name_from_an_unrelated_directory(tmp_path)
     summary = json.loads((elsewhere / "run" / "results.json").read_text())["summary"]
     assert f"test_top1   | {summary['test_top1']:.4f}" in lines, text
 
-    evaluated = _run([str(bin_dir / "ke-tf-test"), "--trained_param", "run/trained_params.pkl", "--json", "e.json"],
-                     cwd=elsewhere, env=env)
+    evaluated = _run(
+        [str(bin_dir / "ke-tf-test"), "--trained_param", "run/trained_params.pkl", "--json", "e.json"],
+        cwd=elsewhere,
+        env=env,
+    )
     assert not ABSL_LINE.search(evaluated.stderr) and "absl::" not in evaluated.stderr, evaluated.stderr
     result = json.loads((elsewhere / "e.json").read_text())
     assert result["test_top1"] == pytest.approx(summary["test_top1"]) and result["examples"] == 360

@@ -5,6 +5,7 @@ shapes each golden records and imported with ke_tf.convert. The torch goldens ar
 ke_tf runs them under the Keras "float64" dtype policy, so the identities hold to float64
 round-off on every CPU (in float32 the summation order, which follows the CPU's vector width,
 moved the KE training step by 8e-4)."""
+
 import os
 
 import numpy as np
@@ -18,8 +19,8 @@ from ke_tf.convert.ke_pytorch import layer_of as ke_layer_of
 from ke_tf.data.stream import TensorData
 from ke_tf.engine import Trainer
 from ke_tf.layers.split import SplitLayerFactory
-from ke_tf.loops.evolution import extract_slim
 from ke_tf.losses import classifier_loss, cross_entropy, kd_loss
+from ke_tf.methods.evolution.loop import extract_slim
 from ke_tf.models import build_model
 from tests.conformance.seeded import seeded_state
 from tests.numerics import assert_identical, assert_within_measured_bound, float64
@@ -30,7 +31,7 @@ GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 # float64; measured against these goldens: at most 1e-13.
 # The Trainer reports its epoch loss in float32 (the loss it trains on stays float64): the value
 # rounds once or twice. 8 unit round-offs (2^-24).
-LOSS_BOUND = 8 * 2.0 ** -24
+LOSS_BOUND = 8 * 2.0**-24
 LOSS_MEASURED = "the Trainer's float32 loss report against float64 torch: up to 7.4e-8 relative"
 # EKG's golden is its own float32 (tf-keras) run.
 EKG_BOUND, EKG_MEASURED = 1e-5, "EKG's float32 run agrees with float64 to 5e-6"
@@ -43,8 +44,7 @@ def load_golden(name):
 
 def golden_state(golden, keep=None):
     """The seeded state_dict the golden was computed with (`keep`: arrays stored in the golden)."""
-    shapes = {str(k): tuple(d for d in dims if d >= 0)
-              for k, dims in zip(golden["state_keys"], golden["state_shapes"])}
+    shapes = {str(k): tuple(d for d in dims if d >= 0) for k, dims in zip(golden["state_keys"], golden["state_shapes"])}
     keep = dict(keep or {})
     keep.update({k: np.array(0) for k in shapes if k.endswith("num_batches_tracked")})
     return seeded_state(shapes, int(golden["seed"]), keep), shapes
@@ -61,10 +61,12 @@ def convert64(*args, **kwargs):
 @pytest.fixture(scope="module")
 def ke():
     golden = load_golden("ke_resnet18.npz")
-    masks = {k[len("mask/"):]: v for k, v in golden.items() if k.startswith("mask/")}
+    masks = {k[len("mask/") :]: v for k, v in golden.items() if k.startswith("mask/")}
     _, shapes = golden_state(golden)
-    masks = {k: np.unpackbits(bits, count=int(np.prod(shapes[k]))).reshape(shapes[k]).astype(np.float32)
-             for k, bits in masks.items()}
+    masks = {
+        k: np.unpackbits(bits, count=int(np.prod(shapes[k]))).reshape(shapes[k]).astype(np.float32)
+        for k, bits in masks.items()
+    }
     state, _ = golden_state(golden, masks)
     model, _, meta = convert64("ke_pytorch", state, "resnet18", image_size=64)
     return golden, masks, model, meta
@@ -104,9 +106,19 @@ def test_ke_sgd_steps_with_label_smoothing_and_coupled_l2(ke, tmp_path):
     assert_identical(first.numpy(), golden["step_losses"][0])
     model, _, _ = convert64("ke_pytorch", state, "resnet18", image_size=64)
     # lr 0.125 and momentum 0.875 are exact in float32, where Keras's SGD holds them (see make_goldens).
-    cfg = TrainConfig(epochs=2, batch_size=2, lr=float(golden["step_lr"]), momentum=float(golden["step_momentum"]),
-                      schedule="constant", weight_decay=float(golden["step_weight_decay"]), weight_decay_mode="coupled",
-                      label_smoothing=0.1, jit_compile="off", progress=False, checkpoint_every_epochs=0)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=2,
+        lr=float(golden["step_lr"]),
+        momentum=float(golden["step_momentum"]),
+        schedule="constant",
+        weight_decay=float(golden["step_weight_decay"]),
+        weight_decay_mode="coupled",
+        label_smoothing=0.1,
+        jit_compile="off",
+        progress=False,
+        checkpoint_every_epochs=0,
+    )
     # One step per epoch on the golden's 2 images: two SGD steps, the second with momentum.
     trainer = Trainer(cfg, tf.distribute.get_strategy(), model, classifier_loss(model, 0.1), 1, str(tmp_path))
     history = trainer.fit(TensorData(images, golden["labels"]), seed=0, resume=False)
@@ -122,6 +134,7 @@ def test_ke_sgd_steps_with_label_smoothing_and_coupled_l2(ke, tmp_path):
         name, _ = torch_leaf(leaf, state[key], is_bn)
         value = variables[f"{layer}/{name}"]
         return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T if value.ndim == 2 else value
+
     for key in ("conv1.weight", "bn1.weight", "bn1.bias", "layer4.1.bn2.weight", "fc.weight", "fc.bias"):
         assert_identical(ours(key), golden[f"step/{key}"])
     for key, total, squares in zip(golden["step_sum_keys"], golden["step_sums"], golden["step_sq_sums"]):
@@ -136,7 +149,9 @@ def reducenet():
     golden = load_golden("reducenet20.npz")
     keys = [str(k) for k in golden["state_keys"]]
     # The network's switches as in the reference's teacher: scaler 1, lora 0 (not drawn from the seed).
-    flags = {k: np.array(1.0 if k.endswith("scaler") else 0.0, np.float32) for k in keys if k.endswith(("scaler", "lora"))}
+    flags = {
+        k: np.array(1.0 if k.endswith("scaler") else 0.0, np.float32) for k in keys if k.endswith(("scaler", "lora"))
+    }
     state, _ = golden_state(golden, flags)
     return golden, state, golden["images"].astype(np.float64)
 
@@ -158,8 +173,9 @@ def test_reducenet_kd_loss_value(reducenet):
     student, teacher = golden["student_logits"], golden["teacher_logits"]
     alpha, t, classes = float(golden["alpha"]), float(golden["temperature"]), student.shape[1]
     # ReduceNet's nn.KLDivLoss() averages over batch x classes: ke_tf's per-example KD / C.
-    loss = (alpha * tf.reduce_mean(kd_loss(student, teacher, t)) / classes
-            + (1 - alpha) * tf.reduce_mean(cross_entropy(student, golden["labels"])))
+    loss = alpha * tf.reduce_mean(kd_loss(student, teacher, t)) / classes + (1 - alpha) * tf.reduce_mean(
+        cross_entropy(student, golden["labels"])
+    )
     assert_identical(loss.numpy(), golden["kd_loss"])
 
 
@@ -168,7 +184,7 @@ def _ekg_group(gate_name):
     if gate_name == "conv":
         return "stage1"
     block, conv = gate_name.split("/")
-    i, j = (int(v) for v in block[len("BasicBlock"):].split("."))
+    i, j = (int(v) for v in block[len("BasicBlock") :].split("."))
     return f"stage{i + 1}" if conv == "conv3" else f"s{i + 1}b{j}"
 
 
@@ -177,16 +193,18 @@ def ekg():
     """EKG's golden and a ke_tf GreedySearch on the converted net, in float64: the Taylor
     importance sums a*dL/da over a batch of BN-normalised activations, where float32 round-off
     in our graph reaches 4e-4 of the largest value (EKG's float32 run agrees with float64 to 5e-6)."""
-    from ke_tf.loops.ekg import gated_copy
-    from ke_tf.pruning import GreedySearch
+    from ke_tf.methods.ekg.loop import gated_copy
+    from ke_tf.methods.ekg.search import GreedySearch
+
     golden = load_golden("ekg_resnet20.npz")
     state, _ = golden_state(golden)
     dense, _, meta = convert64("ekg_tf2", state, "resnet20")
     with float64():
         gated = gated_copy(tf.distribute.get_strategy(), dense, meta["model"])
     assert gated.get_layer("s1b0_conv1").kernel.dtype == "float64"
-    search = GreedySearch(gated, [(golden["images"].astype(np.float64), golden["labels"])], target_rate=0.1,
-                          progress=False)
+    search = GreedySearch(
+        gated, [(golden["images"].astype(np.float64), golden["labels"])], target_rate=0.1, progress=False
+    )
     groups = [_ekg_group(str(n)) for n in golden["gate_names"]]
     return golden, search, groups
 
@@ -220,14 +238,17 @@ def test_ekg_candidate_scores_and_choice_over_three_search_steps(ekg):
             results[i] = search.evaluate(keep, ensemble)
             # EKG rescales a masked kernel to its full norm; the BN after it cancels that up to its
             # epsilon, which moves a candidate's score by up to 4e-5 (relative).
-            np.testing.assert_allclose(results[i][2], row[i], rtol=EKG_CANDIDATE_RTOL, err_msg=f"step {step}, {groups[i]}")
+            np.testing.assert_allclose(
+                results[i][2], row[i], rtol=EKG_CANDIDATE_RTOL, err_msg=f"step {step}, {groups[i]}"
+            )
         best = min(results, key=lambda i: results[i][2])
         assert best == golden["chosen"][step]
         ensemble = (ensemble * (step + 1) + results[best][0]) / (step + 2)  # EKG's running mean of members
 
 
 def test_consistency_transnet_outputs_per_order_and_loss():
-    from ke_tf.models.transnet import transnet_loss, transnet_model
+    from ke_tf.methods.consistency.transnet import transnet_loss, transnet_model
+
     golden = load_golden("consistency_transnet.npz")
     state, _ = golden_state(golden, {"nonLinearLayers_p_pre": golden["p_pre"]})
     with float64():
@@ -251,17 +272,24 @@ def test_consistency_transnet_outputs_per_order_and_loss():
 def test_lwm_gradcam_maps_and_attention_distillation_loss():
     """Paper formula (ReLU(sum_k alpha_k A^k) at the last block, class b = the teacher's top class);
     the seed repository's `grad_cam_loss` differs (README), its value is recorded for reference."""
-    from ke_tf.gradcam import feature_model, grad_cam
     from ke_tf.losses import attention_distillation
+    from ke_tf.methods.incremental.gradcam import feature_model, grad_cam
     from tests.conformance.seeded import golden_images
+
     golden = load_golden("lwm_gradcam.npz")
     _, images = golden_images(2, int(golden["image_size"]), int(golden["image_seed"]))
-    shapes = {str(k): tuple(d for d in dims if d >= 0)
-              for k, dims in zip(golden["teacher_state_keys"], golden["teacher_state_shapes"])}
+    shapes = {
+        str(k): tuple(d for d in dims if d >= 0)
+        for k, dims in zip(golden["teacher_state_keys"], golden["teacher_state_shapes"])
+    }
     keep = {k: np.ones(s, np.float32) for k, s in shapes.items() if k.endswith("mask")}
     keep.update({k: np.array(0) for k in shapes if k.endswith("num_batches_tracked")})
-    nets = [convert64("ke_pytorch", seeded_state(shapes, int(seed), keep), "resnet18",
-                      image_size=int(golden["image_size"]))[0] for seed in golden["seeds"]]
+    nets = [
+        convert64(
+            "ke_pytorch", seeded_state(shapes, int(seed), keep), "resnet18", image_size=int(golden["image_size"])
+        )[0]
+        for seed in golden["seeds"]
+    ]
     images = images.astype(np.float64)
     t_maps, t_logits, classes = grad_cam(feature_model(nets[0]), images)
     s_maps, s_logits, _ = grad_cam(feature_model(nets[1]), images, classes)

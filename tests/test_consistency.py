@@ -6,7 +6,9 @@ Trans-Nets and feature taps are built under the float64 policy, so their identit
 original, sum of orders == output, orders == their hand derivation, tail(tap) == model) hold at
 float64 round-off on any CPU (tests/numerics.py); the feature cache stores float32 by design, so
 cached features are compared within float32 rounding."""
+
 import os
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import json
@@ -18,16 +20,16 @@ import pytest
 import tensorflow as tf
 
 from ke_tf.config import ConfigError, from_dict
-from ke_tf.features import cache_features, fingerprint, load_trained, tail_model, tap_model
-from ke_tf.loops.consistency import variance_report
+from ke_tf.methods.consistency.features import cache_features, fingerprint, load_trained, tail_model, tap_model
+from ke_tf.methods.consistency.loop import variance_report
+from ke_tf.methods.consistency.transnet import TransNet, std_scale, transnet_loss, transnet_model
 from ke_tf.models import build_model, model_spec
-from ke_tf.models.transnet import TransNet, std_scale, transnet_loss, transnet_model
 from ke_tf.params import load_params, save_params
 from tests.numerics import assert_identical, assert_within_measured_bound, float64
 
 # The cache rounds each float64 feature to float32 (round to nearest: at most 2^-24 = 6.0e-8 of its
 # magnitude; measured 4.5e-8 of the tensor's scale on these taps, AVX2 EPYC); 10x that rounding bound.
-CACHE_ROUNDING = 10 * 2.0 ** -24
+CACHE_ROUNDING = 10 * 2.0**-24
 CACHE_MEASURED = "float32 storage of float64 taps: <= 2^-24 = 6.0e-8 of the scale, measured 4.5e-8; x10"
 
 
@@ -39,7 +41,7 @@ def _transnet(depth=3, channels=4, beta=(0.7, -0.4, 1.1), seed=0):
     keras.utils.set_random_seed(seed)
     layer = TransNet(channels, depth=depth)
     layer.build((None, 6, 5, channels))
-    layer.beta.assign(np.asarray(beta[:depth - 1], np.float32))
+    layer.beta.assign(np.asarray(beta[: depth - 1], np.float32))
     return layer
 
 
@@ -131,8 +133,9 @@ def test_loss_matches_hand_computation():
     rng = np.random.default_rng(0)
     pred, target = rng.normal(size=(2, 3, 3, 2)), rng.normal(size=(2, 3, 3, 2))
     p = np.array([0.3, 0.8])
-    per_example = transnet_loss(tf.constant(pred, tf.float32), tf.constant(target, tf.float32),
-                                tf.constant(p, tf.float32), [0.1, 2.0]).numpy()
+    per_example = transnet_loss(
+        tf.constant(pred, tf.float32), tf.constant(target, tf.float32), tf.constant(p, tf.float32), [0.1, 2.0]
+    ).numpy()
     penalty = 0.1 * 0.09 + 2.0 * 0.64
     want = [np.mean((pred[i] - target[i]) ** 2) + penalty for i in range(2)]
     np.testing.assert_allclose(per_example, want, rtol=1e-5)
@@ -206,8 +209,14 @@ def test_feature_cache_reuse_and_invalidation(tmp_path, nets):
     rebuilt, reused = cache_features(folder, taps[0], taps[0], ds, ident2, shard_size=8)
     assert not reused and len(rebuilt.shards) == 2
     assert_within_measured_bound(rebuilt.arrays()[1], xa, CACHE_ROUNDING, CACHE_MEASURED)
-    assert sorted(f for f in os.listdir(folder) if f.endswith(".npy")) == \
-        ["a_00000.npy", "a_00001.npy", "b_00000.npy", "b_00001.npy", "labels_00000.npy", "labels_00001.npy"]
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".npy")) == [
+        "a_00000.npy",
+        "a_00001.npy",
+        "b_00000.npy",
+        "b_00001.npy",
+        "labels_00000.npy",
+        "labels_00001.npy",
+    ]
     for other in ({**ident2, "layer": "s3b2_add"}, {**ident2, "image_size": [16, 16, 3]}):
         assert not cache_features(folder, taps[0], taps[0], ds, other, shard_size=8)[1]
 
@@ -218,6 +227,7 @@ def test_feature_cache_reuse_and_invalidation(tmp_path, nets):
 
 def test_feature_stream_is_deterministic_per_epoch_and_sharded(tmp_path, nets):
     from ke_tf.data.stream import InputShard
+
     taps = nets[1]
     ds, _ = _images()
     cache, _ = cache_features(str(tmp_path / "c"), *taps, ds, {"k": 1}, shard_size=4)
@@ -234,7 +244,7 @@ def test_feature_stream_is_deterministic_per_epoch_and_sharded(tmp_path, nets):
     assert not np.allclose(np.concatenate([a for a, _ in first]), np.concatenate([a for a, _ in rows(1)]))
     # Two pipelines x one replica each: their batches interleave into the one-pipeline batches.
     halves = [rows(0, InputShard(2, p, 2)) for p in (0, 1)]
-    for step, (a, y) in enumerate(first):
+    for step, (a, _) in enumerate(first):
         np.testing.assert_array_equal(np.concatenate([halves[0][step][0], halves[1][step][0]]), a)
     resumed = rows(0, skip=3)
     np.testing.assert_array_equal(np.concatenate([a for a, _ in resumed]), np.concatenate([a for a, _ in first[3:]]))
@@ -249,7 +259,7 @@ def test_variance_report_matches_numpy(tmp_path, nets):
         rows = variance_report(trans.orders, cache, batch_size=3)  # partial last batch: exact weighting
         xa, xb, _ = cache.arrays()
         parts = [p.numpy() for p in trans.orders(xa)]
-    xb = xb.astype(np.float64)   # the float32 cache, summed in float64 as the report does
+    xb = xb.astype(np.float64)  # the float32 cache, summed in float64 as the report does
 
     def var(t):  # pooled over channels around each channel's mean (reference Variance.py)
         t = t.reshape(-1, t.shape[-1])
@@ -268,26 +278,55 @@ def test_config_validation():
     kc = cfg.section("consistency")
     assert kc.transnet.epochs == 3 and kc.transnet.optimizer == "adam" and kc.transnet.final_lr == 1e-6
     assert kc.refine.lr == 1e-5 and kc.alphas == [0.1, 0.1]
-    for bad, match in (({"alphas": [0.1]}, "consistency.alphas"), ({"net_a": "a.pkl"}, "net_b"),
-                       ({"seeds": [3, 3]}, "seeds"), ({"in_modes": [[1, 0]]}, r"in_modes\[0\]"),
-                       ({"transnet": {"schedule": "bogus"}}, "consistency.transnet.schedule")):
+    for bad, match in (
+        ({"alphas": [0.1]}, "consistency.alphas"),
+        ({"net_a": "a.pkl"}, "net_b"),
+        ({"seeds": [3, 3]}, "seeds"),
+        ({"in_modes": [[1, 0]]}, r"in_modes\[0\]"),
+        ({"transnet": {"schedule": "bogus"}}, "consistency.transnet.schedule"),
+    ):
         with pytest.raises(ConfigError, match=match):
             from_dict({**base, "consistency": bad})
 
 
 def _cli(run_dir, *extra):
     from train_cifar import main
-    return main(["--config", "configs/quickstart_consistency_digits.yaml",
-                 "--set", f"run_dir={run_dir}", "--set", "data.image_size=16",
-                 "--set", "model.options.width_mult=0.5", "--set", "train.progress=false",
-                 "--set", "consistency.transnet.progress=false", "--set", "consistency.refine.progress=false",
-                 *extra])
+
+    return main(
+        [
+            "--config",
+            "configs/quickstart_consistency_digits.yaml",
+            "--set",
+            f"run_dir={run_dir}",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            "model.options.width_mult=0.5",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "consistency.transnet.progress=false",
+            "--set",
+            "consistency.refine.progress=false",
+            *extra,
+        ]
+    )
 
 
 def test_end_to_end_tiny_run(tmp_path, capsys):
     run_dir = tmp_path / "kc"
-    args = ("--set", "data.classes=[0,1,2]", "--set", "train.epochs=1", "--set", "consistency.transnet.epochs=2",
-            "--set", "consistency.refine.epochs=1", "--set", "consistency.in_modes=[[1,0,0]]")
+    args = (
+        "--set",
+        "data.classes=[0,1,2]",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "consistency.transnet.epochs=2",
+        "--set",
+        "consistency.refine.epochs=1",
+        "--set",
+        "consistency.in_modes=[[1,0,0]]",
+    )
     summary = _cli(run_dir, *args)
     assert summary["method"] == "consistency" and not summary["features_reused"]
     assert 0.0 <= summary["refine_100_top1"] <= 1.0
@@ -339,5 +378,6 @@ def test_trained_nets_are_more_consistent_than_with_an_untrained_net(tmp_path):
     print(result["per_seed"])
     asserted = [v for v in result["verdicts"] if v["comparison"] in HOLDING_KC_COMPARISONS]
     assert len(asserted) == len(HOLDING_KC_COMPARISONS)
-    assert all(v["holds"] for v in asserted) and all(c["holds"] for c in result["checks"]), \
-        failed_verdicts({**result, "verdicts": asserted})
+    assert all(v["holds"] for v in asserted) and all(c["holds"] for c in result["checks"]), failed_verdicts(
+        {**result, "verdicts": asserted}
+    )

@@ -1,6 +1,7 @@
 """ke_tf.convert: reference checkpoints (KE / ReduceNet PyTorch state_dicts, EKG TF2 pickles) map
 onto ke_tf models key by key, refuse what does not fit by name, load without running code, and
 give params files that test.py evaluates. Synthetic numpy state_dicts: no torch needed."""
+
 import os
 import pickle
 
@@ -30,6 +31,7 @@ def ke_resnet18_shapes(widths=(8, 16, 32, 64), classes=10, masks=True):
         shapes[f"{prefix}.weight"] = (o, i, k, k)
         if masks:
             shapes[f"{prefix}.mask"] = (o, i, k, k)
+
     conv("conv1", widths[0], 3, 7)
     _bn(shapes, "bn1", widths[0])
     c_in = widths[0]
@@ -72,8 +74,11 @@ def reducenet20_shapes(classes=10, scaler=1.0):
                 _bn(shapes, f"{p}.shortcut.1", w)
             c_in = w
     shapes["linear.weight"], shapes["linear.bias"] = (classes, 64), (classes,)
-    return shapes, {k: np.array(scaler if k.endswith("scaler") else 0.0, np.float32)
-                    for k in shapes if k.endswith(("scaler", "lora"))}
+    return shapes, {
+        k: np.array(scaler if k.endswith("scaler") else 0.0, np.float32)
+        for k in shapes
+        if k.endswith(("scaler", "lora"))
+    }
 
 
 def _state(shapes, keep=None):
@@ -94,18 +99,26 @@ def test_padded_conv_torch_is_symmetric_and_same_is_keras():
         kernel = model.get_layer(f"c_{padding}").kernel
         expected = tf.nn.conv2d(x, kernel, 2, explicit)
         np.testing.assert_allclose(model(x).numpy(), expected.numpy(), atol=1e-6)
-    assert not np.allclose(tf.nn.conv2d(x, kernel, 2, "SAME"), tf.nn.conv2d(x, kernel, 2, [[0, 0], [1, 1], [1, 1], [0, 0]]))
+    assert not np.allclose(
+        tf.nn.conv2d(x, kernel, 2, "SAME"), tf.nn.conv2d(x, kernel, 2, [[0, 0], [1, 1], [1, 1], [0, 0]])
+    )
 
 
 def test_ke_checkpoint_maps_every_key_and_test_py_evaluates_it(tmp_path):
     shapes = ke_resnet18_shapes()
-    masks = {k: (np.arange(np.prod(s)).reshape(s) % 2).astype(np.float32) for k, s in shapes.items() if k.endswith("mask")}
+    masks = {
+        k: (np.arange(np.prod(s)).reshape(s) % 2).astype(np.float32) for k, s in shapes.items() if k.endswith("mask")
+    }
     state = _state(shapes, masks)
     out = tmp_path / "ke.pkl"
     model, arrays, meta = convert_checkpoint("ke_pytorch", state, "resnet18", out, dataset="digits", image_size=32)
-    np.testing.assert_array_equal(_var(model, "s2b0_conv1/kernel"), state["layer2.0.conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        _var(model, "s2b0_conv1/kernel"), state["layer2.0.conv1.weight"].transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(_var(model, "s2b0_conv1/mask"), masks["layer2.0.conv1.mask"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(_var(model, "s3b0_short_bn/moving_variance"), state["layer3.0.downsample.1.running_var"])
+    np.testing.assert_array_equal(
+        _var(model, "s3b0_short_bn/moving_variance"), state["layer3.0.downsample.1.running_var"]
+    )
     np.testing.assert_array_equal(_var(model, "classifier/kernel"), state["fc.weight"].T)
     assert meta["model"]["options"] == {"padding": "torch"}
     assert meta["model"]["widths"]["stage4"] == 64 and meta["layers"]["kind"] == "split"
@@ -123,8 +136,11 @@ def test_ke_errors_name_the_first_key_or_shape_that_does_not_fit():
     with pytest.raises(ParamsError, match=r"key 'layer9\.0\.conv1\.weight' .*matches no variable"):
         convert_checkpoint("ke_pytorch", {**state, "layer9.0.conv1.weight": np.zeros((1, 1, 3, 3))}, "resnet18")
     bad = {**state, "layer2.0.bn1.running_var": np.ones(5, np.float32)}
-    with pytest.raises(ParamsError, match=r"shape mismatch for key 'layer2\.0\.bn1\.running_var': \(5,\).*"
-                                          r"'s2b0_bn1/moving_variance' expects \(16,\)"):
+    with pytest.raises(
+        ParamsError,
+        match=r"shape mismatch for key 'layer2\.0\.bn1\.running_var': \(5,\).*"
+        r"'s2b0_bn1/moving_variance' expects \(16,\)",
+    ):
         convert_checkpoint("ke_pytorch", bad, "resnet18")
     del state["layer4.1.bn2.running_mean"]
     with pytest.raises(ParamsError, match=r"no key gives model variable 's4b1_bn2/moving_mean'"):
@@ -140,10 +156,13 @@ def test_reducenet_teacher_and_student_follow_the_scaler():
     state = _state(shapes, flags)
     teacher, _, meta = convert_checkpoint("reducenet_pytorch", state, "reduce20")
     assert meta["model"]["options"] == {"variant": "teacher", "padding": "torch", "expansion": 1.0}
-    np.testing.assert_array_equal(_var(teacher, "s2b0_rep/b1_conv2/kernel"),
-                                  state["layer2.0.branch1.3.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        _var(teacher, "s2b0_rep/b1_conv2/kernel"), state["layer2.0.branch1.3.weight"].transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(_var(teacher, "s2b0_rep/bn/gamma"), state["layer2.0.fuse.0.weight"])
-    np.testing.assert_array_equal(_var(teacher, "s3b2_conv2/kernel"), state["layer3.2.fuse.2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        _var(teacher, "s3b2_conv2/kernel"), state["layer3.2.fuse.2.weight"].transpose(2, 3, 1, 0)
+    )
     _, flags = reducenet20_shapes(scaler=0.0)
     student, arrays, meta = convert_checkpoint("reducenet_pytorch", {**state, **flags}, "reduce20")
     assert meta["model"]["options"]["variant"] == "student"
@@ -174,12 +193,15 @@ def test_ekg_pickle_loads_restricted_and_infers_pruned_widths(tmp_path):
     path.write_bytes(pickle.dumps(params))
     model, _, meta = convert_checkpoint("ekg_tf2", path, "resnet20")
     assert meta["model"]["widths"] == {"s2b2": 5} and meta["model"]["options"] == {"shortcut": "B"}
-    np.testing.assert_array_equal(_var(model, "s2b2_bn1/moving_mean"), params["BasicBlock1.2/bn1/moving_mean:0"].reshape(-1))
+    np.testing.assert_array_equal(
+        _var(model, "s2b2_bn1/moving_mean"), params["BasicBlock1.2/bn1/moving_mean:0"].reshape(-1)
+    )
     np.testing.assert_array_equal(_var(model, "classifier/bias"), params["fc/biases:0"])
 
     class Evil:
         def __reduce__(self):
             return os.system, ("touch " + str(tmp_path / "pwned"),)
+
     path.write_bytes(pickle.dumps({"conv/kernel:0": Evil()}))
     with pytest.raises(ParamsError, match=r"refusing to load global (posix|os|nt)\.system"):
         convert_checkpoint("ekg_tf2", path, "resnet20")
@@ -190,10 +212,13 @@ def test_cli_converts_an_npz_and_fails_with_one_error_line(tmp_path, capsys):
     src, out = tmp_path / "teacher.npz", tmp_path / "t.pkl"
     shapes, flags = reducenet20_shapes()
     np.savez(src, **_state(shapes, flags))
-    assert convert_main(["--from", "reducenet_pytorch", str(src), "--arch", "reduce20", "--out", str(out),
-                         "--dataset", "digits"]) == str(out)
+    assert convert_main(
+        ["--from", "reducenet_pytorch", str(src), "--arch", "reduce20", "--out", str(out), "--dataset", "digits"]
+    ) == str(out)
     _, meta = load_params(out)
-    assert meta["data"] == {"name": "digits", "image_size": 32} and meta["converted_from"]["format"] == "reducenet_pytorch"
+    assert (
+        meta["data"] == {"name": "digits", "image_size": 32} and meta["converted_from"]["format"] == "reducenet_pytorch"
+    )
     with pytest.raises(SystemExit) as exit_info:
         convert_main(["--from", "ke_pytorch", str(src), "--arch", "resnet18", "--out", str(tmp_path / "x.pkl")])
     assert exit_info.value.code == 2
@@ -211,6 +236,7 @@ def test_torch_checkpoints_load_weights_only(tmp_path):
     class Evil:
         def __reduce__(self):
             return os.system, ("touch " + str(tmp_path / "pwned"),)
+
     torch.save({"conv1.weight": Evil()}, path, _use_new_zipfile_serialization=True)
     with pytest.raises(ParamsError, match="weights-only"):
         convert_checkpoint("ke_pytorch", path, "resnet18")
@@ -219,9 +245,13 @@ def test_torch_checkpoints_load_weights_only(tmp_path):
 
 def test_pytorch_files_without_torch_name_the_extra(tmp_path, monkeypatch):
     import sys
+
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     path = tmp_path / "epoch_199.state"
     path.write_bytes(b"never read")
-    with pytest.raises(ParamsError, match=r"epoch_199.state: reading PyTorch checkpoints needs torch: "
-                                          r"pip install 'ke_tf\[convert\]'"):
+    with pytest.raises(
+        ParamsError,
+        match=r"epoch_199.state: reading PyTorch checkpoints needs torch: "
+        r"pip install 'ke_tf\[convert\]'",
+    ):
         convert_checkpoint("ke_pytorch", path, "resnet18")

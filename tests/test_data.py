@@ -103,15 +103,18 @@ def test_stream_shards_rebuild_the_global_batches(digits):
     """Per-replica batches of every input pipeline concatenate, step by step, into the global
     batches `train` yields for the same epochs; resuming skips exactly the finished steps."""
     from ke_tf.data.stream import InputShard
+
     batch, steps = 64, digits.info.train_size // 64
-    full = [x for e in (2, 3) for x, _ in _batches(digits.train(batch, epoch=e, seed=1))][:2 * steps]
+    full = [x for e in (2, 3) for x, _ in _batches(digits.train(batch, epoch=e, seed=1))][: 2 * steps]
     one = [x for x, _ in _batches(digits.stream(batch, 1, 2, 4))]
     assert len(one) == 2 * steps
     for a, b in zip(full, one):
         np.testing.assert_array_equal(a, b)
     for replicas, pipelines in ((2, 1), (2, 2), (4, 2)):
-        parts = [[x for x, _ in _batches(digits.stream(batch, 1, 2, 4, shard=InputShard(replicas, p, pipelines)))]
-                 for p in range(pipelines)]
+        parts = [
+            [x for x, _ in _batches(digits.stream(batch, 1, 2, 4, shard=InputShard(replicas, p, pipelines)))]
+            for p in range(pipelines)
+        ]
         local = replicas // pipelines
         for step, expected in enumerate(full):
             got = np.concatenate([parts[p][step * local + r] for p in range(pipelines) for r in range(local)])
@@ -137,14 +140,15 @@ def test_digits_augmentation_changes_images_keeps_size(digits):
     changed = np.mean([not np.array_equal(a, p) for a, p in zip(aug_x, plain_x)])
     assert changed > 0.5
     # Pad-crop shifts content, it does not mirror it: no augmented image is an exact mirror.
-    assert not any(np.array_equal(a, p[:, ::-1]) for a, p in zip(aug_x[:200], plain_x[:200])
-                   if not np.array_equal(p, p[:, ::-1]))
+    assert not any(
+        np.array_equal(a, p[:, ::-1]) for a, p in zip(aug_x[:200], plain_x[:200]) if not np.array_equal(p, p[:, ::-1])
+    )
     # Each augmented image equals its plain image shifted by at most pad=4 pixels (zero fill).
     bg = (0.0 - np.array(digits.info.mean)) / np.array(digits.info.std)
     for a, p in zip(aug_x[:20], plain_x[:20]):
         pad = np.full((40, 40, 3), bg, np.float32)
         pad[4:36, 4:36] = p
-        assert any(np.allclose(a, pad[i:i + 32, j:j + 32], atol=1e-5) for i in range(9) for j in range(9))
+        assert any(np.allclose(a, pad[i : i + 32, j : j + 32], atol=1e-5) for i in range(9) for j in range(9))
 
 
 # ----------------------------------------------------------------------------- subsets / tasks

@@ -1,5 +1,6 @@
 """Distillation loop: hand-computed KD/BAN losses, schedules, and tiny KD / BAN / ReduceNet runs
 through the CLI (plus a slow learning test: KD beats plain training on real digits)."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,9 +12,8 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ke_tf.config import ConfigError  # noqa: E402
-from ke_tf.loops.distillation import (DistillationConfig, ban_lambdas, ban_loss,  # noqa: E402
-                                      hinton_loss, inherit_weights)
 from ke_tf.losses import kd_loss  # noqa: E402
+from ke_tf.methods.distillation.loop import DistillationConfig, ban_lambdas, ban_loss, hinton_loss, inherit_weights  # noqa: E402
 from ke_tf.models import build_model  # noqa: E402
 from ke_tf.params import load_params  # noqa: E402
 
@@ -32,12 +32,12 @@ def test_hinton_kd_matches_hand_computation():
     labels = tf.constant([0])
     got = hinton_loss(tf.constant(STUDENT), tf.constant(TEACHER), labels, alpha=0.9, temperature=4.0)
     np.testing.assert_allclose(got, [0.1 * CE_Y0 + 0.9 * KD_T4], atol=1e-5)  # 0.863194
-    got = hinton_loss(tf.constant(STUDENT), tf.constant(TEACHER), labels, alpha=0.7, temperature=4.0,
-                      class_mean=True)
+    got = hinton_loss(tf.constant(STUDENT), tf.constant(TEACHER), labels, alpha=0.7, temperature=4.0, class_mean=True)
     np.testing.assert_allclose(got, [0.3 * CE_Y0 + 0.7 * KD_T4 / 3], atol=1e-5)
     # alpha 0 is plain CE; identical logits give no KD term.
-    np.testing.assert_allclose(hinton_loss(tf.constant(STUDENT), tf.constant(STUDENT), labels, 0.5, 4.0),
-                               [0.5 * CE_Y0], atol=1e-6)
+    np.testing.assert_allclose(
+        hinton_loss(tf.constant(STUDENT), tf.constant(STUDENT), labels, 0.5, 4.0), [0.5 * CE_Y0], atol=1e-6
+    )
 
 
 def test_ban_loss_matches_hand_computation():
@@ -68,9 +68,21 @@ def test_weight_inheritance():
 
 def _train(tmp, *sets):
     from train_cifar import main
-    args = ["--config", "configs/quickstart_kd_digits.yaml", "--set", f"run_dir={tmp}",
-            "--set", "train.epochs=1", "--set", "data.image_size=16", "--set", "train.progress=false",
-            "--set", "model.options={width_mult: 0.25}"]
+
+    args = [
+        "--config",
+        "configs/quickstart_kd_digits.yaml",
+        "--set",
+        f"run_dir={tmp}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "model.options={width_mult: 0.25}",
+    ]
     for s in sets:
         args += ["--set", s]
     return main(args)
@@ -80,18 +92,26 @@ def _train(tmp, *sets):
 def reducenet_run(tmp_path_factory):
     """Both ReduceNet stages (the teacher is trained by the same config) + deploy, 1 epoch each."""
     tmp = tmp_path_factory.mktemp("reducenet")
-    return tmp, _train(tmp, "distillation.mode=reducenet", "model.arch=reduce20",
-                       "model.options={width_mult: 0.25, lora: true, lora_act: annealed}")
+    return tmp, _train(
+        tmp,
+        "distillation.mode=reducenet",
+        "model.arch=reduce20",
+        "model.options={width_mult: 0.25, lora: true, lora_act: annealed}",
+    )
 
 
 def test_tiny_reducenet_run_and_deploy_evaluation(reducenet_run):
     from test import main as test_main
+
     tmp, summary = reducenet_run
-    assert summary["deploy_macs"] < summary["student_macs"]   # the lora branch is folded away
+    assert summary["deploy_macs"] < summary["student_macs"]  # the lora branch is folded away
     assert summary["inherited_variables"] > 0
     rows = json.loads((tmp / "results.json").read_text())["rows"]
-    assert [(r["stage"], r["variant"]) for r in rows] == [("teacher", "teacher"), ("student", "student"),
-                                                          ("deploy", "deploy")]
+    assert [(r["stage"], r["variant"]) for r in rows] == [
+        ("teacher", "teacher"),
+        ("student", "student"),
+        ("deploy", "deploy"),
+    ]
     assert rows[0]["macs"] > rows[1]["macs"] > rows[2]["macs"]
     student = test_main(["--trained_param", str(tmp / "student_params.pkl")])
     deploy = test_main(["--trained_param", str(tmp / "deploy_params.pkl")])
@@ -118,7 +138,8 @@ def test_tiny_kd_run_from_teacher_params(reducenet_run, tmp_path):
 
 
 def test_tiny_ban_run_two_generations(reducenet_run, tmp_path, monkeypatch):
-    from ke_tf.loops import distillation
+    from ke_tf.methods.distillation import loop as distillation
+
     seeds, original = [], distillation.train_stage
 
     def recording_train_stage(*args, **kwargs):
@@ -127,16 +148,17 @@ def test_tiny_ban_run_two_generations(reducenet_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(distillation, "train_stage", recording_train_stage)
     teacher = str(reducenet_run[0] / "teacher_params.pkl")
-    summary = _train(tmp_path, "distillation.mode=ban", "distillation.generations=2",
-                     f"distillation.teacher_params={teacher}")
+    summary = _train(
+        tmp_path, "distillation.mode=ban", "distillation.generations=2", f"distillation.teacher_params={teacher}"
+    )
     rows = json.loads((tmp_path / "ban.json").read_text())["rows"]
     assert [r["generation"] for r in rows] == [0, 1]
     assert summary["ensemble_top1"] == rows[-1]["ensemble_top1"]
-    assert rows[0]["ensemble_top1"] == rows[0]["test_top1"]   # an ensemble of one is the model
+    assert rows[0]["ensemble_top1"] == rows[0]["test_top1"]  # an ensemble of one is the model
     for g in (0, 1):
         assert load_params(str(tmp_path / f"gen{g}_params.pkl"))[1]["generation"] == g
     # Fresh initialisation per generation (seed + 10 g): the generations are different networks.
     a0, _ = load_params(str(tmp_path / "gen0_params.pkl"))
     a1, _ = load_params(str(tmp_path / "gen1_params.pkl"))
     assert not np.allclose(a0["stem_conv/kernel"], a1["stem_conv/kernel"])
-    assert seeds[1] == seeds[0] + 10          # ... trained on their own data order
+    assert seeds[1] == seeds[0] + 10  # ... trained on their own data order

@@ -4,6 +4,7 @@ end-to-end CLI run; slow: EKG beats random filter pruning on digits.
 The gated network of these tests is built under the float64 policy, so its identities (open gates ==
 plain, clone == original, pruned == masked, rescaled == factor * masked, reverse- == forward-mode
 derivative) are compared at float64 round-off (tests/numerics.py) and hold on any CPU."""
+
 import json
 import os
 
@@ -18,9 +19,18 @@ from ke_tf.data import load_data  # noqa: E402
 from ke_tf.flops import complexity  # noqa: E402
 from ke_tf.layers.gates import ChannelGate, GatedLayerFactory, gate_sites, model_gates, set_masks  # noqa: E402
 from ke_tf.losses import cross_entropy  # noqa: E402
+from ke_tf.methods.ekg.search import (  # noqa: E402
+    GreedySearch,
+    MaskedMacs,
+    batch_stat_forward,
+    filter_l1,
+    importance_fn,
+    moving_statistics,
+    pick_teachers,
+    search_objective,
+    trimmed_otsu,
+)
 from ke_tf.models import build_from_spec, model_spec  # noqa: E402
-from ke_tf.pruning import (GreedySearch, MaskedMacs, filter_l1, batch_stat_forward, importance_fn,  # noqa: E402
-                           moving_statistics, pick_teachers, search_objective, trimmed_otsu)
 from ke_tf.slicing import slice_model  # noqa: E402
 from tests.numerics import assert_identical, float64  # noqa: E402
 
@@ -68,8 +78,12 @@ def test_gate_is_shared_per_group_and_masks_every_site():
 
 
 def test_gated_resnet_groups_sites_and_open_gates_equal_plain(gated, images):
-    assert gate_sites(gated) == {"stage1": 4, "stage2": 3, "stage3": 3,
-                                 **{f"s{s}b{j}": 1 for s in (1, 2, 3) for j in range(3)}}
+    assert gate_sites(gated) == {
+        "stage1": 4,
+        "stage2": 3,
+        "stage3": 3,
+        **{f"s{s}b{j}": 1 for s in (1, 2, 3) for j in range(3)},
+    }
     with float64():
         plain = build_from_spec(SPEC)
     set_masks(model_gates(gated), {})
@@ -113,11 +127,14 @@ def test_importance_is_abs_derivative_of_loss_wrt_shared_gate(gated, images):
     labels = tf.constant(np.arange(8) % 10, tf.int32)
     ensemble = tf.random.stateless_normal([8, 10], seed=[3, 4])
     scores = dict(zip(gates, importance_fn(gated, forward)(images, labels, ensemble)))
-    assert {g: tuple(s.shape) for g, s in scores.items()} == {g: (int(l.gate.shape[0]),) for g, l in gates.items()}
+    assert {g: tuple(s.shape) for g, s in scores.items()} == {
+        g: (int(gate.gate.shape[0]),) for g, gate in gates.items()
+    }
     assert all(float(tf.reduce_min(s)) >= 0 for s in scores.values())
 
     def loss():
         return tf.reduce_mean(search_objective(forward(images), labels, ensemble))
+
     for group in ("stage2", "s1b1", "stage3"):
         var = gates[group].gate
         channel = int(np.argmax(scores[group]))
@@ -146,8 +163,10 @@ def test_trimmed_otsu_hand_computed():
 def test_masked_macs_and_pruned_equals_masked(gated, images):
     rng = np.random.RandomState(3)
     gates = model_gates(gated)
-    keep = {g: sorted(rng.choice(int(l.gate.shape[0]), rng.randint(1, int(l.gate.shape[0]) + 1), replace=False))
-            for g, l in gates.items()}
+    keep = {
+        g: sorted(rng.choice(int(gate.gate.shape[0]), rng.randint(1, int(gate.gate.shape[0]) + 1), replace=False))
+        for g, gate in gates.items()
+    }
     set_masks(gates, keep)
     with float64():
         narrow, spec = slice_model(gated, SPEC, keep)
@@ -172,7 +191,7 @@ def test_search_stops_at_first_step_under_target(gated, holdout, criterion):
     keep = search.run()
     rates = [search.rate(k) for k, _ in search.history]
     assert rates[0] == 1.0 and rates[-1] <= 0.6 < rates[-2]
-    assert all(a > b for a, b in zip(rates, rates[1:]))          # every step removes filters
+    assert all(a > b for a, b in zip(rates, rates[1:]))  # every step removes filters
     for before, after in zip(search.history, search.history[1:]):  # pruning is monotone, one group per step
         changed = [g for g in before[0] if len(before[0][g]) != len(after[0][g])]
         assert len(changed) == 1 and set(after[0][changed[0]]) < set(before[0][changed[0]])
@@ -185,8 +204,10 @@ def test_l1_criterion_cuts_least_l1_filters_uniformly(gated, holdout):
     """Li et al.'s baseline: each group loses its smallest-L1 filters (summed over the convs that
     write the group) and all groups keep about the same fraction."""
     norms = filter_l1(gated)
-    stage3 = sum(np.abs(gated.get_layer(n).kernel.numpy()).sum(axis=(0, 1, 2))
-                 for n in ("s3b0_conv2", "s3b0_short_conv", "s3b1_conv2", "s3b2_conv2"))
+    stage3 = sum(
+        np.abs(gated.get_layer(n).kernel.numpy()).sum(axis=(0, 1, 2))
+        for n in ("s3b0_conv2", "s3b0_short_conv", "s3b1_conv2", "s3b2_conv2")
+    )
     np.testing.assert_allclose(norms["stage3"], stage3, rtol=1e-5)
     search = GreedySearch(gated, holdout, 0.6, criterion="l1", progress=False)
     keep = search.run()
@@ -231,15 +252,16 @@ def test_pick_teachers_evenly_spaced_losses():
 
 
 def test_bank_data_pairs_batches_and_distillation_loss():
-    from ke_tf.loops.ekg import BankData, bank_distillation_loss
+    from ke_tf.methods.ekg.loop import BankData, bank_distillation_loss
+
     data = load_data("digits", image_size=8)
     bank = np.eye(10, dtype=np.float32)[data.train_labels][:, :, None] * np.array([5.0, 4.0], np.float32)
     paired = BankData(data, bank)
     plain = data.stream(64, 7, 0, 4)
     batches = 0
-    for (x, y, b), (px, py) in zip(paired.stream(64, 7, 0, 4), plain):   # epochs 0..3
+    for (x, y, b), (px, _) in zip(paired.stream(64, 7, 0, 4), plain):  # epochs 0..3
         np.testing.assert_array_equal(np.argmax(b.numpy()[:, :, 0], -1), y.numpy())
-        np.testing.assert_array_equal(x.numpy(), px.numpy())   # the images of the plain stream
+        np.testing.assert_array_equal(x.numpy(), px.numpy())  # the images of the plain stream
         batches += 1
     assert batches == 4 * (data.info.train_size // 64)
     with pytest.raises(ValueError, match="memory bank has 3 rows"):
@@ -248,8 +270,10 @@ def test_bank_data_pairs_batches_and_distillation_loss():
     # member 1 is closer to member 0 than the student is, member 2 farther: teacher = mean(0, 1)
     student = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, use_bias=False)])
     student.layers[0].kernel.assign(np.eye(3, dtype=np.float32))
-    x = np.array([[0.0, 1.0, 0.0]], np.float32)          # student logits [0, 1, 0]
-    members = np.stack([[3.0, 0.0, 0.0], [2.6, 0.0, 0.0], [-3.0, 0.0, 0.0]], axis=-1)[None].astype(np.float32)  # [1, K, M]
+    x = np.array([[0.0, 1.0, 0.0]], np.float32)  # student logits [0, 1, 0]
+    members = np.stack([[3.0, 0.0, 0.0], [2.6, 0.0, 0.0], [-3.0, 0.0, 0.0]], axis=-1)[None].astype(
+        np.float32
+    )  # [1, K, M]
     labels = np.array([1], np.int32)
     out = bank_distillation_loss(student, 4.0)((x, labels, members), training=False)
     teacher = members[0, :, :2].mean(-1)
@@ -262,11 +286,28 @@ def test_bank_data_pairs_batches_and_distillation_loss():
 def test_end_to_end_cli_then_test_py(tmp_path):
     from test import evaluate_params_file
     from train_cifar import main
+
     run_dir = str(tmp_path / "run")
-    args = ["--config", "configs/quickstart_ekg_digits.yaml", "--set", f"run_dir={run_dir}",
-            "--set", "train.epochs=1", "--set", "ekg.pretrain_epochs=1", "--set", "ekg.holdout_per_class=2",
-            "--set", "ekg.num_teacher=2", "--set", "train.progress=false",
-            "--set", "data.image_size=8", "--set", "train.batch_size=128"]
+    args = [
+        "--config",
+        "configs/quickstart_ekg_digits.yaml",
+        "--set",
+        f"run_dir={run_dir}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "ekg.pretrain_epochs=1",
+        "--set",
+        "ekg.holdout_per_class=2",
+        "--set",
+        "ekg.num_teacher=2",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "data.image_size=8",
+        "--set",
+        "train.batch_size=128",
+    ]
     summary = main(args + ["--set", "ekg.reduction_rate=0.25"])
     assert summary["macs_reduction"] >= 0.25
     for png in ("pretrain_curve.png", "search.png", "finetune_curve.png"):
@@ -292,26 +333,53 @@ def test_end_to_end_on_two_replicas(tmp_path):
     sharded stream) on 2 logical CPU replicas, then test.py on its output."""
     import subprocess
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run_dir = str(tmp_path / "run")
     proc = subprocess.run(
-        [sys.executable, "train_cifar.py", "--config", "configs/quickstart_ekg_digits.yaml", "--set", f"run_dir={run_dir}",
-         "--set", "distribute.cpu_replicas=2", "--set", "train.epochs=2", "--set", "ekg.pretrain_epochs=2",
-         "--set", "ekg.holdout_per_class=2", "--set", "ekg.num_teacher=2", "--set", "ekg.reduction_rate=0.25",
-         "--set", "data.image_size=8", "--set", "train.batch_size=64"],
-        cwd=root, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "train_cifar.py",
+            "--config",
+            "configs/quickstart_ekg_digits.yaml",
+            "--set",
+            f"run_dir={run_dir}",
+            "--set",
+            "distribute.cpu_replicas=2",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "ekg.pretrain_epochs=2",
+            "--set",
+            "ekg.holdout_per_class=2",
+            "--set",
+            "ekg.num_teacher=2",
+            "--set",
+            "ekg.reduction_rate=0.25",
+            "--set",
+            "data.image_size=8",
+            "--set",
+            "train.batch_size=64",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 replica(s) (MirroredStrategy" in proc.stdout + proc.stderr
     with open(os.path.join(run_dir, "results.json")) as f:
         summary = json.load(f)["summary"]
-    assert summary["macs_reduction"] >= 0.25 and summary["test_top1"] > 0.3   # learnt beyond chance (0.1)
+    assert summary["macs_reduction"] >= 0.25 and summary["test_top1"] > 0.3  # learnt beyond chance (0.1)
     from test import evaluate_params_file
+
     result = evaluate_params_file(os.path.join(run_dir, "trained_params.pkl"))
     assert result["test_top1"] == pytest.approx(summary["test_top1"], abs=1e-6)
 
 
 def test_configs_validate_and_reduction_rate_sets_target():
     from ke_tf.config import ConfigError, load_config
+
     for name in ("cifar10", "cifar100"):
         cfg = load_config(f"configs/{name}_resnet56_ekg.yaml")
         assert cfg.method == "ekg" and cfg.model.options["shortcut"] == "B"

@@ -1,4 +1,5 @@
 """Engine: distributed equivalence, accumulation, resume, schedules, weight decay, NaN handling."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,8 +48,15 @@ def _train(tmp_path, cfg, model=None, epochs=None, name="train", data=None, loss
         with strategy.scope():
             model = (model or _model)()
     x, y = data or _data()
-    trainer = Trainer(cfg, strategy, model, (loss or classifier_loss)(model, cfg.label_smoothing),
-                      len(x) // cfg.batch_size, str(tmp_path), name=name)
+    trainer = Trainer(
+        cfg,
+        strategy,
+        model,
+        (loss or classifier_loss)(model, cfg.label_smoothing),
+        len(x) // cfg.batch_size,
+        str(tmp_path),
+        name=name,
+    )
     trainer.fit(TensorData(x, y), seed=0, epochs=epochs)
     return model, trainer
 
@@ -58,8 +66,16 @@ def _weights(model):
 
 
 def _cfg(**kw):
-    base = dict(epochs=2, batch_size=16, lr=0.1, momentum=0.9, schedule="cosine", weight_decay=1e-3,
-                progress=False, jit_compile="off")
+    base = dict(
+        epochs=2,
+        batch_size=16,
+        lr=0.1,
+        momentum=0.9,
+        schedule="cosine",
+        weight_decay=1e-3,
+        progress=False,
+        jit_compile="off",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -78,14 +94,19 @@ def test_xla_whole_step_matches_graph_mode(tmp_path):
     assert_all_identical(_weights(jit), _weights(plain))
 
 
-@pytest.mark.parametrize("mode,expected", [
-    # PyTorch-style coupled L2: w1 = w0 - lr * (dCE/dw + wd * w0)
-    ("coupled", lambda w, g, lr, wd: w - lr * (g + wd * w)),
-    # Keras/AdamW-style decoupled decay: w1 = w0 - lr * wd * w0 - lr * dCE/dw
-    ("decoupled", lambda w, g, lr, wd: w - lr * wd * w - lr * g)])
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        # PyTorch-style coupled L2: w1 = w0 - lr * (dCE/dw + wd * w0)
+        ("coupled", lambda w, g, lr, wd: w - lr * (g + wd * w)),
+        # Keras/AdamW-style decoupled decay: w1 = w0 - lr * wd * w0 - lr * dCE/dw
+        ("decoupled", lambda w, g, lr, wd: w - lr * wd * w - lr * g),
+    ],
+)
 def test_sgd_step_matches_hand_computed_weight_decay(tmp_path, mode, expected):
-    cfg = _cfg(epochs=1, batch_size=64, momentum=0.0, schedule="constant", lr=0.5, weight_decay=0.01,
-               weight_decay_mode=mode)
+    cfg = _cfg(
+        epochs=1, batch_size=64, momentum=0.0, schedule="constant", lr=0.5, weight_decay=0.01, weight_decay_mode=mode
+    )
     with float64():
         with make_strategy("one_device").scope():
             model = _model()
@@ -95,8 +116,9 @@ def test_sgd_step_matches_hand_computed_weight_decay(tmp_path, mode, expected):
             loss = tf.reduce_mean(cross_entropy(model(x, training=True), y))
         grads = tape.gradient(loss, model.trainable_variables)
         _train(tmp_path, cfg, model=model, data=(x, y))
-    assert_all_identical([v.numpy() for v in model.trainable_variables],
-                         [expected(w, g.numpy(), 0.5, 0.01) for w, g in zip(w0, grads)])
+    assert_all_identical(
+        [v.numpy() for v in model.trainable_variables], [expected(w, g.numpy(), 0.5, 0.01) for w, g in zip(w0, grads)]
+    )
 
 
 def test_loop_length_changes_calls_not_results(tmp_path):
@@ -127,6 +149,7 @@ def test_release_in_background_drops_the_last_reference_off_the_calling_thread()
 
     class Held:
         pass
+
     dropped_on = []
     holder = [Held()]
     ref = weakref.ref(holder[0], lambda _: dropped_on.append(threading.current_thread()))
@@ -141,7 +164,8 @@ def test_stage_and_evaluation_iterators_are_released_in_the_background(tmp_path,
     import importlib
 
     from ke_tf.engine import iterators
-    evaluate_module = importlib.import_module("ke_tf.engine.evaluate")   # the package exports a function of that name
+
+    evaluate_module = importlib.import_module("ke_tf.engine.evaluate")  # the package exports a function of that name
     trainer_module = importlib.import_module("ke_tf.engine.trainer")
     released = []
 
@@ -150,6 +174,7 @@ def test_stage_and_evaluation_iterators_are_released_in_the_background(tmp_path,
         thread = iterators.release_in_background(holder)
         assert holder == []
         return thread
+
     monkeypatch.setattr(trainer_module, "release_in_background", spy)
     monkeypatch.setattr(evaluate_module, "release_in_background", spy)
     model, trainer = _train(tmp_path, _cfg(epochs=1))
@@ -188,13 +213,16 @@ def _signal_at(step):
         def loss_fn(batch, training):
             with tf.control_dependencies([tf.numpy_function(tick, [], tf.int32)]):
                 return base(tf.nest.map_structure(tf.identity, batch), training)
+
         return loss_fn
+
     return wrap
 
 
 def test_signal_mid_epoch_saves_and_resume_matches(tmp_path):
     cfg = _cfg(epochs=2, steps_per_loop=1)
     from ke_tf.engine import StopRequested
+
     with float64():
         full, _ = _train(tmp_path / "full", cfg, model=lambda: _model(bn=True))
         with pytest.raises(StopRequested, match="step 6"):
@@ -224,11 +252,13 @@ def _poisoned(model, label_smoothing=0.0):
     def loss_fn(batch, training):
         out = base(batch, training)
         return {**out, "loss": out["loss"] + 0.0 * tf.reduce_sum(batch[0], axis=[1, 2, 3])}
+
     return loss_fn
 
 
 def test_non_finite_loss_stops_without_applying_or_is_skipped(tmp_path):
     from ke_tf.data.stream import epoch_order
+
     x, y = _data()
     x[20] = np.nan
     bad_step = int(np.flatnonzero(epoch_order(64, 0, 0).numpy() == 20)[0]) // 16
@@ -247,8 +277,9 @@ def test_non_finite_loss_stops_without_applying_or_is_skipped(tmp_path):
     assert not any(np.isnan(v.numpy()).any() for v in model.trainable_variables + stopped.optimizer.variables)
     with strategy.scope():
         other = _model(bn=True)
-    skip = Trainer(_cfg(epochs=1, on_nan="skip", steps_per_loop=1), strategy, other, _poisoned(other), 4,
-                   str(tmp_path / "skip"))
+    skip = Trainer(
+        _cfg(epochs=1, on_nan="skip", steps_per_loop=1), strategy, other, _poisoned(other), 4, str(tmp_path / "skip")
+    )
     skip.fit(TensorData(x, y), seed=0)
     assert skip.step == 4  # the skipped step still counts, so epochs stay aligned with the data
     assert skip.history[-1]["skipped_steps"] == 1
@@ -258,6 +289,7 @@ def test_non_finite_loss_stops_without_applying_or_is_skipped(tmp_path):
 
 def test_batch_not_divisible_by_accumulation_is_a_config_error():
     from ke_tf.config import ConfigError
+
     strategy = make_strategy("one_device")
     with strategy.scope():
         model = _model()
@@ -267,12 +299,13 @@ def test_batch_not_divisible_by_accumulation_is_a_config_error():
 
 def test_sync_bn_auto_synchronises_small_replica_batches_only():
     from ke_tf.engine.trainer import synchronise_bn
-    assert not synchronise_bn(_cfg(batch_size=256, sync_bn="on"), 1)          # one replica: nothing to sync
+
+    assert not synchronise_bn(_cfg(batch_size=256, sync_bn="on"), 1)  # one replica: nothing to sync
     assert synchronise_bn(_cfg(batch_size=256, sync_bn="on"), 2)
     assert not synchronise_bn(_cfg(batch_size=16, sync_bn="off"), 8)
-    assert not synchronise_bn(_cfg(batch_size=128, sync_bn="auto"), 4)        # 32 images per replica
-    assert synchronise_bn(_cfg(batch_size=128, sync_bn="auto"), 8)            # 16
-    assert synchronise_bn(_cfg(batch_size=128, accum_steps=2, sync_bn="auto"), 4)   # BN sees micro-batches of 16
+    assert not synchronise_bn(_cfg(batch_size=128, sync_bn="auto"), 4)  # 32 images per replica
+    assert synchronise_bn(_cfg(batch_size=128, sync_bn="auto"), 8)  # 16
+    assert synchronise_bn(_cfg(batch_size=128, accum_steps=2, sync_bn="auto"), 4)  # BN sees micro-batches of 16
 
 
 def test_label_smoothing_matches_hand_value():
@@ -296,24 +329,26 @@ def test_schedules_hand_values():
     assert WarmupSchedule.from_config(log.get_config()).get_config() == log.get_config()
     constant = WarmupSchedule(0.05, total_steps=100, kind="constant", warmup_steps=4)
     assert [round(float(constant(s)), 8) for s in (0, 3, 4, 99)] == [0.0125, 0.05, 0.05, 0.05]
-    assert round(float(WarmupSchedule(0.05, total_steps=100, kind="step")(50)), 8) == 0.05   # no boundaries
+    assert round(float(WarmupSchedule(0.05, total_steps=100, kind="step")(50)), 8) == 0.05  # no boundaries
 
 
 def test_loss_scale_halves_on_overflow_grows_after_a_run_and_ignores_inactive_steps():
     from ke_tf.engine.loss_scale import LossScale
+
     scale = LossScale(initial_scale=8.0, growth_steps=2)
     scale.update(tf.constant(False))
     assert float(scale.scale) == 4.0 and int(scale.finite_steps) == 0
     scale.update(tf.constant(True))
     assert float(scale.scale) == 4.0 and int(scale.finite_steps) == 1
-    scale.update(tf.constant(False), active=tf.constant(False))   # the step a NaN stop ended on
+    scale.update(tf.constant(False), active=tf.constant(False))  # the step a NaN stop ended on
     assert float(scale.scale) == 4.0 and int(scale.finite_steps) == 1
     scale.update(tf.constant(True))
     assert float(scale.scale) == 8.0 and int(scale.finite_steps) == 0
 
 
-@pytest.mark.parametrize("mode,policy,dtype", [("bf16", "mixed_bfloat16", "bfloat16"),
-                                               ("fp16", "mixed_float16", "float16")])
+@pytest.mark.parametrize(
+    "mode,policy,dtype", [("bf16", "mixed_bfloat16", "bfloat16"), ("fp16", "mixed_float16", "float16")]
+)
 def test_mixed_precision_trains(tmp_path, mode, policy, dtype):
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -328,11 +363,14 @@ def test_mixed_precision_trains(tmp_path, mode, policy, dtype):
 def test_fp16_coupled_l2_decay_equals_fp32(tmp_path):
     """With a loss whose gradient is zero, one step only applies the L2 term: fp16 (loss-scaled)
     must decay the weights exactly as fp32 does (L2 is added to the unscaled gradients)."""
+
     def zero_gradient(model, label_smoothing=0.0):
         def loss_fn(batch, training):
             logits = model(batch[0], training=training)
             return {"loss": 0.0 * tf.reduce_sum(tf.cast(logits, tf.float32), axis=-1), "logits": logits}
+
         return loss_fn
+
     cfg = dict(epochs=1, batch_size=64, momentum=0.0, schedule="constant", lr=0.5, weight_decay=0.01)
     decays = {}
     for mode, policy in (("none", "float32"), ("fp16", "mixed_float16")):
@@ -347,9 +385,14 @@ def test_fp16_coupled_l2_decay_equals_fp32(tmp_path):
         finally:
             keras.mixed_precision.set_global_policy("float32")
     assert np.abs(decays["none"][0]).max() > 1e-4  # the conv kernel decayed
-    for fp32, fp16 in zip(decays["none"], decays["fp16"]):   # float32 weights under both policies
-        assert_within_measured_bound(fp16, fp32, 1e-6, "decay w0 - w1 rounds twice at float32 weights |w| < 1: "
-                                     "<= 1.2e-7; a missing or loss-scaled decay moves it >= 1e-4")
+    for fp32, fp16 in zip(decays["none"], decays["fp16"]):  # float32 weights under both policies
+        assert_within_measured_bound(
+            fp16,
+            fp32,
+            1e-6,
+            "decay w0 - w1 rounds twice at float32 weights |w| < 1: "
+            "<= 1.2e-7; a missing or loss-scaled decay moves it >= 1e-4",
+        )
 
 
 # ---- several replicas and workers (subprocesses: the device split precedes TF's start) ----------
@@ -380,8 +423,18 @@ def test_two_replicas_with_sync_bn_equal_one_device_and_without_it_replicas_agre
     normalises with its own half, but the moving statistics stay identical on both replicas."""
     results = {}
     for name, replicas, sync in (("one", 1, 1), ("sync", 2, 1), ("local", 2, 0)):
-        proc = _worker(tmp_path / f"{name}.npz", "--replicas", replicas, "--sync-bn", sync, "--model", "resnet20",
-                       "--data", "noise", "--float64")
+        proc = _worker(
+            tmp_path / f"{name}.npz",
+            "--replicas",
+            replicas,
+            "--sync-bn",
+            sync,
+            "--model",
+            "resnet20",
+            "--data",
+            "noise",
+            "--float64",
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = _load(tmp_path / f"{name}.npz")
     assert int(results["sync"]["replicas"]) == 2 and int(results["sync"]["step"]) == 4
@@ -409,7 +462,7 @@ def test_fp16_overflow_on_one_replica_skips_the_step_on_every_replica(tmp_path):
     r = _load(tmp_path / "fp16.npz")
     steps = int(r["step"])
     assert steps > 1 and int(r["iterations"]) == steps
-    assert float(r["loss_scale"]) == 2.0 ** 15 / 2 ** steps
+    assert float(r["loss_scale"]) == 2.0**15 / 2**steps
     for k in (k for k in r if k.startswith("init__")):
         np.testing.assert_array_equal(r["w__" + k[6:]], r[k], err_msg=k)
     for k in (k for k in r if k.startswith("replica0__")):
@@ -428,11 +481,18 @@ def _two_workers(tmp_path, tag, args_by_worker, run_dirs=None):
     ports = [_free_port(), _free_port()]
     procs = []
     for i in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps({
-            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": i}}))
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps(
+                {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": i}}
+            ),
+        )
         run_dir = (run_dirs or [tmp_path / f"{tag}_run"] * 2)[i]
-        procs.append(_worker(tmp_path / f"{tag}.npz", "--multi-worker", "--run-dir", run_dir, *args_by_worker[i],
-                             env=env, wait=False))
+        procs.append(
+            _worker(
+                tmp_path / f"{tag}.npz", "--multi-worker", "--run-dir", run_dir, *args_by_worker[i], env=env, wait=False
+            )
+        )
     outcome = []
     for p in procs:
         _, err = p.communicate(timeout=600)

@@ -1,4 +1,5 @@
 """Knowledge Evolution: split masks, reset-hypothesis re-init, slim extraction and the loop."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -12,9 +13,8 @@ import pytest
 
 from ke_tf.config import ConfigError, from_dict
 from ke_tf.flops import complexity
-from ke_tf.layers.split import (SplitConv2D, SplitDense, SplitLayerFactory, reinitialize_reset_hypothesis,
-                                split_layers)
-from ke_tf.loops.evolution import EvolutionConfig, extract_slim, fit_keep
+from ke_tf.layers.split import SplitConv2D, SplitDense, SplitLayerFactory, reinitialize_reset_hypothesis, split_layers
+from ke_tf.methods.evolution.loop import EvolutionConfig, extract_slim, fit_keep
 from ke_tf.models import build_model, default_widths, model_spec
 from ke_tf.params import load_params, model_arrays
 from tests.numerics import assert_identical, float64
@@ -22,6 +22,7 @@ from tests.numerics import assert_identical, float64
 
 def _strategy():
     import tensorflow as tf
+
     return tf.distribute.get_strategy()
 
 
@@ -38,15 +39,21 @@ def _mask(model, name):
 # ---- masks ---------------------------------------------------------------------------------
 def test_kels_masks_match_the_reference_log(resnet18_224):
     # Fit-weight counts logged by KE's code (ahmdtaha/knowledge_evolution@a3f2eb2) for ResNet-18, sr=0.5, 100 classes.
-    expected = {"stem_conv": 4704, "s1b0_conv1": 9216, "s2b0_conv1": 18432, "s2b0_short_conv": 2048,
-                "s4b1_conv2": 589824, "classifier": 25600}
+    expected = {
+        "stem_conv": 4704,
+        "s1b0_conv1": 9216,
+        "s2b0_conv1": 18432,
+        "s2b0_short_conv": 2048,
+        "s4b1_conv2": 589824,
+        "classifier": 25600,
+    }
     for name, count in expected.items():
         mask = _mask(resnet18_224, name)
         assert mask.shape == tuple(resnet18_224.get_layer(name).kernel.shape)
         assert int(mask.sum()) == count, name
-    stem = _mask(resnet18_224, "stem_conv")          # [7, 7, 3, 64]: all RGB inputs, 32 filters
+    stem = _mask(resnet18_224, "stem_conv")  # [7, 7, 3, 64]: all RGB inputs, 32 filters
     assert stem[..., :, :32].all() and not stem[..., 32:].any()
-    fc = _mask(resnet18_224, "classifier")            # [512, 100]: 256 input rows, every class
+    fc = _mask(resnet18_224, "classifier")  # [512, 100]: 256 input rows, every class
     assert fc[:256].all() and not fc[256:].any()
 
 
@@ -54,11 +61,11 @@ def test_kels_uses_ceil_and_roles():
     x = np.zeros((1, 4, 4, 7), "float32")
     body = SplitConv2D(5, 3, split_rate=0.5, role="body")
     body(x)
-    m = body.mask.numpy()                              # ceil(3.5) = 4 inputs, ceil(2.5) = 3 outputs
+    m = body.mask.numpy()  # ceil(3.5) = 4 inputs, ceil(2.5) = 3 outputs
     assert m[:, :, :4, :3].all() and m.sum() == 9 * 4 * 3
     stem = SplitConv2D(5, 3, split_rate=0.3, role="stem")
     stem(x)
-    assert stem.mask.numpy().sum() == 9 * 7 * 2        # all 7 inputs, ceil(1.5) = 2 outputs
+    assert stem.mask.numpy().sum() == 9 * 7 * 2  # all 7 inputs, ceil(1.5) = 2 outputs
     fc = SplitDense(10, split_rate=0.5, role="classifier")
     fc(np.zeros((1, 7), "float32"))
     assert fc.mask.numpy()[:4].all() and fc.mask.numpy().sum() == 4 * 10
@@ -72,12 +79,13 @@ def test_wels_masks_are_seeded_with_rate_sr():
         layer = SplitConv2D(64, 3, split_rate=rate, split_mode="wels", role=role, seed=seed)
         layer(np.zeros((1, 4, 4, 64), "float32"))
         return layer.mask.numpy()
+
     a, b, c = mask(7), mask(7), mask(8)
     np.testing.assert_array_equal(a, b)
     assert (a != c).mean() > 0.3
     assert set(np.unique(a)) == {0.0, 1.0}
-    assert abs(a.mean() - 0.3) < 0.01                  # 36,864 Bernoulli(0.3) draws
-    assert abs(mask(1, 0.5, "stem").mean() - 0.5) < 0.01   # no special case for stem/classifier
+    assert abs(a.mean() - 0.3) < 0.01  # 36,864 Bernoulli(0.3) draws
+    assert abs(mask(1, 0.5, "stem").mean() - 0.5) < 0.01  # no special case for stem/classifier
     # The factory gives same-shaped layers different (but reproducible) masks.
     m1 = build_model("resnet20", 10, (8, 8, 3), layers=SplitLayerFactory(0.5, "wels", seed=3))
     m2 = build_model("resnet20", 10, (8, 8, 3), layers=SplitLayerFactory(0.5, "wels", seed=3))
@@ -95,7 +103,7 @@ def test_masks_do_not_change_the_forward_pass():
     np.testing.assert_array_equal(split(x, training=False), plain(x, training=False))
     masks = [v for v in split.weights if v.name == "mask"]
     assert len(masks) == len(split_layers(split)) and not any(v.trainable for v in masks)
-    assert complexity(split) == complexity(plain)     # masks are not parameters
+    assert complexity(split) == complexity(plain)  # masks are not parameters
 
 
 def test_invalid_split_arguments():
@@ -108,12 +116,13 @@ def test_invalid_split_arguments():
 
 
 # ---- re-initialisation ---------------------------------------------------------------------
-@pytest.mark.parametrize("rule,std", [("kaiming_uniform", lambda f: 1 / math.sqrt(3 * f)),
-                                      ("kaiming_normal", lambda f: math.sqrt(2 / f))])
+@pytest.mark.parametrize(
+    "rule,std", [("kaiming_uniform", lambda f: 1 / math.sqrt(3 * f)), ("kaiming_normal", lambda f: math.sqrt(2 / f))]
+)
 def test_reinit_changes_exactly_the_reset_weights(rule, std):
     model = build_model("resnet18", 10, (32, 32, 3), layers=SplitLayerFactory(0.5))
     rng = np.random.default_rng(1)
-    for v in model.weights:                           # non-trivial BN stats and classifier bias
+    for v in model.weights:  # non-trivial BN stats and classifier bias
         if v.name in ("moving_mean", "moving_variance", "gamma", "beta", "bias"):
             v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32"))
     before = model_arrays(model)
@@ -123,7 +132,7 @@ def test_reinit_changes_exactly_the_reset_weights(rule, std):
         keep = layer.mask.numpy().astype(bool)
         k0, k1 = before[layer.kernel.path], after[layer.kernel.path]
         np.testing.assert_array_equal(k1[keep], k0[keep])
-        assert (k1[~keep] != k0[~keep]).mean() > 0.999, layer.name   # float ties are possible
+        assert (k1[~keep] != k0[~keep]).mean() > 0.999, layer.name  # float ties are possible
     for path in before:
         if not path.endswith("/kernel"):
             np.testing.assert_array_equal(after[path], before[path], err_msg=path)
@@ -147,10 +156,13 @@ def _randomise(model, rng):
             v.assign(rng.normal(0, 0.5, v.shape))
 
 
-@pytest.mark.parametrize("arch,shape,options,rate", [
-    ("resnet18", (32, 32, 3), {}, 0.5),
-    ("resnet20", (16, 16, 3), {"shortcut": "B"}, 0.3),
-])
+@pytest.mark.parametrize(
+    "arch,shape,options,rate",
+    [
+        ("resnet18", (32, 32, 3), {}, 0.5),
+        ("resnet20", (16, 16, 3), {"shortcut": "B"}, 0.3),
+    ],
+)
 def test_slim_equals_dense_with_reset_weights_zeroed(arch, shape, options, rate):
     """Slim == masked dense is an identity: built and run in float64, compared at its round-off."""
     rng = np.random.default_rng(0)
@@ -167,7 +179,7 @@ def test_slim_equals_dense_with_reset_weights_zeroed(arch, shape, options, rate)
             layer.kernel.assign(layer.kernel * layer.mask)
         masked = dense(x, training=False).numpy()
         assert_identical(slim(x, training=False).numpy(), masked)
-    assert np.abs(masked - unmasked).max() > 1e-2     # the slim net is not the dense net
+    assert np.abs(masked - unmasked).max() > 1e-2  # the slim net is not the dense net
     assert not [v for v in slim.weights if v.name == "mask"]
 
 
@@ -188,10 +200,9 @@ def test_fit_keep_is_the_first_ceil_channels():
 
 # ---- serialization -------------------------------------------------------------------------
 def test_keras_round_trip_keeps_config_and_masks(tmp_path):
-    model = build_model("resnet20", 10, (8, 8, 3), layers=SplitLayerFactory(0.4, "wels", seed=2),
-                        shortcut="B")
+    model = build_model("resnet20", 10, (8, 8, 3), layers=SplitLayerFactory(0.4, "wels", seed=2), shortcut="B")
     layer = model.get_layer("s2b0_conv1")
-    changed = 1.0 - layer.mask.numpy()                # a mask the config could not regenerate
+    changed = 1.0 - layer.mask.numpy()  # a mask the config could not regenerate
     layer.mask.assign(changed)
     path = str(tmp_path / "split.keras")
     model.save(path)
@@ -211,8 +222,12 @@ def test_keras_round_trip_keeps_config_and_masks(tmp_path):
 def test_config_section_validation():
     cfg = from_dict({"method": "evolution", "evolution": {"generations": 2, "split_mode": "wels"}})
     assert cfg.section("evolution") == EvolutionConfig(generations=2, split_mode="wels")
-    for bad, key in [({"split_rate": 0.0}, "split_rate"), ({"split_mode": "x"}, "split_mode"),
-                     ({"generations": 0}, "generations"), ({"reinit": "zeros"}, "reinit")]:
+    for bad, key in [
+        ({"split_rate": 0.0}, "split_rate"),
+        ({"split_mode": "x"}, "split_mode"),
+        ({"generations": 0}, "generations"),
+        ({"reinit": "zeros"}, "reinit"),
+    ]:
         with pytest.raises(ConfigError, match=f"evolution.{key}"):
             from_dict({"method": "evolution", "evolution": bad})
 
@@ -220,14 +235,29 @@ def test_config_section_validation():
 # ---- the loop through the CLI --------------------------------------------------------------
 def _run(run_dir, *overrides, generations=2, epochs=1):
     from train_flower import main
-    return main(["--config", "configs/quickstart_ke_digits.yaml", "--set", f"run_dir={run_dir}",
-                 "--set", "data.image_size=16", "--set", f"train.epochs={epochs}",
-                 "--set", "train.progress=false", "--set", f"evolution.generations={generations}",
-                 *[a for o in overrides for a in ("--set", o)]])
+
+    return main(
+        [
+            "--config",
+            "configs/quickstart_ke_digits.yaml",
+            "--set",
+            f"run_dir={run_dir}",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            f"train.epochs={epochs}",
+            "--set",
+            "train.progress=false",
+            "--set",
+            f"evolution.generations={generations}",
+            *[a for o in overrides for a in ("--set", o)],
+        ]
+    )
 
 
 def test_two_generation_run_writes_pickles_tables_and_plot(tmp_path):
     from test import evaluate_params_file
+
     summary = _run(tmp_path)
     for g in (1, 2):
         for name in ("trained_params.pkl", "slim_params.pkl"):
@@ -257,13 +287,13 @@ def test_two_generation_run_writes_pickles_tables_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("reinit", ["kaiming_uniform", "none"])
-def test_each_generation_reinits_the_reset_weights_with_a_fresh_optimizer_and_data_order(
-        tmp_path, monkeypatch, reinit):
-    """With lr 1e-20 training changes no kernel (updates fall below float32 resolution), so generation 2's saved weights show exactly what
-    happened between generations: the reset weights re-drawn (fit weights kept), or nothing for
-    the `reinit: none` control. Every generation gets a new optimizer (iterations restart, so the
-    warmup does) and its own data seed."""
-    from ke_tf.loops import evolution
+def test_each_generation_reinits_the_reset_weights_with_a_fresh_optimizer_and_data_order(tmp_path, monkeypatch, reinit):
+    """With lr 1e-20 training changes no kernel (updates fall below float32 resolution), so generation 2's
+    saved weights show exactly what happened between generations: the reset weights re-drawn (fit
+    weights kept), or nothing for the `reinit: none` control. Every generation gets a new optimizer
+    (iterations restart, so the warmup does) and its own data seed."""
+    from ke_tf.methods.evolution import loop as evolution
+
     stages = []
     original = evolution.train_stage
 

@@ -1,5 +1,6 @@
 """Export: SavedModel + TFLite of deployable models match Keras outputs. The exported artifacts are
 float32 by design, so they are compared with the float32 Keras model within a measured bound."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,12 +44,17 @@ def _tflite_predict(path, x):
     return np.stack(results)
 
 
-@pytest.mark.parametrize("spec", [
-    model_spec("resnet20", 10, (16, 16, 3), widths={"stage1": 8, "s1b0": 4, "s2b1": 10}, shortcut="B"),
-    model_spec("reduce20", 10, (16, 16, 3), variant="deploy"),
-], ids=["pruned-resnet20", "fused-reduce20"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        model_spec("resnet20", 10, (16, 16, 3), widths={"stage1": 8, "s1b0": 4, "s2b1": 10}, shortcut="B"),
+        model_spec("reduce20", 10, (16, 16, 3), variant="deploy"),
+    ],
+    ids=["pruned-resnet20", "fused-reduce20"],
+)
 def test_test_py_export_writes_savedmodel_and_tflite_that_match(tmp_path, spec):
     from test import main as test_main
+
     rng = np.random.default_rng(0)
     model = build_from_spec(spec)
     _random_bn(model, rng)
@@ -60,12 +66,14 @@ def test_test_py_export_writes_savedmodel_and_tflite_that_match(tmp_path, spec):
     loaded = tf.saved_model.load(result["exported"]["saved_model"])  # keep a reference: it owns the variables
     served = loaded.serve(tf.constant(x)).numpy()
     assert_within_measured_bound(served, expected, EXPORT_BOUND, EXPORT_MEASURED)
-    assert_within_measured_bound(_tflite_predict(result["exported"]["tflite"], x), expected, EXPORT_BOUND,
-                                 EXPORT_MEASURED)
+    assert_within_measured_bound(
+        _tflite_predict(result["exported"]["tflite"], x), expected, EXPORT_BOUND, EXPORT_MEASURED
+    )
 
 
 def test_export_module_cli_reports_bad_file(tmp_path, capsys):
-    from ke_tf.export import main
+    from ke_tf.cli import export_main as main
+
     (tmp_path / "bad.pkl").write_bytes(b"not a pickle")
     with pytest.raises(SystemExit) as exc:
         main(["--trained_param", str(tmp_path / "bad.pkl"), "--out", str(tmp_path / "o")])

@@ -1,5 +1,6 @@
 """BN folding for deployment keeps inference outputs and MACs: folded == BN network is an identity,
 built and run under the float64 policy and compared at float64 round-off (tests/numerics.py)."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -14,11 +15,15 @@ from ke_tf.models import build_from_spec, model_spec
 from tests.numerics import assert_identical, float64
 
 
-@pytest.mark.parametrize("spec", [
-    model_spec("resnet20", 10, (16, 16, 3), shortcut="B", widths={"s1b0": 5, "stage2": 20}),
-    model_spec("resnet20", 10, (16, 16, 3)),
-    model_spec("resnet50", 7, (32, 32, 3)),
-], ids=["pruned-resnet20-B", "resnet20-A", "resnet50"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        model_spec("resnet20", 10, (16, 16, 3), shortcut="B", widths={"s1b0": 5, "stage2": 20}),
+        model_spec("resnet20", 10, (16, 16, 3)),
+        model_spec("resnet50", 7, (32, 32, 3)),
+    ],
+    ids=["pruned-resnet20-B", "resnet20-A", "resnet50"],
+)
 def test_folded_network_equals_bn_network(spec):
     rng = np.random.default_rng(0)
     with float64():

@@ -1,4 +1,5 @@
 """Models, FLOPs, params files, configs and the CLIs (train_cifar.py / test.py)."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,13 +20,16 @@ from ke_tf.params import ParamsError, apply_params, load_params, save_params
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("arch,shape,classes,params,macs", [
-    ("resnet20", (32, 32, 3), 10, 269_722, 40_551_040),
-    ("resnet56", (32, 32, 3), 10, 853_018, 125_485_696),   # published 0.85M / 125.5M
-    ("resnet110", (32, 32, 3), 10, 1_727_962, 252_887_680),  # published 1.7M / 253M
-    ("resnet18", (224, 224, 3), 1000, 11_689_512, 1_814_073_344),  # published 11.69M / 1.82G
-    ("resnet50", (224, 224, 3), 1000, 25_557_032, 4_089_184_256),
-])
+@pytest.mark.parametrize(
+    "arch,shape,classes,params,macs",
+    [
+        ("resnet20", (32, 32, 3), 10, 269_722, 40_551_040),
+        ("resnet56", (32, 32, 3), 10, 853_018, 125_485_696),  # published 0.85M / 125.5M
+        ("resnet110", (32, 32, 3), 10, 1_727_962, 252_887_680),  # published 1.7M / 253M
+        ("resnet18", (224, 224, 3), 1000, 11_689_512, 1_814_073_344),  # published 11.69M / 1.82G
+        ("resnet50", (224, 224, 3), 1000, 25_557_032, 4_089_184_256),
+    ],
+)
 def test_published_parameter_and_mac_counts(arch, shape, classes, params, macs):
     model = build_model(arch, classes, shape)
     assert complexity(model) == {"params": params, "macs": macs}
@@ -105,6 +109,7 @@ def test_atomic_write_keeps_the_previous_file_on_failure(tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
+
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         save_params(path, {"x": np.zeros(3)}, {})
@@ -138,6 +143,7 @@ def test_shipped_configs_are_valid():
 
 def test_cli_rejects_bad_config_before_work(capsys):
     from train_cifar import main
+
     with pytest.raises(SystemExit) as exc:
         main(["--config", os.path.join(ROOT, "configs", "quickstart_digits.yaml"), "--set", "train.lr=-1"])
     assert exc.value.code == 2
@@ -150,9 +156,21 @@ def test_train_then_test_cli_round_trip(tmp_path, capsys):
     reproduces the run's own test metrics."""
     from test import main as test_main
     from train_cifar import main
-    summary = main(["--config", os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
-                    "--set", f"run_dir={tmp_path}", "--set", "train.epochs=2", "--set", "data.image_size=16",
-                    "--set", "train.progress=false"])
+
+    summary = main(
+        [
+            "--config",
+            os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
+            "--set",
+            f"run_dir={tmp_path}",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            "train.progress=false",
+        ]
+    )
     assert summary["test_top1"] > 0.3  # two epochs on 16x16 digits already beat chance (0.1)
     result = test_main(["--trained_param", str(tmp_path / "trained_params.pkl"), "--json", str(tmp_path / "e.json")])
     assert result["test_top1"] == pytest.approx(summary["test_top1"])
@@ -166,6 +184,7 @@ def test_train_then_test_cli_round_trip(tmp_path, capsys):
 
 def test_test_cli_refuses_exploit_with_one_line(tmp_path, capsys):
     from test import main as test_main
+
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(_Exploit(marker)))
@@ -179,18 +198,30 @@ def test_test_cli_refuses_exploit_with_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_quickstart_reaches_90_percent(tmp_path):
     from train_cifar import main
-    summary = main(["--config", os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
-                    "--set", f"run_dir={tmp_path}", "--set", "train.progress=false"])
+
+    summary = main(
+        [
+            "--config",
+            os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
+            "--set",
+            f"run_dir={tmp_path}",
+            "--set",
+            "train.progress=false",
+        ]
+    )
     assert summary["test_top1"] > 0.90
 
 
-@pytest.mark.parametrize("config,override,message", [
-    ("quickstart_ke_digits.yaml", "evolution.split_rate=1.5", "evolution.split_rate must be in (0, 1]"),
-    ("quickstart_ke_digits.yaml", "evolution.split_rate=0", "evolution.split_rate must be in (0, 1]"),
-    ("quickstart_ekg_digits.yaml", "ekg.search_target_rate=1.0", "ekg.search_target_rate must be in (0, 1)"),
-    ("quickstart_kd_digits.yaml", "train.lr=-0.01", "train.lr must be > 0"),
-    ("quickstart_lwm_digits.yaml", "incremental.bogus=1", "unknown config key incremental.bogus"),
-])
+@pytest.mark.parametrize(
+    "config,override,message",
+    [
+        ("quickstart_ke_digits.yaml", "evolution.split_rate=1.5", "evolution.split_rate must be in (0, 1]"),
+        ("quickstart_ke_digits.yaml", "evolution.split_rate=0", "evolution.split_rate must be in (0, 1]"),
+        ("quickstart_ekg_digits.yaml", "ekg.search_target_rate=1.0", "ekg.search_target_rate must be in (0, 1)"),
+        ("quickstart_kd_digits.yaml", "train.lr=-0.01", "train.lr must be > 0"),
+        ("quickstart_lwm_digits.yaml", "incremental.bogus=1", "unknown config key incremental.bogus"),
+    ],
+)
 def test_method_configs_reject_impossible_values(config, override, message):
     with pytest.raises(ConfigError) as exc:
         load_config(os.path.join(ROOT, "configs", config), [override])
@@ -199,12 +230,13 @@ def test_method_configs_reject_impossible_values(config, override, message):
 
 def test_mac_counter_hand_values_for_conv_depthwise_grouped_and_dense():
     import keras
+
     inputs = keras.Input((16, 16, 8))
-    x = keras.layers.Conv2D(12, 3, strides=2, padding="same")(inputs)          # 8x8x12: 64*9*8*12
+    x = keras.layers.Conv2D(12, 3, strides=2, padding="same")(inputs)  # 8x8x12: 64*9*8*12
     x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2)(x)  # 8x8x24: 64*9*24
-    x = keras.layers.Conv2D(6, 1, groups=3)(x)                                  # 8x8x6: 64*1*8*6
+    x = keras.layers.Conv2D(6, 1, groups=3)(x)  # 8x8x6: 64*1*8*6
     x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(5)(x)                                          # 6*5
+    outputs = keras.layers.Dense(5)(x)  # 6*5
     model = keras.Model(inputs, outputs)
     assert complexity(model)["macs"] == 64 * 9 * 8 * 12 + 64 * 9 * 24 + 64 * 8 * 6 + 6 * 5
     assert complexity(model)["params"] == model.count_params()
@@ -212,6 +244,7 @@ def test_mac_counter_hand_values_for_conv_depthwise_grouped_and_dense():
 
 def test_only_the_chief_process_writes_reports(tmp_path, monkeypatch):
     from ke_tf.report import plot_lines, write_json, write_table
+
     worker = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(worker))
     assert "| a |" in write_table(str(tmp_path / "t"), [{"a": 1}])
@@ -229,10 +262,13 @@ def test_run_method_builds_and_trains_under_the_configured_precision(monkeypatch
     import keras
 
     import ke_tf
-    import ke_tf.loops.supervised as supervised
+    import ke_tf.methods.supervised.loop as supervised
     from ke_tf.engine import make_strategy
+
     seen = []
-    monkeypatch.setattr(supervised, "run", lambda cfg, strategy: seen.append(keras.mixed_precision.global_policy().name))
+    monkeypatch.setattr(
+        supervised, "run", lambda cfg, strategy: seen.append(keras.mixed_precision.global_policy().name)
+    )
     ke_tf.run_method(from_dict({"train": {"mixed_precision": "bf16"}}), make_strategy("one_device"))
     assert seen == ["mixed_bfloat16"]
     assert keras.mixed_precision.global_policy().name == "float32"
@@ -243,13 +279,24 @@ def test_run_method_is_reproducible_from_its_seed(tmp_path):
     initial weights, order and augmentation); another seed gives another first epoch."""
     import ke_tf
     from ke_tf.engine import make_strategy
+
     strategy = make_strategy("one_device")
 
     def first_epoch_loss(seed, tag):
-        cfg = load_config(os.path.join(ROOT, "configs", "quickstart_digits.yaml"), [
-            f"seed={seed}", f"run_dir={tmp_path / tag}", "data.image_size=8", "data.classes=[0,1,2]",
-            "model.options={width_mult: 0.25}", "train.epochs=1", "train.batch_size=32", "train.progress=false",
-            "train.checkpoint_every_epochs=0"])
+        cfg = load_config(
+            os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
+            [
+                f"seed={seed}",
+                f"run_dir={tmp_path / tag}",
+                "data.image_size=8",
+                "data.classes=[0,1,2]",
+                "model.options={width_mult: 0.25}",
+                "train.epochs=1",
+                "train.batch_size=32",
+                "train.progress=false",
+                "train.checkpoint_every_epochs=0",
+            ],
+        )
         ke_tf.run_method(cfg, strategy)
         with open(tmp_path / tag / "results.json") as f:
             return json.load(f)["history"][0]["train_loss"]
@@ -261,9 +308,11 @@ def test_run_method_is_reproducible_from_its_seed(tmp_path):
 
 def test_load_config_registers_the_method_sections_on_demand():
     """`ke_tf.load_config` on its own (no loop imported first) accepts every method's section."""
-    code = ("import ke_tf.config as c\n"
-            "cfg = c.load_config('configs/quickstart_ke_digits.yaml', ['evolution.generations=2'])\n"
-            "print(type(cfg.section('evolution')).__name__, cfg.section('evolution').generations)")
+    code = (
+        "import ke_tf.config as c\n"
+        "cfg = c.load_config('configs/quickstart_ke_digits.yaml', ['evolution.generations=2'])\n"
+        "print(type(cfg.section('evolution')).__name__, cfg.section('evolution').generations)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["EvolutionConfig", "2"]

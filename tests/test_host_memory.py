@@ -1,5 +1,6 @@
 """The malloc pad `import ke_tf` sets (ke_tf/engine/host_memory.py): applied once, obeys the
 opt-out and the user's own glibc tuning, rejects a malformed value."""
+
 import platform
 import sys
 
@@ -37,8 +38,10 @@ def test_pad_from_the_environment_variable(fresh):
         host_memory.ctypes.CDLL(None).mallopt(host_memory.M_TOP_PAD, host_memory.DEFAULT_PAD_MB << 20)
 
 
-@pytest.mark.parametrize("env", [{host_memory.PAD_ENV: "0"}, {"MALLOC_TOP_PAD_": "1048576"},
-                                 {"GLIBC_TUNABLES": "glibc.malloc.top_pad=1048576"}])
+@pytest.mark.parametrize(
+    "env",
+    [{host_memory.PAD_ENV: "0"}, {"MALLOC_TOP_PAD_": "1048576"}, {"GLIBC_TUNABLES": "glibc.malloc.top_pad=1048576"}],
+)
 def test_opt_out_and_the_users_own_tuning_leave_malloc_alone(fresh, env):
     calls = []
     fresh.setattr(host_memory.ctypes, "CDLL", lambda name: calls.append(name))

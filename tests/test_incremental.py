@@ -1,4 +1,5 @@
 """LwM class-incremental learning: Grad-CAM, attention gradients, head growth, metrics, runs."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,9 +12,9 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ke_tf.config import ConfigError, from_dict  # noqa: E402
-from ke_tf.gradcam import feature_model, grad_cam, last_block_layer  # noqa: E402
-from ke_tf.loops import incremental as inc  # noqa: E402
 from ke_tf.losses import attention_distillation  # noqa: E402
+from ke_tf.methods.incremental import loop as inc  # noqa: E402
+from ke_tf.methods.incremental.gradcam import feature_model, grad_cam, last_block_layer  # noqa: E402
 from ke_tf.models import build_model, model_spec  # noqa: E402
 from ke_tf.params import load_params  # noqa: E402
 from tests.numerics import assert_identical, float64  # noqa: E402
@@ -31,10 +32,10 @@ def tiny_model(dtype="float32", seed=0):
 
 def hand_grad_cam(model, x, c):
     """numpy Grad-CAM: y_c = sum_k W_kc mean_ij A_kij + b_c, so alpha_k = W_kc / (H W)."""
-    conv = model.get_layer("feat").kernel.numpy()[0, 0]          # [Cin, K]
-    w = model.get_layer("classifier").kernel.numpy()             # [K, classes]
-    a = np.maximum(x @ conv, 0.0)                                 # [B, H, W, K]
-    alpha = w[:, c].T / (x.shape[1] * x.shape[2])                 # [B, K]
+    conv = model.get_layer("feat").kernel.numpy()[0, 0]  # [Cin, K]
+    w = model.get_layer("classifier").kernel.numpy()  # [K, classes]
+    a = np.maximum(x @ conv, 0.0)  # [B, H, W, K]
+    alpha = w[:, c].T / (x.shape[1] * x.shape[2])  # [B, K]
     return np.maximum(np.einsum("bhwk,bk->bhw", a, alpha), 0.0)
 
 
@@ -126,6 +127,7 @@ def test_lwm_loss_sends_attention_gradient_into_student_convs_in_graph_mode():
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(loss_fn(batch, training=False)["loss"])
             return loss, tape.gradient(loss, convs)
+
         return step()
 
     (l_lwm, g_lwm), (l_lwf, g_lwf) = grads_of("lwm"), grads_of("lwf")
@@ -172,6 +174,7 @@ def test_task_split_and_config_validation():
     with pytest.raises(ConfigError, match="need 12 classes"):
         inc.task_split(inc.IncrementalConfig(first=4, increment=4, num_tasks=3), 10)
     from ke_tf.config import load_config
+
     cfg = load_config("configs/cifar100_lwm.yaml")
     assert [len(t) for t in inc.task_split(cfg.section("incremental"), 100)] == [50] + [10] * 5
     with pytest.raises(ConfigError, match="incremental.compare"):
@@ -185,23 +188,47 @@ def test_end_to_end_digits_writes_pickles_tables_plot_and_test_py_evaluates(tmp_
     from train_cifar import main
 
     run_dir = str(tmp_path / "run")
-    summary = main(["--config", "configs/quickstart_lwm_digits.yaml", "--set", f"run_dir={run_dir}",
-                    "--set", "data.image_size=16", "--set", "train.epochs=1", "--set", "train.batch_size=64",
-                    "--set", "train.progress=false", "--set", "incremental.base_train={epochs: 1}",
-                    "--set", "incremental.first=6", "--set", "incremental.increment=4",
-                    "--set", "incremental.compare=[finetune, lwm]", "--set", "incremental.gradcam_images=3"])
+    summary = main(
+        [
+            "--config",
+            "configs/quickstart_lwm_digits.yaml",
+            "--set",
+            f"run_dir={run_dir}",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.batch_size=64",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "incremental.base_train={epochs: 1}",
+            "--set",
+            "incremental.first=6",
+            "--set",
+            "incremental.increment=4",
+            "--set",
+            "incremental.compare=[finetune, lwm]",
+            "--set",
+            "incremental.gradcam_images=3",
+        ]
+    )
     assert summary["tasks"] == 2 and summary["methods"] == "finetune,lwm"
     comparison = json.load(open(os.path.join(run_dir, "comparison.json")))
     assert [(r["method"], r["task"], r["classes"]) for r in comparison["rows"]] == [
-        ("finetune", 0, 6), ("finetune", 1, 10), ("lwm", 0, 6), ("lwm", 1, 10)]
+        ("finetune", 0, 6),
+        ("finetune", 1, 10),
+        ("lwm", 0, 6),
+        ("lwm", 1, 10),
+    ]
     for name in ("comparison.md", "comparison.csv", "accuracy.png", "lwm/gradcam.png", "lwm/incremental.csv"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     results = json.load(open(os.path.join(run_dir, "lwm", "results.json")))
     tasks = results["tasks"]
     matrix = results["accuracy_matrix"]
     assert [len(row) for row in matrix] == [1, 2]
-    assert results["summary"]["avg_incremental_acc"] == pytest.approx(
-        np.mean([r["acc_seen"] for r in results["rows"]]))
+    assert results["summary"]["avg_incremental_acc"] == pytest.approx(np.mean([r["acc_seen"] for r in results["rows"]]))
     assert results["summary"]["forgetting"] == pytest.approx(matrix[0][0] - matrix[1][0])
     assert summary["lwm_final_acc"] == results["rows"][1]["acc_seen"]
 

@@ -2,6 +2,7 @@
 with equal outputs, usable in subclassed models trained by `model.fit`. Loaded == saved is an
 identity: built, saved, loaded and run under the float64 policy, compared at float64 round-off
 (tests/numerics.py)."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -76,8 +77,11 @@ def test_subclassed_model_learns_with_fit():
     labels = np.arange(128) % 4
     images = rng.normal(size=(128, 8, 8, 3)).astype("float32") + labels[:, None, None, None].astype("float32")
     model = SubclassedNet()
-    model.compile(optimizer=keras.optimizers.Adam(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     history = model.fit(images, labels, batch_size=32, epochs=20, verbose=0)
     assert history.history["loss"][-1] < 0.6 * history.history["loss"][0]
     assert history.history["accuracy"][-1] > 0.6  # chance is 0.25

@@ -1,4 +1,5 @@
 """The README's "use the layers in your own model" example runs as written."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -2,6 +2,7 @@
 
 Fused == multi-branch, deploy == student and loaded == saved are identities: they are built and run
 under the float64 policy and compared at float64 round-off (tests/numerics.py)."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -59,8 +60,10 @@ def test_fold_bn_and_pad_match_keras():
         assert_identical(fused(x).numpy(), ref)
 
 
-@pytest.mark.parametrize("size,strides,lora,lora_act", [(8, 1, False, "linear"), (8, 2, True, "linear"),
-                                                        (7, 2, True, "linear"), (8, 2, True, "annealed")])
+@pytest.mark.parametrize(
+    "size,strides,lora,lora_act",
+    [(8, 1, False, "linear"), (8, 2, True, "linear"), (7, 2, True, "linear"), (8, 2, True, "annealed")],
+)
 def test_reduce_conv_fuses_exactly(size, strides, lora, lora_act):
     """Even sizes matter: Keras' stride-2 'same' padding centres a 3x3 window at 1, a 1x1 at 0."""
     x = np.random.default_rng(3).normal(size=(2, size, size, 6))
@@ -110,13 +113,12 @@ def test_reducenet20_sizes_match_the_paper():
 
 @pytest.mark.parametrize("lora_act", ["linear", "annealed"])
 def test_deploy_model_equals_student(lora_act):
-    spec = model_spec("reduce20", 10, (16, 16, 3), variant="student", width_mult=0.5, lora=True,
-                      lora_act=lora_act)
+    spec = model_spec("reduce20", 10, (16, 16, 3), variant="student", width_mult=0.5, lora=True, lora_act=lora_act)
     with float64():
         student = build_from_spec(spec)
         randomize(student, seed=5)
         set_annealing(student, 1.0)
-        deploy = get_deploy_model(student)   # spec read from the layers
+        deploy = get_deploy_model(student)  # spec read from the layers
     assert deploy.count_params() == build_from_spec(deploy_spec(spec)).count_params()
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in deploy.layers)
     assert all(layer.use_bias for layer in deploy.layers if isinstance(layer, keras.layers.Conv2D))

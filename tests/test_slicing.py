@@ -1,5 +1,6 @@
 """Physical slicing keeps the function of the kept channels exactly: sliced == masked is an identity,
 built and run under the float64 policy and compared at float64 round-off (tests/numerics.py)."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,10 +36,13 @@ def _zero_dropped_channels(model, keep, widths):
             layer.beta.assign(layer.beta.numpy() * mask)
 
 
-@pytest.mark.parametrize("arch,shape,options", [
-    ("resnet20", (16, 16, 3), {"shortcut": "B"}),
-    ("resnet50", (32, 32, 3), {}),
-])
+@pytest.mark.parametrize(
+    "arch,shape,options",
+    [
+        ("resnet20", (16, 16, 3), {"shortcut": "B"}),
+        ("resnet50", (32, 32, 3), {}),
+    ],
+)
 def test_sliced_network_equals_masked_network(arch, shape, options):
     rng = np.random.default_rng(0)
     with float64():

@@ -6,6 +6,7 @@ every seed and `summarise` turns the per-seed metrics into means, spreads and pa
 A comparison holds when the one-sided 95% lower confidence bound of the mean paired difference
 (Student t over the seeds) is above zero: the margin is the seed spread, not a tuned threshold.
 """
+
 import dataclasses
 import functools
 import importlib
@@ -21,6 +22,7 @@ _T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8:
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """`better` beats `worse` on `metric` (larger is better unless `lower_is_better`)."""
+
     better: str
     worse: str
     metric: str
@@ -37,6 +39,7 @@ class Claim:
     """A method, its arms and the comparisons between them. `run_seed(seed, workdir, context)`
     returns {arm: {metric: value}} for one seed; `prepare(workdir)` (optional) builds what every
     seed shares (e.g. one trained teacher) and returns it as `context`."""
+
     name: str
     title: str
     setting: str
@@ -46,7 +49,7 @@ class Claim:
     run_seed: Callable
     prepare: Optional[Callable] = None
     extra_checks: tuple = ()
-    seeds: int = 3    # how many seeds the claim needs for its spread (cheap, noisy claims take more)
+    seeds: int = 3  # how many seeds the claim needs for its spread (cheap, noisy claims take more)
 
 
 def load_claim(name):
@@ -65,9 +68,11 @@ def run_claim(name, workdir, seeds=None, progress=None, arms=None):
     claim = load_claim(name)
     if arms is not None:
         claim = dataclasses.replace(
-            claim, arms=tuple(a for a in claim.arms if a in arms),
+            claim,
+            arms=tuple(a for a in claim.arms if a in arms),
             comparisons=tuple(c for c in claim.comparisons if c.better in arms and c.worse in arms),
-            run_seed=functools.partial(claim.run_seed, arms=frozenset(arms)))
+            run_seed=functools.partial(claim.run_seed, arms=frozenset(arms)),
+        )
     seeds = range(claim.seeds) if seeds is None else seeds
     os.makedirs(workdir, exist_ok=True)
     context = claim.prepare(os.path.join(workdir, "shared")) if claim.prepare else None
@@ -92,14 +97,23 @@ def paired_verdict(comparison, per_seed):
     """Paired differences better - worse (sign-flipped when lower is better) over the seeds, their
     mean/std, the one-sided 95% lower bound and whether it is above zero."""
     sign = -1.0 if comparison.lower_is_better else 1.0
-    diffs = [sign * (r[comparison.better][comparison.metric] - r[comparison.worse][comparison.metric])
-             for r in per_seed.values()]
+    diffs = [
+        sign * (r[comparison.better][comparison.metric] - r[comparison.worse][comparison.metric])
+        for r in per_seed.values()
+    ]
     mean, std = _mean_std(diffs)
     n = len(diffs)
     lower = mean - _T95.get(n - 1, 1.645) * std / math.sqrt(n) if n > 1 else float("-inf")
-    return {"comparison": comparison.name, "statement": comparison.statement, "diffs": diffs,
-            "mean_diff": mean, "std_diff": std, "lower_bound": lower, "holds": lower > 0.0,
-            "seeds_won": sum(d > 0 for d in diffs)}
+    return {
+        "comparison": comparison.name,
+        "statement": comparison.statement,
+        "diffs": diffs,
+        "mean_diff": mean,
+        "std_diff": std,
+        "lower_bound": lower,
+        "holds": lower > 0.0,
+        "seeds_won": sum(d > 0 for d in diffs),
+    }
 
 
 def summarise(claim, per_seed):
@@ -113,16 +127,27 @@ def summarise(claim, per_seed):
         arms[arm] = metrics
     verdicts = [paired_verdict(c, per_seed) for c in claim.comparisons]
     checks = [check(per_seed) for check in claim.extra_checks]
-    return {"claim": claim.name, "title": claim.title, "setting": claim.setting, "budget": claim.budget,
-            "seeds": list(per_seed), "per_seed": {str(s): r for s, r in per_seed.items()},
-            "arms": arms, "verdicts": verdicts, "checks": checks,
-            "holds": all(v["holds"] for v in verdicts) and all(c["holds"] for c in checks)}
+    return {
+        "claim": claim.name,
+        "title": claim.title,
+        "setting": claim.setting,
+        "budget": claim.budget,
+        "seeds": list(per_seed),
+        "per_seed": {str(s): r for s, r in per_seed.items()},
+        "arms": arms,
+        "verdicts": verdicts,
+        "checks": checks,
+        "holds": all(v["holds"] for v in verdicts) and all(c["holds"] for c in checks),
+    }
 
 
 def failed_verdicts(result):
     """Readable lines for each comparison or check of `result` that does not hold."""
-    lines = [f"{result['claim']}: {v['comparison']}: paired diffs {[round(d, 4) for d in v['diffs']]}, "
-             f"mean {v['mean_diff']:+.4f}, 95% lower bound {v['lower_bound']:+.4f} <= 0"
-             for v in result["verdicts"] if not v["holds"]]
+    lines = [
+        f"{result['claim']}: {v['comparison']}: paired diffs {[round(d, 4) for d in v['diffs']]}, "
+        f"mean {v['mean_diff']:+.4f}, 95% lower bound {v['lower_bound']:+.4f} <= 0"
+        for v in result["verdicts"]
+        if not v["holds"]
+    ]
     lines += [f"{result['claim']}: {c['name']}: {c['detail']}" for c in result["checks"] if not c["holds"]]
     return lines

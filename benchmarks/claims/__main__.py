@@ -5,6 +5,7 @@
 
 Claims run with --only are merged into an existing JSON, so the claims can be run one at a time.
 """
+
 import argparse
 import datetime
 import json
@@ -24,8 +25,9 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def _arguments(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.claims", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=None,
-                   help="seeds per claim (at least 2; default: each claim's own, 3 or more)")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="seeds per claim (at least 2; default: each claim's own, 3 or more)"
+    )
     p.add_argument("--only", nargs="+", choices=MODULES, default=list(MODULES), help="claims to run")
     p.add_argument("--out", default=DEFAULT_OUT, help="results JSON (merged with an existing one)")
     p.add_argument("--workdir", default=None, help="where runs write (default: a temporary folder)")
@@ -53,9 +55,13 @@ def main(argv=None):
 
     from benchmarks.common import device_description
     from ke_tf.report import write_json
+
     workdir = args.workdir or tempfile.mkdtemp(prefix="ke_tf_claims_")
-    machine = {**device_description(), "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
-               "date": datetime.date.today().isoformat()}
+    machine = {
+        **device_description(),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "date": datetime.date.today().isoformat(),
+    }
     seeds = {name: range(args.seeds or load_claim(name).seeds) for name in args.only}
     bar = tqdm(total=sum(len(s) for s in seeds.values()), desc="claims", unit="seed")
     for name in args.only:

@@ -6,17 +6,23 @@ One dense ResNet-20 (seed 0) is shared; every arm searches on the same holdout (
 memory-bank distillation for any arm, so only the search differs). Seeds vary the fine-tuning
 order and the random arm's choices.
 """
+
 import os
 
 from benchmarks.claims import Claim, Comparison
 from benchmarks.claims.common import run
 
 FINETUNE_EPOCHS = 2
-COMMON = ("ekg.reduction_rate=0.6", f"train.epochs={FINETUNE_EPOCHS}", "train.decay_epochs=[]",
-          "ekg.distill=false", "ekg.holdout_per_class=16")
+COMMON = (
+    "ekg.reduction_rate=0.6",
+    f"train.epochs={FINETUNE_EPOCHS}",
+    "train.decay_epochs=[]",
+    "ekg.distill=false",
+    "ekg.holdout_per_class=16",
+)
 
 
-SEARCHES = (("ekg", "EKG"), ("l1", "L1-norm"), ("random", "random"))   # ekg.criterion, arm
+SEARCHES = (("ekg", "EKG"), ("l1", "L1-norm"), ("random", "random"))  # ekg.criterion, arm
 ARMS = ("EKG", "L1-norm", "random", "dense")
 
 
@@ -31,32 +37,59 @@ def run_seed(seed, workdir, context, arms=ARMS):
     for criterion, arm in SEARCHES:
         if arm not in arms:
             continue
-        summary = run("quickstart_ekg_digits", os.path.join(workdir, criterion), seed, *COMMON,
-                      f"ekg.criterion={criterion}", f"ekg.trained_param={context['dense']}")
-        result[arm] = {"top1": summary["test_top1"], "holdout_ce": summary["search_holdout_ce"],
-                       "macs_reduction": summary["macs_reduction"]}
+        summary = run(
+            "quickstart_ekg_digits",
+            os.path.join(workdir, criterion),
+            seed,
+            *COMMON,
+            f"ekg.criterion={criterion}",
+            f"ekg.trained_param={context['dense']}",
+        )
+        result[arm] = {
+            "top1": summary["test_top1"],
+            "holdout_ce": summary["search_holdout_ce"],
+            "macs_reduction": summary["macs_reduction"],
+        }
     result["dense"] = {"top1": context["dense_top1"], "holdout_ce": float("nan"), "macs_reduction": 0.0}
     return result
 
 
 def same_macs(per_seed):
     reductions = [r[arm]["macs_reduction"] for r in per_seed.values() for _, arm in SEARCHES if arm in r]
-    return {"name": "same MACs for every arm", "holds": min(reductions) >= 0.6 and max(reductions) < 0.62,
-            "detail": f"MACs removed {min(reductions):.3f} .. {max(reductions):.3f} (target 0.6)"}
+    return {
+        "name": "same MACs for every arm",
+        "holds": min(reductions) >= 0.6 and max(reductions) < 0.62,
+        "detail": f"MACs removed {min(reductions):.3f} .. {max(reductions):.3f} (target 0.6)",
+    }
 
 
 CLAIM = Claim(
-    name="ekg", title="EKG pruning",
+    name="ekg",
+    title="EKG pruning",
     setting="Digits 16x16, ResNet-20 (1x1 shortcuts) pre-trained 10 epochs once (seed 0); 60% of the MACs "
-            "removed by each search on the same 160-image holdout; plain fine-tuning (no memory bank) for all.",
+    "removed by each search on the same 160-image holdout; plain fine-tuning (no memory bank) for all.",
     budget=f"search to the MACs target, then {FINETUNE_EPOCHS} fine-tuning epochs per arm.",
     arms=ARMS,
     comparisons=(
         Comparison("EKG", "random", "top1", "EKG's sub-network beats random pruning after fine-tuning"),
         Comparison("EKG", "L1-norm", "top1", "EKG's sub-network beats L1-norm pruning after fine-tuning"),
-        Comparison("EKG", "random", "holdout_ce", "EKG's search finds a lower holdout loss than random pruning",
-                   lower_is_better=True),
-        Comparison("EKG", "L1-norm", "holdout_ce", "EKG's search finds a lower holdout loss than L1-norm "
-                   "(both searches are deterministic for one dense net: no seed spread)", lower_is_better=True),
+        Comparison(
+            "EKG",
+            "random",
+            "holdout_ce",
+            "EKG's search finds a lower holdout loss than random pruning",
+            lower_is_better=True,
+        ),
+        Comparison(
+            "EKG",
+            "L1-norm",
+            "holdout_ce",
+            "EKG's search finds a lower holdout loss than L1-norm "
+            "(both searches are deterministic for one dense net: no seed spread)",
+            lower_is_better=True,
+        ),
     ),
-    run_seed=run_seed, prepare=prepare, extra_checks=(same_macs,))
+    run_seed=run_seed,
+    prepare=prepare,
+    extra_checks=(same_macs,),
+)

@@ -7,18 +7,25 @@ Per seed: nets A and B trained on digits from seeds (2s+1, 2s+2), an untrained A
 initialised from seed 2s+1); the consistency loop fits a Trans-Net x_A -> x_B at B's tap for each
 of A and A' and reports the variance of each order on the test split relative to Var(x_B).
 """
+
 import os
 
 from benchmarks.claims import Claim, Comparison
 
 CONFIG = "quickstart_consistency_digits"
 ARMS = ("trained_a", "untrained_a")
-OVERRIDES = ("train.progress=false", "consistency.transnet.progress=false", "consistency.in_modes=[]",
-             "model.options.width_mult=0.5", "train.epochs=6")
+OVERRIDES = (
+    "train.progress=false",
+    "consistency.transnet.progress=false",
+    "consistency.in_modes=[]",
+    "model.options.width_mult=0.5",
+    "train.epochs=6",
+)
 
 
 def _consistency(run_dir, overrides):
     from ke_tf.cli import train_main
+
     sets = [f"run_dir={run_dir}", *OVERRIDES, *overrides]
     return train_main(CONFIG, __doc__)([a for o in sets for a in ("--set", o)])
 
@@ -29,6 +36,7 @@ def _untrained_copy(trained_path, path, seed):
 
     from ke_tf.models import build_from_spec
     from ke_tf.params import load_params, save_params
+
     spec = load_params(trained_path)[1]["model"]
     keras.utils.set_random_seed(seed)
     save_params(path, build_from_spec(spec), {"model": spec})
@@ -36,8 +44,12 @@ def _untrained_copy(trained_path, path, seed):
 
 
 def _metrics(summary):
-    return {"order0_rel": summary["var_order0_rel"], "residual_rel": summary["var_residual_rel"],
-            "net_a_top1": summary["net_a_top1"], "net_b_top1": summary["net_b_top1"]}
+    return {
+        "order0_rel": summary["var_order0_rel"],
+        "residual_rel": summary["var_residual_rel"],
+        "net_a_top1": summary["net_a_top1"],
+        "net_b_top1": summary["net_b_top1"],
+    }
 
 
 def run_seed(seed, workdir, context):
@@ -47,8 +59,9 @@ def run_seed(seed, workdir, context):
     net_b = os.path.join(workdir, "trained", "net_b", "trained_params.pkl")
     net_a = os.path.join(workdir, "trained", "net_a", "trained_params.pkl")
     untrained_a = _untrained_copy(net_a, os.path.join(workdir, "untrained_a.pkl"), seeds[0])
-    untrained = _consistency(os.path.join(workdir, "untrained"),
-                             [f"consistency.net_a={untrained_a}", f"consistency.net_b={net_b}"])
+    untrained = _consistency(
+        os.path.join(workdir, "untrained"), [f"consistency.net_a={untrained_a}", f"consistency.net_b={net_b}"]
+    )
     return {"trained_a": _metrics(trained), "untrained_a": _metrics(untrained)}
 
 
@@ -56,23 +69,31 @@ def _nets_are_trained(per_seed):
     """Control: A and B must have learned the task (top-1 over 4x chance), else the claim compares
     two kinds of untrained A."""
     accs = [round(r["trained_a"][k], 4) for r in per_seed.values() for k in ("net_a_top1", "net_b_top1")]
-    return {"name": "nets A and B trained", "detail": f"test top-1 of A, B per seed: {accs}",
-            "holds": min(accs) > 0.4}
+    return {"name": "nets A and B trained", "detail": f"test top-1 of A, B per seed: {accs}", "holds": min(accs) > 0.4}
 
 
 CLAIM = Claim(
     name="kc",
     title="Knowledge consistency",
     setting="digits 16x16, ResNet-20 x0.5 nets trained from two seeds; tap s2b2_add (8x8x32, pre-ReLU); "
-            "Trans-Net depth 3, alpha 0.1; order-0 variance / Var(x_B) on the test split.",
+    "Trans-Net depth 3, alpha 0.1; order-0 variance / Var(x_B) on the test split.",
     budget="nets 6 epochs SGD lr 0.05 cosine; Trans-Net 60 epochs Adam 1e-3 -> 1e-5 log-decayed (10x the "
-           "reference LR, which underfits in this budget: configs/quickstart_consistency_digits.yaml).",
+    "reference LR, which underfits in this budget: configs/quickstart_consistency_digits.yaml).",
     arms=ARMS,
     comparisons=(
-        Comparison("trained_a", "untrained_a", "order0_rel",
-                   "order 0 from a trained A explains more of Var(x_B) than from an untrained A"),
-        Comparison("trained_a", "untrained_a", "residual_rel",
-                   "less of x_B is left unexplained from a trained A", lower_is_better=True),
+        Comparison(
+            "trained_a",
+            "untrained_a",
+            "order0_rel",
+            "order 0 from a trained A explains more of Var(x_B) than from an untrained A",
+        ),
+        Comparison(
+            "trained_a",
+            "untrained_a",
+            "residual_rel",
+            "less of x_B is left unexplained from a trained A",
+            lower_is_better=True,
+        ),
     ),
     run_seed=run_seed,
     extra_checks=(_nets_are_trained,),

@@ -5,6 +5,7 @@ after its annealed ReLU reaches identity the student fuses into a plain net with
 One two-branch teacher (seed 0) is shared; per seed both students get the same data order and the
 same annealing schedule; the control is `distillation.student_init=scratch, alpha=0`.
 """
+
 import os
 
 import numpy as np
@@ -26,6 +27,7 @@ def fused_gap(summary):
     from ke_tf.data import load_data
     from ke_tf.models import build_from_spec
     from ke_tf.params import apply_params, load_params
+
     x = np.concatenate([x for x, _ in load_data("digits", image_size=16).test(256)])
     logits = []
     for key in ("student_params_file", "deploy_params_file"):
@@ -39,28 +41,52 @@ def fused_gap(summary):
 def run_seed(seed, workdir, context):
     teacher = f"distillation.teacher_params={context['teacher_params']}"
     distilled = run("quickstart_reducenet_digits", os.path.join(workdir, "distilled"), seed, *COMMON, teacher)
-    scratch = run("quickstart_reducenet_digits", os.path.join(workdir, "scratch"), seed, *COMMON, teacher,
-                  "distillation.student_init=scratch", "distillation.alpha=0.0")
-    return {"distilled": {"top1": distilled["student_top1"], "deploy_top1": distilled["deploy_top1"],
-                          "fused_gap": fused_gap(distilled)},
-            "scratch": {"top1": scratch["student_top1"], "deploy_top1": scratch["deploy_top1"],
-                        "fused_gap": fused_gap(scratch)},
-            "teacher": {"top1": context["teacher_top1"], "deploy_top1": float("nan"), "fused_gap": 0.0}}
+    scratch = run(
+        "quickstart_reducenet_digits",
+        os.path.join(workdir, "scratch"),
+        seed,
+        *COMMON,
+        teacher,
+        "distillation.student_init=scratch",
+        "distillation.alpha=0.0",
+    )
+    return {
+        "distilled": {
+            "top1": distilled["student_top1"],
+            "deploy_top1": distilled["deploy_top1"],
+            "fused_gap": fused_gap(distilled),
+        },
+        "scratch": {
+            "top1": scratch["student_top1"],
+            "deploy_top1": scratch["deploy_top1"],
+            "fused_gap": fused_gap(scratch),
+        },
+        "teacher": {"top1": context["teacher_top1"], "deploy_top1": float("nan"), "fused_gap": 0.0},
+    }
 
 
 def fused_equals_unfused(per_seed):
     gap = max(r[arm]["fused_gap"] for r in per_seed.values() for arm in ("distilled", "scratch"))
-    return {"name": "fused == unfused after annealing", "holds": gap < 1e-4,
-            "detail": f"largest relative logit gap {gap:.1e} (tolerance 1e-4)"}
+    return {
+        "name": "fused == unfused after annealing",
+        "holds": gap < 1e-4,
+        "detail": f"largest relative logit gap {gap:.1e} (tolerance 1e-4)",
+    }
 
 
 CLAIM = Claim(
-    name="reducenet", title="ReduceNet",
+    name="reducenet",
+    title="ReduceNet",
     setting="Digits 16x16, ReduceNet-20 (width 0.5) teacher with the bottleneck branch (trained once, seed 0); "
-            "student = teacher minus that branch plus a 1x1 branch behind an annealed ReLU, KD alpha 0.7, T 5; "
-            "control: the same student from scratch by CE (alpha 0), same annealing.",
+    "student = teacher minus that branch plus a 1x1 branch behind an annealed ReLU, KD alpha 0.7, T 5; "
+    "control: the same student from scratch by CE (alpha 0), same annealing.",
     budget=f"teacher {TEACHER_EPOCHS} epochs (shared), each student {STUDENT_EPOCHS} epochs.",
     arms=("distilled", "scratch", "teacher"),
-    comparisons=(Comparison("distilled", "scratch", "top1",
-                            "the inheriting, distilled student beats the student from scratch"),),
-    run_seed=run_seed, prepare=prepare, extra_checks=(fused_equals_unfused,), seeds=5)
+    comparisons=(
+        Comparison("distilled", "scratch", "top1", "the inheriting, distilled student beats the student from scratch"),
+    ),
+    run_seed=run_seed,
+    prepare=prepare,
+    extra_checks=(fused_equals_unfused,),
+    seeds=5,
+)

@@ -1,4 +1,5 @@
 """The claims results as the README's markdown table and one PNG (arm means +- std per claim)."""
+
 from ke_tf.report import pyplot, save_figure
 
 ORDER = ("ke", "kd", "ban", "reducenet", "lwm", "ekg", "kc")
@@ -26,8 +27,10 @@ def _machine(result):
 
 def claims_table(results):
     """Markdown: one row per comparison and check, in a fixed claim order."""
-    lines = ["| method | claim | better arm | control | paired difference (95% lower bound) | seeds won | holds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | claim | better arm | control | paired difference (95% lower bound) | seeds won | holds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     machines = set()
     for name in [n for n in ORDER if n in results["claims"]]:
         r = results["claims"][name]
@@ -39,15 +42,19 @@ def claims_table(results):
                 f"| {r['title']} | {v['statement']} | {better} {_pm(r['arms'][better][metric], s)} | "
                 f"{worse} {_pm(r['arms'][worse][metric], s)} | {'+' if v['mean_diff'] >= 0 else ''}"
                 f"{_num(v['mean_diff'], s)} ± {_num(v['std_diff'], s)} "
-                f"({'+' if v['lower_bound'] >= 0 else ''}{_num(v['lower_bound'], s)}) | {v['seeds_won']}/{len(v['diffs'])} | "
-                f"{'yes' if v['holds'] else '**no**'} |")
+                f"({'+' if v['lower_bound'] >= 0 else ''}{_num(v['lower_bound'], s)}) | "
+                f"{v['seeds_won']}/{len(v['diffs'])} | "
+                f"{'yes' if v['holds'] else '**no**'} |"
+            )
         for c in r["checks"]:
             lines.append(f"| {r['title']} | {c['name']} | {c['detail']} | | | | {'yes' if c['holds'] else '**no**'} |")
     lines.append("")
     for name in [n for n in ORDER if n in results["claims"]]:
         r = results["claims"][name]
-        lines.append(f"- {r['title']}: {r['setting']} Budget per seed: {r['budget']} Seeds: "
-                     f"{', '.join(str(s) for s in r['seeds'])}.")
+        lines.append(
+            f"- {r['title']}: {r['setting']} Budget per seed: {r['budget']} Seeds: "
+            f"{', '.join(str(s) for s in r['seeds'])}."
+        )
     lines.append(f"- Measured on: {'; '.join(sorted(machines))}.")
     return "\n".join(lines)
 
@@ -71,8 +78,13 @@ def claims_plot(results, path):
         metric = _parse(r["verdicts"][0]["comparison"])[2]
         s = _scale(metric)
         arms = list(r["arms"])
-        ax.bar(range(len(arms)), [s * r["arms"][a][metric]["mean"] for a in arms],
-               yerr=[s * r["arms"][a][metric]["std"] for a in arms], capsize=4, color="tab:blue")
+        ax.bar(
+            range(len(arms)),
+            [s * r["arms"][a][metric]["mean"] for a in arms],
+            yerr=[s * r["arms"][a][metric]["std"] for a in arms],
+            capsize=4,
+            color="tab:blue",
+        )
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
         ax.set_title(r["title"], fontsize=9)
         ax.set_ylabel(metric + (" (%)" if s == 100.0 else ""), fontsize=8)

@@ -8,6 +8,7 @@ or an already loaded `{key: ndarray}` dict (torch-free). Nothing is executed fro
 PyTorch files load with `torch.load(weights_only=True)` (torch: `pip install 'ke_tf[convert]'`),
 pickles through ke_tf's restricted unpickler, `.npz` files without pickles.
 """
+
 import os
 
 import numpy as np

@@ -7,6 +7,7 @@ the ke_tf model does not use, e.g. BN's `num_batches_tracked`); `tensor_leaf` tu
 names and layouts (OIHW kernels, (out, in) linear weights, BN weight/bias/running stats) into
 Keras ones.
 """
+
 import os
 
 import numpy as np
@@ -30,8 +31,9 @@ def load_torch_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError/RuntimeError for unsafe or corrupt files
-        raise ParamsError(f"{path}: not a loadable weights-only PyTorch checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0]})") from None
+        raise ParamsError(
+            f"{path}: not a loadable weights-only PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     return state_dict_arrays(obj, path, lambda t: t.detach().cpu().numpy() if hasattr(t, "detach") else t)
 
 
@@ -55,7 +57,7 @@ def state_dict_arrays(obj, source, to_numpy=np.asarray):
         value = to_numpy(value)
         if not isinstance(value, np.ndarray):
             raise ParamsError(f"{source}: key {key!r} is not a tensor ({type(value).__name__})")
-        arrays[key[len("module."):] if key.startswith("module.") else key] = value
+        arrays[key[len("module.") :] if key.startswith("module.") else key] = value
     return arrays
 
 
@@ -86,31 +88,41 @@ def map_arrays(model, source_arrays, layer_of, leaf_of, source):
         name, array = leaf_of(leaf, np.asarray(value), layer in bn_layers)
         path = f"{layer}/{name}"
         if path not in variables:
-            raise ParamsError(f"{source}: key {key!r} (-> {path!r}) matches no variable of model {model.name!r}; "
-                              "wrong --arch or options?")
+            raise ParamsError(
+                f"{source}: key {key!r} (-> {path!r}) matches no variable of model {model.name!r}; "
+                "wrong --arch or options?"
+            )
         if path in arrays:
             raise ParamsError(f"{source}: keys {origin[path]!r} and {key!r} both map to {path!r}")
         array = array.reshape(-1) if len(variables[path]) == 1 else array
         if tuple(array.shape) != variables[path]:
-            raise ParamsError(f"{source}: shape mismatch for key {key!r}: {tuple(np.shape(value))} -> "
-                              f"{tuple(array.shape)}, model variable {path!r} expects {variables[path]}")
+            raise ParamsError(
+                f"{source}: shape mismatch for key {key!r}: {tuple(np.shape(value))} -> "
+                f"{tuple(array.shape)}, model variable {path!r} expects {variables[path]}"
+            )
         arrays[path] = np.ascontiguousarray(array, dtype=np.float32)
         origin[path] = key
     missing = [p for p in variables if p not in arrays]
     if missing:
-        raise ParamsError(f"{source}: no key gives model variable {missing[0]!r} ({len(missing)} missing); "
-                          "wrong --arch or options, or a truncated checkpoint?")
+        raise ParamsError(
+            f"{source}: no key gives model variable {missing[0]!r} ({len(missing)} missing); "
+            "wrong --arch or options, or a truncated checkpoint?"
+        )
     return arrays
 
 
 def convert(source, source_arrays, spec, layer_of, leaf_of=torch_leaf, layers_meta=None, extra_meta=None):
     """Build `spec`'s model and map `source_arrays` onto it. Returns (model, arrays, metadata);
     the metadata lets `test.py` rebuild the model from a params file."""
-    from ke_tf.export import layer_factory
     from ke_tf.models import build_from_spec
+    from ke_tf.models.from_params import layer_factory
     from ke_tf.params import apply_params
-    meta = {"model": spec, "layers": layers_meta or {"kind": "plain"},
-            "converted_from": {"source": str(source), **(extra_meta or {})}}
+
+    meta = {
+        "model": spec,
+        "layers": layers_meta or {"kind": "plain"},
+        "converted_from": {"source": str(source), **(extra_meta or {})},
+    }
     model = build_from_spec(spec, layer_factory(meta))
     arrays = map_arrays(model, source_arrays, layer_of, leaf_of, source)
     apply_params(model, arrays, source=source)

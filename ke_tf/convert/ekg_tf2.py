@@ -7,6 +7,7 @@ EKG's `conv3`/`bn3`); ResNet-18/34/50 (1000 classes) the ImageNet ResNets. EKG p
 "SAME", as Keras does, so no padding option is needed. Kernels are already HWIO; BN variables
 are stored as [1, 1, 1, C].
 """
+
 import re
 
 from ke_tf.convert.common import changed_widths, convert
@@ -23,6 +24,7 @@ _LEAVES = {"biases": "bias"}
 def layer_mapper(bottleneck):
     """`layer_of` for EKG names; bottleneck blocks number their convs 0-2 (ke_tf: 1-3), conv3
     is the projection shortcut in both block kinds."""
+
     def layer_of(key):
         m = _BLOCK.match(key)
         if m:
@@ -34,6 +36,7 @@ def layer_mapper(bottleneck):
             return f"s{int(i) + 1}b{j}_{name}", leaf
         module, _, leaf = key.partition("/")
         return _TOP.get(module, module), leaf.split(":")[0]
+
     return layer_of
 
 
@@ -71,7 +74,14 @@ def convert_ekg_tf2(arrays, arch, source="<params>", image_size=None, extra_meta
             widths[f"stage{s}"] = _out(arrays, p + "conv2", source)
     size = image_size or (32 if cifar else 224)
     options = {"shortcut": "B"} if cifar else {}
-    spec = model_spec(arch, _out(arrays, "fc", source), (size, size, 3),
-                      changed_widths(default_widths(arch), widths), **options)
-    return convert(source, arrays, spec, layer_mapper(bottleneck), leaf_of=keras2_leaf, 
-                   extra_meta={"format": "ekg_tf2", **(extra_meta or {})})
+    spec = model_spec(
+        arch, _out(arrays, "fc", source), (size, size, 3), changed_widths(default_widths(arch), widths), **options
+    )
+    return convert(
+        source,
+        arrays,
+        spec,
+        layer_mapper(bottleneck),
+        leaf_of=keras2_leaf,
+        extra_meta={"format": "ekg_tf2", **(extra_meta or {})},
+    )

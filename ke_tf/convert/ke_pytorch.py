@@ -7,6 +7,7 @@ unless given, read from the classifier mask: a slim net's all-ones masks give 1.
 use PyTorch's symmetric padding (`padding="torch"`); channel widths are read from the weights,
 so slim nets convert too.
 """
+
 import re
 
 from ke_tf.convert.common import changed_widths, convert, out_channels
@@ -56,20 +57,26 @@ def fit_fraction(arrays):
     return float(arrays["fc.mask"].mean()) if "fc.mask" in arrays else None
 
 
-def convert_ke_pytorch(arrays, arch, source="<state_dict>", image_size=224, split_rate=None, split_mode="kels",
-                       extra_meta=None):
+def convert_ke_pytorch(
+    arrays, arch, source="<state_dict>", image_size=224, split_rate=None, split_mode="kels", extra_meta=None
+):
     """Convert a KE/torchvision ResNet state_dict (`{key: ndarray}`) to ke_tf `arch`
     (resnet18/34/50); returns (model, arrays, metadata)."""
     depth = int(arch.replace("resnet", "")) if arch.startswith("resnet") else None
     if depth not in CONFIGS:
-        raise ValueError(f"--arch for ke_pytorch must be one of {', '.join(f'resnet{d}' for d in CONFIGS)}, "
-                         f"got {arch!r}")
+        raise ValueError(
+            f"--arch for ke_pytorch must be one of {', '.join(f'resnet{d}' for d in CONFIGS)}, got {arch!r}"
+        )
     num_classes = out_channels(arrays, "fc.weight", source)
     widths = changed_widths(default_widths(arch), infer_widths(depth, arrays, source))
     spec = model_spec(arch, num_classes, (image_size, image_size, 3), widths, padding="torch")
     split = any(k.endswith(".mask") for k in arrays)
     rate = split_rate or fit_fraction(arrays) or 1.0
-    layers = ({"kind": "split", "split_rate": float(rate), "split_mode": split_mode, "seed": 0}
-              if split else {"kind": "plain"})
-    return convert(source, arrays, spec, layer_of, layers_meta=layers, 
-                   extra_meta={"format": "ke_pytorch", **(extra_meta or {})})
+    layers = (
+        {"kind": "split", "split_rate": float(rate), "split_mode": split_mode, "seed": 0}
+        if split
+        else {"kind": "plain"}
+    )
+    return convert(
+        source, arrays, spec, layer_of, layers_meta=layers, extra_meta={"format": "ke_pytorch", **(extra_meta or {})}
+    )

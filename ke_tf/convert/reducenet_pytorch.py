@@ -8,6 +8,7 @@ converted. Module map per block: branch2.0 -> `_rep/conv`, branch1.{0,1,3,4} ->
 `_rep/b1_{conv1,bn1,conv2,bn2}`, lora_branch.{0,1} -> `_rep/lora_{conv,bn}`, fuse.0 -> `_rep/bn`,
 fuse.{2,3} -> `_conv2`/`_bn2`, shortcut.{0,1} -> `_short_conv`/`_short_bn`.
 """
+
 import re
 
 from ke_tf.convert.common import changed_widths, convert, out_channels
@@ -16,11 +17,20 @@ from ke_tf.models.resnet_cifar import DEPTHS
 from ke_tf.params import ParamsError
 
 _BLOCK = re.compile(r"layer(\d)\.(\d+)\.(\w+)\.(\d)\.(\w+)$")
-_MODULES = {("branch2", "0"): "_rep/conv", ("branch1", "0"): "_rep/b1_conv1", ("branch1", "1"): "_rep/b1_bn1",
-            ("branch1", "3"): "_rep/b1_conv2", ("branch1", "4"): "_rep/b1_bn2",
-            ("lora_branch", "0"): "_rep/lora_conv", ("lora_branch", "1"): "_rep/lora_bn",
-            ("fuse", "0"): "_rep/bn", ("fuse", "2"): "_conv2", ("fuse", "3"): "_bn2",
-            ("shortcut", "0"): "_short_conv", ("shortcut", "1"): "_short_bn"}
+_MODULES = {
+    ("branch2", "0"): "_rep/conv",
+    ("branch1", "0"): "_rep/b1_conv1",
+    ("branch1", "1"): "_rep/b1_bn1",
+    ("branch1", "3"): "_rep/b1_conv2",
+    ("branch1", "4"): "_rep/b1_bn2",
+    ("lora_branch", "0"): "_rep/lora_conv",
+    ("lora_branch", "1"): "_rep/lora_bn",
+    ("fuse", "0"): "_rep/bn",
+    ("fuse", "2"): "_conv2",
+    ("fuse", "3"): "_bn2",
+    ("shortcut", "0"): "_short_conv",
+    ("shortcut", "1"): "_short_bn",
+}
 _TOP = {"conv1.0": "stem_conv", "conv1.1": "stem_bn", "linear": "classifier"}
 
 
@@ -48,11 +58,11 @@ def layer_mapper(variant, lora):
             return f"s{s}b{j}" + _MODULES.get((branch, index), f"_{branch}.{index}"), leaf
         module, _, leaf = key.rpartition(".")
         return _TOP.get(module, module), leaf
+
     return layer_of
 
 
-def convert_reducenet_pytorch(arrays, arch, source="<state_dict>", variant=None, image_size=32,
-                              extra_meta=None):
+def convert_reducenet_pytorch(arrays, arch, source="<state_dict>", variant=None, image_size=32, extra_meta=None):
     """Convert a ReduceNet state_dict (`{key: ndarray}`) to ke_tf `arch` (reduce20/reduce56);
     returns (model, arrays, metadata)."""
     depth = int(arch.replace("reduce", "")) if arch.startswith("reduce") else None
@@ -74,7 +84,17 @@ def convert_reducenet_pytorch(arrays, arch, source="<state_dict>", variant=None,
         options["expansion"] = out_channels(arrays, "layer1.0.branch1.0.weight", source) / widths["s1b0"]
     if lora:
         options["lora"] = True
-    spec = model_spec(arch, out_channels(arrays, "linear.weight", source), (image_size, image_size, 3),
-                      changed_widths(default_widths(arch), widths), **options)
-    return convert(source, arrays, spec, layer_mapper(variant, lora), 
-                   extra_meta={"format": "reducenet_pytorch", **(extra_meta or {})})
+    spec = model_spec(
+        arch,
+        out_channels(arrays, "linear.weight", source),
+        (image_size, image_size, 3),
+        changed_widths(default_widths(arch), widths),
+        **options,
+    )
+    return convert(
+        source,
+        arrays,
+        spec,
+        layer_mapper(variant, lora),
+        extra_meta={"format": "reducenet_pytorch", **(extra_meta or {})},
+    )

@@ -4,6 +4,7 @@ All randomness comes from an explicit `seed` tensor of shape [2] so that the
 same (seed, epoch, example index) always yields the same augmented image;
 this is what makes checkpoint resume bit-exact.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -31,8 +32,9 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.image.stateless_random_flip_left_right(image, seed=seed)
 
 
-def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
+def random_resized_crop(
+    image: tf.Tensor, size: int, seed: tf.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tf.Tensor:
     """Inception-style crop: random area fraction `scale`, aspect `ratio`,
     resized (bilinear) to size x size. Returns float32 on the 0-255 scale."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(

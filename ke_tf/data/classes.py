@@ -3,6 +3,7 @@
 Used for class-incremental tasks: `classes=[68, 56]` keeps those two classes
 and relabels 68 -> 0, 56 -> 1 (the order given defines the new labels).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ stratified 80/20 split (seeded by `split_seed`) gives 1437 train / 360 test.
 Augmentation is pad-(size//8) random crop without flips (digits are not
 flip-invariant); normalisation statistics come from the full training split.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,14 +35,14 @@ def load(image_size: int | None = None, split_seed: int = 0):
     raw = load_digits()
     labels = raw.target.astype(np.int32)
     train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=split_seed)
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=split_seed
+    )
     images = _images_uint8(raw.images, size)
     train = Source(images[train_idx], labels[train_idx], "array")
     test = Source(images[test_idx], labels[test_idx], "array")
     pixels = train.items.reshape(-1, 3).astype(np.float64)
     mean = tuple(float(v) for v in pixels.mean(axis=0))
     std = tuple(float(v) for v in pixels.std(axis=0))
-    transform = PadCropTransform(kind="array", size=size, pad=max(size // 8, 1), flip=False,
-                                 mean=mean, std=std)
+    transform = PadCropTransform(kind="array", size=size, pad=max(size // 8, 1), flip=False, mean=mean, std=std)
     names = tuple(str(i) for i in range(NUM_CLASSES))
     return train, test, NUM_CLASSES, names, transform

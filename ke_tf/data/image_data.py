@@ -7,6 +7,7 @@ example index) (`ke_tf.data.stream`). Parallel maps run with
 deterministic=True, so `train(..., epoch=e, seed=s)` and `stream(...)` are
 bit-identical across calls and processes (needed for exact checkpoint resume).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,19 +44,32 @@ class ImageData:
         return self._test.labels
 
     # ------------------------------------------------------------------ pipelines
-    def train(self, batch_size: int, epoch: int, seed: int, augment: bool = True,
-              drop_remainder: bool = True) -> tf.data.Dataset:
+    def train(
+        self, batch_size: int, epoch: int, seed: int, augment: bool = True, drop_remainder: bool = True
+    ) -> tf.data.Dataset:
         """Batched (float32 NHWC normalised image, int32 label) for ONE epoch, in the epoch
         order `stream` uses; order and augmentation depend only on (seed, epoch)."""
         _check_batch(batch_size)
         n = len(self._train)
         index = tf.data.Dataset.from_tensor_slices(stream.epoch_order(n, seed, epoch))
         rows = index.map(lambda i: (tf.constant(epoch, tf.int64), i))
-        return self._examples(rows, seed, augment).map(lambda x, y, i: (x, y)).batch(
-            batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+        return (
+            self._examples(rows, seed, augment)
+            .map(lambda x, y, i: (x, y))
+            .batch(batch_size, drop_remainder=drop_remainder)
+            .prefetch(AUTOTUNE)
+        )
 
-    def stream(self, batch_size: int, seed: int, first_epoch: int, last_epoch: int, skip_steps: int = 0,
-               shard: stream.InputShard | None = None, with_index: bool = False) -> tf.data.Dataset:
+    def stream(
+        self,
+        batch_size: int,
+        seed: int,
+        first_epoch: int,
+        last_epoch: int,
+        skip_steps: int = 0,
+        shard: stream.InputShard | None = None,
+        with_index: bool = False,
+    ) -> tf.data.Dataset:
         """A training stage's input for one pipeline: per-replica batches of (image, label[,
         example index]) from step `skip_steps` of `first_epoch` to the end of `last_epoch - 1`
         (see `ke_tf.data.stream`); only this pipeline's images are decoded and augmented."""
@@ -102,13 +116,15 @@ class ImageData:
             rows = tf.data.Dataset.range(len(src)).map(lambda i: (i, True))
         else:  # padding rows carry label -1 (evaluation skips them)
             rows = shard.eval_rows(len(src), batch_size)
-        ds = rows.map(lambda i, valid: (transform.eval(tf.gather(items, i)),
-                                        tf.where(valid, tf.gather(labels, i), -1)),
-                      num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = rows.map(
+            lambda i, valid: (transform.eval(tf.gather(items, i)), tf.where(valid, tf.gather(labels, i), -1)),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
         return ds.batch(shard.eval_batch(batch_size) if shard is not None else batch_size).prefetch(AUTOTUNE)
 
     # ------------------------------------------------------------------ splitting
-    def split_holdout(self, per_class: int, seed: int) -> tuple["ImageData", "ImageData"]:
+    def split_holdout(self, per_class: int, seed: int) -> tuple[ImageData, ImageData]:
         """Carve `per_class` training images per class out of the train split.
 
         Returns (train_without_holdout, holdout) where `holdout.test()` (and
@@ -122,16 +138,20 @@ class ImageData:
         for c in range(self.info.num_classes):
             idx = np.flatnonzero(labels == c)
             if len(idx) < per_class:
-                raise ValueError(
-                    f"class {c} has only {len(idx)} training images; cannot hold out {per_class}")
+                raise ValueError(f"class {c} has only {len(idx)} training images; cannot hold out {per_class}")
             held.append(rng.choice(idx, per_class, replace=False))
         held = np.sort(np.concatenate(held))
         keep = np.setdiff1d(np.arange(len(labels)), held)
         remain_src, hold_src = self._train.take(keep), self._train.take(held)
-        remain = ImageData(dataclasses.replace(self.info, train_size=len(keep)),
-                           remain_src, self._test, self._transform)
-        holdout = ImageData(dataclasses.replace(self.info, train_size=len(held), test_size=len(held)),
-                            hold_src, hold_src, self._transform)
+        remain = ImageData(
+            dataclasses.replace(self.info, train_size=len(keep)), remain_src, self._test, self._transform
+        )
+        holdout = ImageData(
+            dataclasses.replace(self.info, train_size=len(held), test_size=len(held)),
+            hold_src,
+            hold_src,
+            self._transform,
+        )
         return remain, holdout
 
 

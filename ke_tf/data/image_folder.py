@@ -10,6 +10,7 @@ decodes), so a bad file is reported by name and csv line instead of failing
 deep inside a training epoch. With on_bad_file="skip" bad rows are dropped
 and counted in a warning.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,8 +46,7 @@ class _Rows:
 
     def report(self):
         if self.bad:
-            warnings.warn(f"skipped {len(self.bad)} bad rows in {self.csv_path}; first: {self.bad[0]}",
-                          stacklevel=3)
+            warnings.warn(f"skipped {len(self.bad)} bad rows in {self.csv_path}; first: {self.bad[0]}", stacklevel=3)
 
 
 def _read_csv(path: str, rows: _Rows) -> list[tuple[int, str, str]]:
@@ -58,8 +58,10 @@ def _read_csv(path: str, rows: _Rows) -> list[tuple[int, str, str]]:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"image_folder: {path} lacks column(s) {missing}; "
-                             f"header is {reader.fieldnames}, expected {list(COLUMNS)}")
+            raise ValueError(
+                f"image_folder: {path} lacks column(s) {missing}; "
+                f"header is {reader.fieldnames}, expected {list(COLUMNS)}"
+            )
         for row in reader:
             line = reader.line_num
             empty = [c for c in COLUMNS if not (row.get(c) or "").strip()]
@@ -126,8 +128,7 @@ def _build(entries, mapping, numeric, jpg_dir, rows: _Rows) -> Source:
     return Source(np.array(paths, dtype=object), np.array(labels, dtype=np.int32), "path")
 
 
-def load(data_dir: str, image_size: int | None = None, test_split: str | None = None,
-         on_bad_file: str = "fail"):
+def load(data_dir: str, image_size: int | None = None, test_split: str | None = None, on_bad_file: str = "fail"):
     if data_dir is None:
         raise ValueError("image_folder needs data_dir (containing jpg/ and lists/)")
     if on_bad_file not in ("fail", "skip"):
@@ -154,6 +155,7 @@ def load(data_dir: str, image_size: int | None = None, test_split: str | None = 
     train = _build(trn, mapping, numeric, jpg_dir, trn_rows)
     test = _build(tst, mapping, numeric, jpg_dir, tst_rows)
     size = int(image_size or DEFAULT_SIZE)
-    transform = ResizedCropTransform(kind="path", size=size, resize=int(round(size * 256 / 224)),
-                                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = ResizedCropTransform(
+        kind="path", size=size, resize=int(round(size * 256 / 224)), mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
     return train, test, len(keys), tuple(str(k) for k in keys), transform

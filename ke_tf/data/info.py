@@ -3,6 +3,7 @@
 Kept separate (and dependency-free) so models and trainers can type against it
 without importing TensorFlow input code.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """`load_data`: name -> `ImageData` dispatch, plus class subsetting."""
+
 from __future__ import annotations
 
 from ke_tf.data import classes as classes_mod
@@ -8,9 +9,16 @@ from ke_tf.data.info import DatasetInfo
 KNOWN = ("digits", "cifar10", "cifar100", "oxford_flowers102", "image_folder")
 
 
-def load_data(name: str, *, data_dir: str | None = None, image_size: int | None = None,
-              classes: list[int] | None = None, split_seed: int = 0,
-              on_bad_file: str = "fail", test_split: str | None = None) -> ImageData:
+def load_data(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    classes: list[int] | None = None,
+    split_seed: int = 0,
+    on_bad_file: str = "fail",
+    test_split: str | None = None,
+) -> ImageData:
     """Load a dataset as an `ImageData`.
 
     Args:
@@ -31,17 +39,18 @@ def load_data(name: str, *, data_dir: str | None = None, image_size: int | None 
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     if name == "digits":
         from ke_tf.data import digits
+
         if test_split is not None:
             raise ValueError("digits has a fixed train/test split; test_split is not supported")
         train, test, num_classes, names, transform = digits.load(image_size, split_seed)
     elif name == "image_folder":
         from ke_tf.data import image_folder
-        train, test, num_classes, names, transform = image_folder.load(
-            data_dir, image_size, test_split, on_bad_file)
+
+        train, test, num_classes, names, transform = image_folder.load(data_dir, image_size, test_split, on_bad_file)
     else:
         from ke_tf.data import tfds_sources
-        train, test, num_classes, names, transform = tfds_sources.load(
-            name, data_dir, image_size, test_split)
+
+        train, test, num_classes, names, transform = tfds_sources.load(name, data_dir, image_size, test_split)
 
     if classes is not None:
         classes = classes_mod.check_classes(classes, num_classes, name)
@@ -51,7 +60,13 @@ def load_data(name: str, *, data_dir: str | None = None, image_size: int | None 
         num_classes = len(classes)
 
     info = DatasetInfo(
-        name=name, num_classes=num_classes, image_shape=(transform.size, transform.size, 3),
-        train_size=len(train), test_size=len(test), mean=tuple(transform.mean),
-        std=tuple(transform.std), class_names=tuple(names))
+        name=name,
+        num_classes=num_classes,
+        image_shape=(transform.size, transform.size, 3),
+        train_size=len(train),
+        test_size=len(test),
+        mean=tuple(transform.mean),
+        std=tuple(transform.std),
+        class_names=tuple(names),
+    )
     return ImageData(info, train, test, transform)

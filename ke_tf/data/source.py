@@ -10,6 +10,7 @@ example order of an epoch can be a numpy permutation that depends only on
   * "encoded": encoded image bytes (JPEG/PNG), shape [N], dtype object;
   * "path":    image file paths, shape [N], dtype object/str.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +36,12 @@ class Source:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, indices) -> "Source":
+    def take(self, indices) -> Source:
         """A new Source with the examples at `indices`, in that order."""
         indices = np.asarray(indices, dtype=np.int64)
         return Source(self.items[indices], self.labels[indices].astype(np.int32), self.kind)
 
-    def relabel(self, labels) -> "Source":
+    def relabel(self, labels) -> Source:
         return Source(self.items, np.asarray(labels, dtype=np.int32), self.kind)
 
 

@@ -8,12 +8,14 @@ and replica r (of R) receives the contiguous slice [i*B + r*b, i*B + (r+1)*b), b
 union of the replicas' batches is exactly the batch one device would see: N replicas with
 synchronised BN compute what one device computes, and resuming at step s skips exactly s batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 import tensorflow as tf
+
 
 @dataclasses.dataclass(frozen=True)
 class InputShard:
@@ -52,7 +54,7 @@ class InputShard:
         skip .. steps-1 of batches of `global_batch`."""
         b = self.replica_batch(global_batch)
         grid = np.arange(steps * global_batch, dtype=np.int64).reshape(steps, self.replicas, b)
-        local = grid[skip:, self.pipeline * self.local_replicas:(self.pipeline + 1) * self.local_replicas]
+        local = grid[skip:, self.pipeline * self.local_replicas : (self.pipeline + 1) * self.local_replicas]
         return local.reshape(-1)
 
     def eval_rows(self, n, global_batch):
@@ -68,8 +70,9 @@ class InputShard:
 
 def epoch_key(seed, epoch):
     """Stateless RNG key of (seed, epoch): drives the epoch order and every augmentation."""
-    return tf.random.experimental.stateless_fold_in(tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)]),
-                                                    tf.cast(epoch, tf.int64))
+    return tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)]), tf.cast(epoch, tf.int64)
+    )
 
 
 def example_key(key, index):
@@ -100,8 +103,9 @@ def index_stream(n, batch_size, shard, seed, first_epoch, last_epoch, skip_steps
     stream = rows(first_epoch, tf.constant(shard.positions(batch_size, steps, skip_steps)))
     if last_epoch > first_epoch + 1:
         full = tf.constant(shard.positions(batch_size, steps))
-        stream = stream.concatenate(tf.data.Dataset.range(first_epoch + 1, last_epoch).flat_map(
-            lambda epoch: rows(epoch, full)))
+        stream = stream.concatenate(
+            tf.data.Dataset.range(first_epoch + 1, last_epoch).flat_map(lambda epoch: rows(epoch, full))
+        )
     return stream
 
 
@@ -118,4 +122,5 @@ class TensorData:
         tensors = [tf.constant(a) for a in self.arrays]
         rows = index_stream(self.size, batch_size, shard, seed, first_epoch, last_epoch, skip_steps)
         return rows.batch(shard.replica_batch(batch_size), drop_remainder=True).map(
-            lambda epoch, index: tuple(tf.gather(t, index) for t in tensors))
+            lambda epoch, index: tuple(tf.gather(t, index) for t in tensors)
+        )

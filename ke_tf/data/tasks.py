@@ -1,4 +1,5 @@
 """Class orders and task splits for class-incremental learning."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,8 @@ def incremental_tasks(order: list[int], first: int, increment: int) -> list[list
     if (n - first) % increment:
         raise ValueError(
             f"{n} classes do not split into a first task of {first} plus tasks of {increment}: "
-            f"{n - first} remaining classes is not a multiple of {increment}")
+            f"{n - first} remaining classes is not a multiple of {increment}"
+        )
     tasks = [order[:first]]
-    tasks += [order[i:i + increment] for i in range(first, n, increment)]
+    tasks += [order[i : i + increment] for i in range(first, n, increment)]
     return tasks

@@ -5,6 +5,7 @@ still-encoded JPEG bytes) so that epoch order can be an exact, seed-only
 permutation. If the prepared data is missing, a `FileNotFoundError` explains
 how to prepare the tfds data directory.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,8 @@ def _missing(name: str, data_dir, err: Exception) -> FileNotFoundError:
         f"tfds dataset {name!r} is not prepared in {where}. This library never downloads: "
         f"prepare it on a machine with network access (e.g. `tfds build {name} --data_dir DIR` or "
         f"tfds.builder({name!r}, data_dir=DIR).download_and_prepare()) and pass data_dir=DIR. "
-        f"(tfds said: {str(err).splitlines()[0] if str(err) else type(err).__name__})")
+        f"(tfds said: {str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    )
 
 
 def _read_split(name: str, split: str, data_dir, encoded: bool) -> Source:
@@ -45,8 +47,9 @@ def _read_split(name: str, split: str, data_dir, encoded: bool) -> Source:
     if encoded:
         kwargs["decoders"] = {"image": tfds.decode.SkipDecoding()}
     try:
-        ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
-                       download=False, shuffle_files=False, **kwargs)
+        ds = tfds.load(
+            name, split=split, data_dir=data_dir, as_supervised=True, download=False, shuffle_files=False, **kwargs
+        )
     except (AssertionError, tfds.core.registered.DatasetNotFoundError) as err:
         raise _missing(name, data_dir, err) from err
     except Exception as err:  # DataDirNotFound / missing split etc. differ by tfds version
@@ -59,8 +62,7 @@ def _read_split(name: str, split: str, data_dir, encoded: bool) -> Source:
         labels.append(y)
     if not labels:
         raise ValueError(f"tfds split {name}[{split}] in {data_dir} is empty")
-    items = np.concatenate(items) if not encoded else np.array(
-        [b for chunk in items for b in chunk], dtype=object)
+    items = np.concatenate(items) if not encoded else np.array([b for chunk in items for b in chunk], dtype=object)
     return Source(items, np.concatenate(labels).astype(np.int32), "encoded" if encoded else "array")
 
 
@@ -81,11 +83,12 @@ def load(name: str, data_dir=None, image_size: int | None = None, test_split: st
     if name in CIFAR_STATS:
         mean, std = CIFAR_STATS[name]
         size = int(image_size or 32)
-        transform = PadCropTransform(kind="array", size=size, pad=max(size // 8, 1), flip=True,
-                                     mean=mean, std=std, native_size=32)
+        transform = PadCropTransform(
+            kind="array", size=size, pad=max(size // 8, 1), flip=True, mean=mean, std=std, native_size=32
+        )
     else:
         size = int(image_size or FLOWERS_SIZE)
-        transform = ResizedCropTransform(kind="encoded", size=size,
-                                         resize=int(round(size * 256 / 224)),
-                                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        transform = ResizedCropTransform(
+            kind="encoded", size=size, resize=int(round(size * 256 / 224)), mean=IMAGENET_MEAN, std=IMAGENET_STD
+        )
     return train, test, num_classes, names, transform

@@ -5,6 +5,7 @@ normalised float32 image, with (train) or without (eval) augmentation.
   * `ResizedCropTransform` — Flowers / image folders: random-resized-crop +
     flip for training, resize-shorter-side + centre crop for evaluation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,10 @@ from ke_tf.data.source import decode_item
 
 @dataclasses.dataclass(frozen=True)
 class PadCropTransform:
-    kind: str           # Source kind of the items
-    size: int           # output side length
-    pad: int            # zero padding before the random crop
-    flip: bool          # random horizontal flip (False for digits)
+    kind: str  # Source kind of the items
+    size: int  # output side length
+    pad: int  # zero padding before the random crop
+    flip: bool  # random horizontal flip (False for digits)
     mean: tuple
     std: tuple
     native_size: int | None = None  # stored image side; resized if != size
@@ -51,8 +52,8 @@ class PadCropTransform:
 @dataclasses.dataclass(frozen=True)
 class ResizedCropTransform:
     kind: str
-    size: int         # crop side (224 by default)
-    resize: int       # shorter side before the eval centre crop (256 for 224)
+    size: int  # crop side (224 by default)
+    resize: int  # shorter side before the eval centre crop (256 for 224)
     mean: tuple
     std: tuple
 

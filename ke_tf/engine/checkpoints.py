@@ -8,6 +8,7 @@ config are refused before anything is restored. `train.resume: restart` deletes 
 checkpoints instead. Every worker reads the chief's folder and the workers agree on the outcome,
 so a refusal is raised on every worker and never leaves one waiting in a collective.
 """
+
 import glob
 import json
 import os
@@ -30,7 +31,7 @@ PREFIX = "ckpt"
 # were made from another model (ValueError: shapes; AssertionError: unmatched objects).
 RESTORE_ERRORS = (tf.errors.OpError, IndexError, DecodeError, ValueError, AssertionError)
 START_OVER = "use another run_dir, or --set train.resume=restart to delete them and start over"
-SHOWN = 3   # variable names shown per kind of difference
+SHOWN = 3  # variable names shown per kind of difference
 
 
 class CheckpointError(ConfigError):
@@ -42,25 +43,35 @@ def made_from(model, cfg, steps_per_epoch):
     """What a stage's checkpoints mean: the model's variables (path -> shape) and the settings
     that change what a checkpoint holds (optimizer slots, the fp16 loss scale) or what its step
     counter means (the epoch it falls in, the data order); JSON-ready."""
-    settings = {"train.optimizer": cfg.optimizer, "train.mixed_precision": cfg.mixed_precision,
-                "train.batch_size": cfg.batch_size, "steps per epoch": steps_per_epoch,
-                "model input shape": getattr(model, "input_shape", None),
-                "variable dtypes": sorted({v.dtype for v in model.weights})}
+    settings = {
+        "train.optimizer": cfg.optimizer,
+        "train.mixed_precision": cfg.mixed_precision,
+        "train.batch_size": cfg.batch_size,
+        "steps per epoch": steps_per_epoch,
+        "model input shape": getattr(model, "input_shape", None),
+        "variable dtypes": sorted({v.dtype for v in model.weights}),
+    }
     record = {"settings": settings, "variables": {v.path: list(v.shape) for v in model.weights}}
-    return json.loads(json.dumps(record))   # tuples -> lists, as read back from the file
+    return json.loads(json.dumps(record))  # tuples -> lists, as read back from the file
 
 
 def differences(recorded, current):
     """What differs between two `made_from` records, one phrase per difference."""
-    found = [f"{key} {recorded['settings'].get(key)} there, {value} here"
-             for key, value in current["settings"].items() if recorded["settings"].get(key) != value]
+    found = [
+        f"{key} {recorded['settings'].get(key)} there, {value} here"
+        for key, value in current["settings"].items()
+        if recorded["settings"].get(key) != value
+    ]
     there, here = recorded["variables"], current["variables"]
-    for label, names in (("only in the checkpoints", [n for n in there if n not in here]),
-                         ("only in this model", [n for n in here if n not in there])):
+    for label, names in (
+        ("only in the checkpoints", [n for n in there if n not in here]),
+        ("only in this model", [n for n in here if n not in there]),
+    ):
         if names:
             found.append(f"{len(names)} model variable(s) {label} ({_some(names)})")
-    reshaped = [f"{n} {tuple(there[n])} there, {tuple(here[n])} here" for n in here
-                if n in there and there[n] != here[n]]
+    reshaped = [
+        f"{n} {tuple(there[n])} there, {tuple(here[n])} here" for n in here if n in there and there[n] != here[n]
+    ]
     if reshaped:
         found.append(f"{len(reshaped)} model variable(s) with another shape ({_some(reshaped)})")
     return found
@@ -73,7 +84,7 @@ def _some(items):
 def _reason(error):
     """A restore error as one short phrase."""
     text = str(error).strip()
-    first = re.sub(r"^\{\{[^}]*\}\}\s*", "", text.splitlines()[0] if text else "")   # TF's op prefix
+    first = re.sub(r"^\{\{[^}]*\}\}\s*", "", text.splitlines()[0] if text else "")  # TF's op prefix
     return f"{type(error).__name__}: {first[:200]}"
 
 
@@ -99,8 +110,9 @@ class StageCheckpoints:
         """Checkpoint paths in the folder, newest (highest step) first; one without an index
         file was never completed and is not one."""
         indexes = glob.glob(os.path.join(glob.escape(self.folder), f"{PREFIX}-*.index"))
-        numbered = [(int(m.group(1)), p[:-len(".index")]) for p in indexes
-                    if (m := re.search(rf"{PREFIX}-(\d+)\.index$", p))]
+        numbered = [
+            (int(m.group(1)), p[: -len(".index")]) for p in indexes if (m := re.search(rf"{PREFIX}-(\d+)\.index$", p))
+        ]
         return [path for _, path in sorted(numbered, reverse=True)]
 
     def check_record(self):
@@ -116,8 +128,10 @@ class StageCheckpoints:
             raise CheckpointError(f"{path} is unreadable ({e}): {START_OVER}") from None
         found = differences(recorded, self.record)
         if found:
-            raise CheckpointError(f"the checkpoints in {self.folder} were made from another model or config: "
-                                  f"{'; '.join(found)}. To train this one, {START_OVER}")
+            raise CheckpointError(
+                f"the checkpoints in {self.folder} were made from another model or config: "
+                f"{'; '.join(found)}. To train this one, {START_OVER}"
+            )
 
     def restore(self, checkpoint):
         """Restore the newest checkpoint that restores into `checkpoint`; returns its path, or
@@ -133,11 +147,13 @@ class StageCheckpoints:
                 return path
             except RESTORE_ERRORS as e:
                 failed.append(f"{os.path.basename(path)}: {_reason(e)}")
-                print(f"warning: checkpoint {path} cannot be restored ({_reason(e)}); trying an older one",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: checkpoint {path} cannot be restored ({_reason(e)}); trying an older one",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if failed:
-            raise CheckpointError(f"no checkpoint in {self.folder} can be restored ({'; '.join(failed)}): "
-                                  f"{START_OVER}")
+            raise CheckpointError(f"no checkpoint in {self.folder} can be restored ({'; '.join(failed)}): {START_OVER}")
         return None
 
     def save(self, manager, step):
@@ -160,8 +176,9 @@ def settle(name, failure, step, latest, cluster_mean=None):
     if cluster_mean(float(failure is not None)) > 0:
         raise failure or CheckpointError(f"{name}: another worker cannot resume from the checkpoints; see its log")
     mean = cluster_mean(step)
-    if mean != step or cluster_mean(step ** 2) != mean ** 2:
+    if mean != step or cluster_mean(step**2) != mean**2:
         raise RuntimeError(
             f"{name}: workers restored different steps (this worker: step {step} from "
             f"{latest or 'no checkpoint'}; cluster mean {mean:g}). Every worker must see the "
-            f"chief's checkpoints: put run_dir on a filesystem all workers share.")
+            f"chief's checkpoints: put run_dir on a filesystem all workers share."
+        )

@@ -1,4 +1,5 @@
 """Evaluation under a strategy: loss, top-1, top-5 with BN moving statistics (inference mode)."""
+
 import tensorflow as tf
 
 from ke_tf.data.stream import InputShard
@@ -38,13 +39,20 @@ class Evaluator:
         labels = tf.maximum(labels, 0)
         logits = at_least_float32(self.predict(images))
         ce = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        ranked = tf.cast(logits, tf.float32)   # in_top_k takes float32 only
+        ranked = tf.cast(logits, tf.float32)  # in_top_k takes float32 only
         k5 = min(5, int(logits.shape[-1]))
 
         def total(values):
             return tf.reduce_sum(tf.cast(values, tf.float64) * valid)
-        return tf.stack([total(ce), total(tf.math.in_top_k(labels, ranked, 1)),
-                         total(tf.math.in_top_k(labels, ranked, k5)), tf.reduce_sum(valid)])
+
+        return tf.stack(
+            [
+                total(ce),
+                total(tf.math.in_top_k(labels, ranked, 1)),
+                total(tf.math.in_top_k(labels, ranked, k5)),
+                tf.reduce_sum(valid),
+            ]
+        )
 
     def _evaluate(self, batches):
         totals = tf.zeros([4], tf.float64)

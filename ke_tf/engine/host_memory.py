@@ -7,12 +7,13 @@ convolutions. A 64 MiB pad keeps that memory in the process. `import ke_tf` sets
 arenas made after it, i.e. before TensorFlow's thread pools first allocate (the measurement is in
 the README's benchmark notes).
 """
+
 import ctypes
 import os
 import platform
 import sys
 
-M_TOP_PAD = -2   # glibc's mallopt parameter number (malloc.h)
+M_TOP_PAD = -2  # glibc's mallopt parameter number (malloc.h)
 DEFAULT_PAD_MB = 64
 PAD_ENV = "KE_TF_MALLOC_TOP_PAD_MB"  # 0 leaves glibc's own setting alone
 _applied = []
@@ -33,8 +34,12 @@ def keep_freed_host_memory():
     value = os.environ.get(PAD_ENV, str(DEFAULT_PAD_MB))
     if not value.isdigit():
         raise ValueError(f"{PAD_ENV} must be a whole number of MiB, got {value!r}")
-    if int(value) and sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" \
-            and not _user_set_glibc_malloc():
+    if (
+        int(value)
+        and sys.platform.startswith("linux")
+        and platform.libc_ver()[0] == "glibc"
+        and not _user_set_glibc_malloc()
+    ):
         if ctypes.CDLL(None).mallopt(M_TOP_PAD, int(value) << 20) == 1:
             pad = int(value) << 20
     _applied.append(pad)

@@ -10,6 +10,7 @@ program may wait there for what remains of the last release (never longer than t
 would have waited). A daemon thread would return from TensorFlow during interpreter shutdown and
 abort the process ("FATAL: exception not rethrown", seen once in 2 benchmark runs).
 """
+
 import threading
 
 

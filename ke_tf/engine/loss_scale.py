@@ -7,18 +7,20 @@ Here the Trainer decides on the all-reduced gradients (identical on every replic
 the scale in cross-replica context. Same policy as Keras: start at 2^15, halve on overflow,
 double after 2000 finite steps in a row.
 """
+
 import tensorflow as tf
 
 
 class LossScale(tf.Module):
     """Scale and growth counter as mirrored variables (checkpointed with the Trainer)."""
 
-    def __init__(self, initial_scale=2.0 ** 15, growth_steps=2000):
+    def __init__(self, initial_scale=2.0**15, growth_steps=2000):
         super().__init__(name="loss_scale")
         self.growth_steps = int(growth_steps)
         once = tf.VariableAggregation.ONLY_FIRST_REPLICA
-        self.scale = tf.Variable(float(initial_scale), trainable=False, dtype=tf.float32, aggregation=once,
-                                 name="scale")
+        self.scale = tf.Variable(
+            float(initial_scale), trainable=False, dtype=tf.float32, aggregation=once, name="scale"
+        )
         self.finite_steps = tf.Variable(0, trainable=False, dtype=tf.int64, aggregation=once, name="finite_steps")
 
     def update(self, finite, active=True):

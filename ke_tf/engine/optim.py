@@ -1,4 +1,5 @@
 """Optimizers and precision policies from a TrainConfig."""
+
 import keras
 
 from ke_tf.engine.schedules import make_schedule
@@ -7,7 +8,8 @@ from ke_tf.engine.schedules import make_schedule
 def set_precision(mode):
     """Global Keras dtype policy; call before building models (fp16: the Trainer scales the loss)."""
     keras.mixed_precision.set_global_policy(
-        {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[mode])
+        {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[mode]
+    )
 
 
 def make_optimizer(train_cfg, steps_per_epoch):

@@ -2,6 +2,7 @@
 
 All take per-epoch hyperparameters converted to steps by `make_schedule`.
 """
+
 import math
 
 import keras
@@ -14,8 +15,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     constant; cosine to `final_lr` (KE); step decay x`factor` at `boundaries` (EKG, CIFAR);
     logspace: geometric decay lr -> final_lr (knowledge-consistency Trans-Nets)."""
 
-    def __init__(self, lr, total_steps, kind="cosine", warmup_steps=0, final_lr=0.0,
-                 boundaries=(), factor=0.1):
+    def __init__(self, lr, total_steps, kind="cosine", warmup_steps=0, final_lr=0.0, boundaries=(), factor=0.1):
         self.lr = float(lr)
         self.total_steps = int(total_steps)
         self.kind = kind
@@ -46,15 +46,25 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return value
 
     def get_config(self):
-        return {"lr": self.lr, "total_steps": self.total_steps, "kind": self.kind,
-                "warmup_steps": self.warmup_steps, "final_lr": self.final_lr,
-                "boundaries": self.boundaries, "factor": self.factor}
+        return {
+            "lr": self.lr,
+            "total_steps": self.total_steps,
+            "kind": self.kind,
+            "warmup_steps": self.warmup_steps,
+            "final_lr": self.final_lr,
+            "boundaries": self.boundaries,
+            "factor": self.factor,
+        }
 
 
 def make_schedule(train_cfg, steps_per_epoch):
     """The schedule a TrainConfig describes, in optimizer updates."""
     return WarmupSchedule(
-        lr=train_cfg.lr, total_steps=train_cfg.epochs * steps_per_epoch, kind=train_cfg.schedule,
-        warmup_steps=round(train_cfg.warmup_epochs * steps_per_epoch), final_lr=train_cfg.final_lr,
+        lr=train_cfg.lr,
+        total_steps=train_cfg.epochs * steps_per_epoch,
+        kind=train_cfg.schedule,
+        warmup_steps=round(train_cfg.warmup_epochs * steps_per_epoch),
+        final_lr=train_cfg.final_lr,
         boundaries=[round(e * steps_per_epoch) for e in train_cfg.decay_epochs],
-        factor=train_cfg.decay_factor)
+        factor=train_cfg.decay_factor,
+    )

@@ -4,6 +4,7 @@ auto: TF_CONFIG set -> MultiWorkerMirroredStrategy; >1 local GPU -> MirroredStra
 OneDeviceStrategy(GPU); `cpu_replicas` > 1 -> MirroredStrategy over that many logical CPUs
 (tests, debugging); otherwise OneDeviceStrategy(CPU).
 """
+
 import json
 import os
 
@@ -20,7 +21,8 @@ def _configure_logical_cpus(n):
     except RuntimeError as e:
         raise RuntimeError(
             f"distribute.cpu_replicas={n} needs the CPU split before TensorFlow initialises its "
-            f"devices; create the strategy first in the process ({e})") from None
+            f"devices; create the strategy first in the process ({e})"
+        ) from None
 
 
 def make_strategy(kind="auto", cpu_replicas=0):
@@ -31,7 +33,8 @@ def make_strategy(kind="auto", cpu_replicas=0):
         except json.JSONDecodeError as e:
             raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
         comm = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
+        )
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=comm)
     if cpu_replicas > 1:
         _configure_logical_cpus(cpu_replicas)
@@ -69,8 +72,9 @@ def is_multi_worker(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return False
-    return sum(len(tasks) for name, tasks in resolver.cluster_spec().as_dict().items()
-               if name in ("chief", "worker")) > 1
+    return (
+        sum(len(tasks) for name, tasks in resolver.cluster_spec().as_dict().items() if name in ("chief", "worker")) > 1
+    )
 
 
 def chief_process():
@@ -82,8 +86,7 @@ def chief_process():
         return True
     if task.get("type") == "chief":
         return True
-    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and \
-        "chief" not in config.get("cluster", {})
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in config.get("cluster", {})
 
 
 def is_chief(strategy):
@@ -91,5 +94,6 @@ def is_chief(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
-                                              and "chief" not in resolver.cluster_spec().as_dict())
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+    )

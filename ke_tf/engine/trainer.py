@@ -19,6 +19,7 @@ a data source with `stream(batch_size, seed, first_epoch, last_epoch, skip_steps
 - checkpoints, exact resume, SIGINT/SIGTERM stops agreed by every worker, tqdm, TensorBoard, a
   metrics dict and one log line per epoch.
 """
+
 import functools
 import json
 import os
@@ -45,7 +46,7 @@ from ke_tf.progress import log_line, progress_bar
 # progress), at most MAX_STEPS_PER_LOOP steps.
 AUTO_LOOP_SECONDS = 2.0
 MAX_STEPS_PER_LOOP = 100
-SYNC_BN_BELOW = 32   # sync_bn auto: synchronise BN below this many images per replica micro-batch
+SYNC_BN_BELOW = 32  # sync_bn auto: synchronise BN below this many images per replica micro-batch
 _RESULTS = ("loss", "correct", "applied", "skipped", "overflows", "steps", "nan_stop", "stopped")
 
 
@@ -77,15 +78,20 @@ def instance_function(method):
 
 def batch_norm_layers(model):
     """Every BatchNormalization layer inside `model` (nested models included)."""
-    return [layer for layer in model._flatten_layers(include_self=False)
-            if isinstance(layer, keras.layers.BatchNormalization)]
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
 
 
 def _split(batch, k, i):
     """Micro-batch `i` of `k` of every tensor in `batch`."""
+
     def cut(t):
         size = tf.shape(t)[0] // k
-        return t[i * size:(i + 1) * size]
+        return t[i * size : (i + 1) * size]
+
     return tf.nest.map_structure(cut, batch)
 
 
@@ -103,16 +109,28 @@ def _all_reduce_sum(context, values):
 
 
 def _correct(logits, labels):
-    return tf.reduce_sum(tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32), 1),
-                                 tf.float32))
+    return tf.reduce_sum(
+        tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32), 1), tf.float32)
+    )
 
 
 class Trainer:
     """Runs `loss_fn` over `variables` of `model` for one stage of a loop. Build models inside
     `strategy.scope()` before constructing the Trainer."""
 
-    def __init__(self, cfg, strategy, model, loss_fn, steps_per_epoch, run_dir, variables=None,
-                 decay_variables=None, extra_checkpoint=None, name="train"):
+    def __init__(
+        self,
+        cfg,
+        strategy,
+        model,
+        loss_fn,
+        steps_per_epoch,
+        run_dir,
+        variables=None,
+        decay_variables=None,
+        extra_checkpoint=None,
+        name="train",
+    ):
         self.cfg = cfg
         self.strategy = strategy
         self.model = model
@@ -128,7 +146,8 @@ class Trainer:
         if cfg.batch_size % (self.replicas * cfg.accum_steps):
             raise ConfigError(
                 f"train.batch_size {cfg.batch_size} is not divisible by {self.replicas} replica(s) x "
-                f"train.accum_steps {cfg.accum_steps}: every replica needs equal micro-batches")
+                f"train.accum_steps {cfg.accum_steps}: every replica needs equal micro-batches"
+            )
         self.sync_bn = synchronise_bn(cfg, self.replicas)
         batch_norms = batch_norm_layers(model)
         for layer in batch_norms:
@@ -138,26 +157,25 @@ class Trainer:
         self.history = []
         with strategy.scope():
             self.variables = list(variables if variables is not None else model.trainable_variables)
-            self.decay_variables = {id(v) for v in (decay_variables if decay_variables is not None
-                                                   else self.variables)}
+            self.decay_variables = {id(v) for v in (decay_variables if decay_variables is not None else self.variables)}
             self.optimizer = make_optimizer(cfg, self.steps_per_epoch)
             # Built eagerly in scope: lazy building inside strategy.run fails with >1 replica.
             self.optimizer.build(self.variables)
             self.loss_scale = LossScale() if cfg.mixed_precision == "fp16" else None
             scaling = {"loss_scale": self.loss_scale} if self.loss_scale is not None else {}
-            self.checkpoint = tf.train.Checkpoint(model=model, optimizer=self.optimizer, **scaling,
-                                                  **(extra_checkpoint or {}))
+            self.checkpoint = tf.train.Checkpoint(
+                model=model, optimizer=self.optimizer, **scaling, **(extra_checkpoint or {})
+            )
         self.ckpt_dir = os.path.join(run_dir, "checkpoints", name)
-        self.checkpoints = StageCheckpoints(self.ckpt_dir, self.chief, made_from(model, cfg, self.steps_per_epoch),
-                                            cfg.resume)
+        self.checkpoints = StageCheckpoints(
+            self.ckpt_dir, self.chief, made_from(model, cfg, self.steps_per_epoch), cfg.resume
+        )
         self.manager = self.checkpoints.open_manager(self.checkpoint, cfg.keep_checkpoints)
-        self._grads_fn = tf.function(self._gradients, jit_compile=True) if self.jit == "gradients" \
-            else self._gradients
-        self._step_fn = tf.function(self._replica_step, jit_compile=True) if self.jit == "step" \
-            else self._replica_step
+        self._grads_fn = tf.function(self._gradients, jit_compile=True) if self.jit == "gradients" else self._gradients
+        self._step_fn = tf.function(self._replica_step, jit_compile=True) if self.jit == "step" else self._replica_step
         self._loop_fn = instance_function(self._loop)
         self._mean_fn = instance_function(self._replica_mean)
-        self._steps_per_loop = cfg.steps_per_loop or None   # None: calibrated on the second loop
+        self._steps_per_loop = cfg.steps_per_loop or None  # None: calibrated on the second loop
         self._loops = 0
         self._stop_signal = None
         self.step = 0
@@ -178,11 +196,12 @@ class Trainer:
                 micro = tf.nest.map_structure(tf.identity, _split(batch, k, i)) if k > 1 else batch
             with tf.GradientTape() as tape:
                 out = self.loss_fn(micro, training=True)
-                loss = tf.nn.compute_average_loss(at_least_float32(out["loss"]),
-                                                  global_batch_size=self.cfg.batch_size)
+                loss = tf.nn.compute_average_loss(at_least_float32(out["loss"]), global_batch_size=self.cfg.batch_size)
                 scaled = loss * self.loss_scale.scale if self.loss_scale is not None else loss
-            micro_grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype)   # None: v unused by the loss
-                           for g, v in zip(tape.gradient(scaled, self.variables), self.variables)]
+            micro_grads = [
+                tf.zeros_like(v) if g is None else tf.cast(g, v.dtype)  # None: v unused by the loss
+                for g, v in zip(tape.gradient(scaled, self.variables), self.variables)
+            ]
             grads = micro_grads if grads is None else [g + mg for g, mg in zip(grads, micro_grads)]
             loss_sum += tf.cast(loss, tf.float32)
             if "logits" in out:
@@ -226,7 +245,7 @@ class Trainer:
             if wd and id(v) in self.decay_variables:
                 if coupled:  # PyTorch SGD weight_decay / EKG's g + wd*v, on the global gradient
                     g = g + wd * tf.cast(v, g.dtype)
-                else:        # Keras/AdamW decoupled decay, applied before the update as Keras does
+                else:  # Keras/AdamW decoupled decay, applied before the update as Keras does
                     v.assign_sub(v * tf.cast(wd * lr, v.dtype))
             self.optimizer.update_step(g, v, tf.cast(lr, v.dtype))
         return tf.constant(True)
@@ -247,13 +266,13 @@ class Trainer:
         fp16 = self.loss_scale is not None
         i = tf.constant(0)
         nan_stop = tf.constant(False)
-        sums = tf.zeros([6], tf.float64)   # loss, correct, applied, skipped, overflows, steps
+        sums = tf.zeros([6], tf.float64)  # loss, correct, applied, skipped, overflows, steps
         while tf.logical_and(i < num_steps, tf.logical_not(nan_stop)):
             out = self.strategy.run(self._step_fn, args=(next(iterator),))
             loss, n_correct, loss_ok, grads_ok = [self.strategy.experimental_local_results(o)[0] for o in out]
             ok = loss_ok & grads_ok
-            bad = ~loss_ok if fp16 else ~ok   # fp16: non-finite gradients alone are an overflow
-            nan_stop = bad & (self.cfg.on_nan == "stop")   # this step was not applied: leave it uncounted
+            bad = ~loss_ok if fp16 else ~ok  # fp16: non-finite gradients alone are an overflow
+            nan_stop = bad & (self.cfg.on_nan == "stop")  # this step was not applied: leave it uncounted
             counted = ~nan_stop
             # Skipped steps count: epochs stay aligned with the data.
             self.optimizer.iterations.assign_add(tf.cast(counted, self.optimizer.iterations.dtype))
@@ -279,15 +298,18 @@ class Trainer:
         loop length must be the same everywhere: its steps contain collectives)."""
         if self.multi_worker:
             seconds_per_step = self._cluster_mean(seconds_per_step)
-        self._steps_per_loop = int(np.clip(round(AUTO_LOOP_SECONDS / max(seconds_per_step, 1e-6)), 1,
-                                           MAX_STEPS_PER_LOOP))
+        self._steps_per_loop = int(
+            np.clip(round(AUTO_LOOP_SECONDS / max(seconds_per_step, 1e-6)), 1, MAX_STEPS_PER_LOOP)
+        )
 
     def _cluster_mean(self, value):
         """Mean of a host value over every replica of the cluster (a collective: all workers call it)."""
         return float(self._mean_fn(tf.constant(float(value), tf.float64)))
 
     def _replica_mean(self, value):
-        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, self.strategy.run(tf.identity, args=(value,)), axis=None)
+        return self.strategy.reduce(
+            tf.distribute.ReduceOp.MEAN, self.strategy.run(tf.identity, args=(value,)), axis=None
+        )
 
     # ---- checkpoints and signals ------------------------------------------------------------
     def restore(self):
@@ -313,6 +335,7 @@ class Trainer:
     def _install_signal_handlers(self):
         def handler(signum, frame):
             self._stop_signal = signum
+
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -336,11 +359,12 @@ class Trainer:
         total = epochs * self.steps_per_epoch
         if self.step >= total:
             return self.history
-        stage_input = [self._input(data, seed, epochs)]   # released in the background at the end
+        stage_input = [self._input(data, seed, epochs)]  # released in the background at the end
         self._log(f"{self.name}: {self._setup_summary()}" + (f", resumed at step {self.step}" if self.step else ""))
         previous = self._install_signal_handlers()
-        writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", self.name)) \
-            if self.chief else None
+        writer = (
+            tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", self.name)) if self.chief else None
+        )
         try:
             while self.step < total:
                 epoch = self.step // self.steps_per_epoch
@@ -352,8 +376,9 @@ class Trainer:
                 self.history.append(metrics)
                 self._write_history(writer, metrics)
                 self._log(self._epoch_line(metrics, epochs))
-                if self.cfg.checkpoint_every_epochs and ((epoch + 1) % self.cfg.checkpoint_every_epochs == 0
-                                                         or epoch + 1 == epochs):
+                if self.cfg.checkpoint_every_epochs and (
+                    (epoch + 1) % self.cfg.checkpoint_every_epochs == 0 or epoch + 1 == epochs
+                ):
                     self.save_checkpoint()
         finally:
             release_in_background(stage_input)
@@ -370,23 +395,33 @@ class Trainer:
 
         def pipeline(context):
             return data.stream(batch, seed, epoch, epochs, offset, InputShard.from_context(context))
+
         return iter(self.strategy.distribute_datasets_from_function(pipeline))
 
     def _run_epoch(self, iterator, epoch, epochs):
         """Loops until the end of `epoch` (of `epochs`); returns its training metrics."""
         end = (epoch + 1) * self.steps_per_epoch
         sums = dict.fromkeys(_RESULTS, 0.0)
-        bar = progress_bar(total=self.steps_per_epoch, initial=self.step - epoch * self.steps_per_epoch,
-                           desc=f"{self.name} epoch {epoch + 1}/{epochs}", unit="step",
-                           disable=not (self.cfg.progress and self.chief))
+        bar = progress_bar(
+            total=self.steps_per_epoch,
+            initial=self.step - epoch * self.steps_per_epoch,
+            desc=f"{self.name} epoch {epoch + 1}/{epochs}",
+            unit="step",
+            disable=not (self.cfg.progress and self.chief),
+        )
         start = time.time()
         with bar:
             while self.step < end:
                 n = self._loop_length()
                 began = time.time()
-                result = dict(zip(_RESULTS, self._loop_fn(
-                    iterator, tf.constant(n, tf.int32),
-                    tf.constant(self._stop_signal is not None)).numpy().tolist()))
+                result = dict(
+                    zip(
+                        _RESULTS,
+                        self._loop_fn(iterator, tf.constant(n, tf.int32), tf.constant(self._stop_signal is not None))
+                        .numpy()
+                        .tolist(),
+                    )
+                )
                 self._loops += 1
                 if self._loops == 2 and self._steps_per_loop is None:
                     self._calibrate((time.time() - began) / max(result["steps"], 1.0))
@@ -399,11 +434,16 @@ class Trainer:
                 self._after_loop(result, epoch)
         seconds = time.time() - start
         images = sums["steps"] * self.cfg.batch_size
-        return {"epoch": epoch, "lr": float(self.optimizer.learning_rate),
-                "train_loss": sums["loss"] / max(sums["applied"], 1.0),
-                "train_top1": sums["correct"] / max(sums["applied"] * self.cfg.batch_size, 1.0),
-                "skipped_steps": int(sums["skipped"]), "overflow_steps": int(sums["overflows"]),
-                "seconds": seconds, "images_per_sec": images / max(seconds, 1e-9)}
+        return {
+            "epoch": epoch,
+            "lr": float(self.optimizer.learning_rate),
+            "train_loss": sums["loss"] / max(sums["applied"], 1.0),
+            "train_top1": sums["correct"] / max(sums["applied"] * self.cfg.batch_size, 1.0),
+            "skipped_steps": int(sums["skipped"]),
+            "overflow_steps": int(sums["overflows"]),
+            "seconds": seconds,
+            "images_per_sec": images / max(seconds, 1e-9),
+        }
 
     def _after_loop(self, result, epoch):
         """Host-side consequences of a loop: NaN stop, skipped steps, signals, step checkpoints."""
@@ -411,15 +451,18 @@ class Trainer:
             raise NonFiniteLossError(
                 f"{self.name}: non-finite loss at epoch {epoch + 1}, step {self.step}; stopped before "
                 f"applying it (BN moving statistics did see the batch). Last good checkpoint: "
-                f"{tf.train.latest_checkpoint(self.ckpt_dir) or 'none yet'}")
+                f"{tf.train.latest_checkpoint(self.ckpt_dir) or 'none yet'}"
+            )
         if result["skipped"]:
-            self._log(f"{self.name}: skipped {int(result['skipped'])} step(s) with a non-finite loss "
-                      f"before step {self.step}")
+            self._log(
+                f"{self.name}: skipped {int(result['skipped'])} step(s) with a non-finite loss before step {self.step}"
+            )
         if result["stopped"] or (self._stop_signal is not None and not self.multi_worker):
             self.save_checkpoint()
             cause = f"signal {self._stop_signal}" if self._stop_signal is not None else "another worker's signal"
-            raise StopRequested(f"{self.name}: stopped by {cause} at step {self.step}; checkpoint saved in "
-                                f"{self.ckpt_dir}")
+            raise StopRequested(
+                f"{self.name}: stopped by {cause} at step {self.step}; checkpoint saved in {self.ckpt_dir}"
+            )
         if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0:
             self.save_checkpoint()
 
@@ -428,12 +471,17 @@ class Trainer:
         bn = ("synchronised BN" if self.sync_bn else "BN statistics averaged") if self.replicas > 1 else "one replica"
         loop = self._steps_per_loop or "auto"
         xla = {"off": "off", "gradients": "loss+gradients", "step": "whole step"}[self.jit]
-        return (f"{self.replicas} replica(s) ({type(self.strategy).__name__}, {bn}), XLA {xla}, "
-                f"steps per loop {loop}, precision {self.cfg.mixed_precision}")
+        return (
+            f"{self.replicas} replica(s) ({type(self.strategy).__name__}, {bn}), XLA {xla}, "
+            f"steps per loop {loop}, precision {self.cfg.mixed_precision}"
+        )
 
     def _epoch_line(self, m, epochs):
-        parts = [f"{self.name} epoch {m['epoch'] + 1}/{epochs}", f"loss {m['train_loss']:.4f}",
-                 f"top-1 {100 * m['train_top1']:.2f}%"]
+        parts = [
+            f"{self.name} epoch {m['epoch'] + 1}/{epochs}",
+            f"loss {m['train_loss']:.4f}",
+            f"top-1 {100 * m['train_top1']:.2f}%",
+        ]
         if "test_top1" in m:
             parts.append(f"test top-1 {100 * m['test_top1']:.2f}%")
         parts += [f"lr {m['lr']:.3g}", f"{m['images_per_sec']:.0f} img/s", f"{m['seconds']:.1f}s"]

@@ -1,5 +1,6 @@
 """Annealed activation for deep training (VanillaNet, Chen et al. 2023): a ReLU that is blended
 into the identity over training so the layer it sits in becomes linear, hence fusable."""
+
 import keras
 
 
@@ -14,8 +15,9 @@ class AnnealedReLU(keras.layers.Layer):
         self.initial_lambda = float(initial_lambda)
 
     def build(self, input_shape):
-        self.lam = self.add_weight(name="lam", shape=(), trainable=False,
-                                   initializer=keras.initializers.Constant(self.initial_lambda))
+        self.lam = self.add_weight(
+            name="lam", shape=(), trainable=False, initializer=keras.initializers.Constant(self.initial_lambda)
+        )
 
     def call(self, x):
         lam = keras.ops.cast(self.lam, x.dtype)
@@ -30,8 +32,9 @@ class AnnealedReLU(keras.layers.Layer):
 
 def annealed_layers(model):
     """Every AnnealedReLU in `model`, nested layers included."""
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, AnnealedReLU)]
+    return [
+        layer for layer in model._flatten_layers(include_self=False, recursive=True) if isinstance(layer, AnnealedReLU)
+    ]
 
 
 def set_annealing(model, value):

@@ -6,6 +6,7 @@ E[x^2] - E[x]^2, which loses all precision on channels whose variance is tiny ne
 Here each replica's mean and centred sum of squares are combined exactly (Chan et al.'s parallel
 variance), so N replicas compute what `tf.nn.moments` computes on one device over the global batch.
 """
+
 import keras
 import tensorflow as tf
 
@@ -20,8 +21,10 @@ def synchronized_moments(x, axes):
     context = tf.distribute.get_replica_context()
     count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
     local_mean = tf.reduce_mean(x, axis=axes)
-    local_m2 = tf.reduce_sum(tf.square(x - tf.reshape(local_mean, [-1 if a == len(x.shape) - 1 else 1
-                                                                    for a in range(len(x.shape))])), axis=axes)
+    local_m2 = tf.reduce_sum(
+        tf.square(x - tf.reshape(local_mean, [-1 if a == len(x.shape) - 1 else 1 for a in range(len(x.shape))])),
+        axis=axes,
+    )
     total, total_sum = context.all_reduce(tf.distribute.ReduceOp.SUM, [count, count * local_mean])
     mean = total_sum / total
     m2 = context.all_reduce(tf.distribute.ReduceOp.SUM, local_m2 + count * tf.square(local_mean - mean))
@@ -36,8 +39,13 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
 
     def _moments(self, inputs, mask):
         context = tf.distribute.get_replica_context()
-        if (not self.synchronized or mask is not None or context is None or context.num_replicas_in_sync == 1
-                or self.axis % len(inputs.shape) != len(inputs.shape) - 1):
+        if (
+            not self.synchronized
+            or mask is not None
+            or context is None
+            or context.num_replicas_in_sync == 1
+            or self.axis % len(inputs.shape) != len(inputs.shape) - 1
+        ):
             return super()._moments(inputs, mask)
         return synchronized_moments(inputs, self._reduction_axes)
 
@@ -45,5 +53,6 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
 def batch_norm(name=None, zero_gamma=False):
     """The BN layer of every ke_tf model (torch momentum/epsilon; gamma 0 for a block's last BN
     when `zero_gamma`)."""
-    return SyncBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name,
-                                  gamma_initializer="zeros" if zero_gamma else "ones")
+    return SyncBatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name, gamma_initializer="zeros" if zero_gamma else "ones"
+    )

@@ -4,6 +4,7 @@ A builder written against `LayerFactory` yields a plain network; `ke_tf.layers.s
 `ke_tf.layers.gates` subclass it to yield split-mask (Knowledge Evolution) or gated (pruning)
 variants of the *same* code.
 """
+
 import keras
 
 from ke_tf.layers.batchnorm import batch_norm
@@ -34,15 +35,34 @@ class LayerFactory:
     "stem" (first conv: sees the raw image), "classifier" (last dense), or "body"; `group` names
     the channel group a conv writes (see the model builders)."""
 
-    def conv(self, filters, kernel_size, strides=1, name=None, role="body", group=None, use_bias=False,
-             groups=1, padding="same"):
-        return tag_group(keras.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias, groups=groups,
-            kernel_initializer=conv_initializer(), name=name), group)
+    def conv(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        name=None,
+        role="body",
+        group=None,
+        use_bias=False,
+        groups=1,
+        padding="same",
+    ):
+        return tag_group(
+            keras.layers.Conv2D(
+                filters,
+                kernel_size,
+                strides=strides,
+                padding=padding,
+                use_bias=use_bias,
+                groups=groups,
+                kernel_initializer=conv_initializer(),
+                name=name,
+            ),
+            group,
+        )
 
     def dense(self, units, name=None, role="classifier"):
-        return keras.layers.Dense(
-            units, kernel_initializer=dense_initializer(), name=name)
+        return keras.layers.Dense(units, kernel_initializer=dense_initializer(), name=name)
 
     def bn(self, name=None, zero_gamma=False):
         return batch_norm(name, zero_gamma)

@@ -7,6 +7,7 @@ single non-trainable `gate` variable masks the whole group at once and masking i
 equivalent to slicing the group's channels out (residual streams included). The mask is a
 variable, so changing it never retraces a compiled forward pass.
 """
+
 import keras
 import tensorflow as tf
 
@@ -22,8 +23,7 @@ class ChannelGate(keras.layers.Layer):
         self.group = group
 
     def build(self, input_shape):
-        self.gate = self.add_weight(name="gate", shape=(int(input_shape[-1]),), initializer="ones",
-                                    trainable=False)
+        self.gate = self.add_weight(name="gate", shape=(int(input_shape[-1]),), initializer="ones", trainable=False)
 
     def call(self, x):
         return x * keras.ops.cast(self.gate, x.dtype)
@@ -64,7 +64,12 @@ def set_masks(gates, keep):
     for group, layer in gates.items():
         channels = int(layer.gate.shape[0])
         if group in keep:
-            layer.gate.assign(tf.scatter_nd(tf.reshape(tf.constant(list(keep[group]), tf.int32), [-1, 1]),
-                                            tf.ones([len(keep[group])]), [channels]))
+            layer.gate.assign(
+                tf.scatter_nd(
+                    tf.reshape(tf.constant(list(keep[group]), tf.int32), [-1, 1]),
+                    tf.ones([len(keep[group])]),
+                    [channels],
+                )
+            )
         else:
             layer.gate.assign(tf.ones([channels]))

@@ -4,6 +4,7 @@ deploy as one Conv2D with bias (RepVGG's BN fold + 1x1 -> 3x3 padding, ReduceNet
 Kernel arithmetic is NumPy on HWIO kernels; BN is y = gamma * (x - mean) / sqrt(var + eps) + beta
 per output channel, folded with the layer's own epsilon and moving statistics (inference mode).
 """
+
 import keras
 import numpy as np
 
@@ -43,8 +44,15 @@ def same_centre_offset(size, strides, kernel_size=3):
 
 
 def _conv(filters, kernel_size, strides, name, padding="same"):
-    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=False,
-                               kernel_initializer=conv_initializer(), name=name)
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer=conv_initializer(),
+        name=name,
+    )
 
 
 @keras.saving.register_keras_serializable(package="ke_tf")
@@ -63,8 +71,17 @@ class ReduceConv(keras.layers.Layer):
     every side as PyTorch does (converted checkpoints); "same" is Keras' bottom/right padding.
     """
 
-    def __init__(self, filters, strides=1, expansion=1.0, bottleneck=False, lora=False, lora_act="linear",
-                 padding="same", **kwargs):
+    def __init__(
+        self,
+        filters,
+        strides=1,
+        expansion=1.0,
+        bottleneck=False,
+        lora=False,
+        lora_act="linear",
+        padding="same",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if lora_act not in ("linear", "annealed"):
             raise ValueError(f"lora_act must be 'linear' or 'annealed', got {lora_act!r}")
@@ -156,21 +173,30 @@ class ReduceConv(keras.layers.Layer):
     def fuse(self):
         """(kernel 3x3 HWIO, bias) of the single conv equal to this unit in inference mode."""
         if self.bottleneck:
-            raise ValueError(f"{self.name}: the non-linear bottleneck branch cannot be fused; "
-                             "deploy the student variant")
+            raise ValueError(
+                f"{self.name}: the non-linear bottleneck branch cannot be fused; deploy the student variant"
+            )
         kernel = _np(self.conv.kernel)
         bias = np.zeros(self.filters)
         if self.lora:
             lam = 1.0 if self.lora_activation is None else float(_np(self.lora_activation.lam))
             if abs(lam - 1.0) > 1e-6:
-                raise ValueError(f"{self.name}: annealed activation is at l={lam:.3f}, "
-                                 "not linear (l=1) yet; cannot fuse")
+                raise ValueError(
+                    f"{self.name}: annealed activation is at l={lam:.3f}, not linear (l=1) yet; cannot fuse"
+                )
             k1, b1 = fold_bn(self.lora_conv.kernel, None, self.lora_bn)
             kernel = kernel + pad_kernel(k1, 3)
             bias = bias + b1
         return fold_bn(kernel, bias, self.bn)
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "strides": self.strides,
-                "expansion": self.expansion, "bottleneck": self.bottleneck, "lora": self.lora,
-                "lora_act": self.lora_act, "padding": self.padding}
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "strides": self.strides,
+            "expansion": self.expansion,
+            "bottleneck": self.bottleneck,
+            "lora": self.lora,
+            "lora_act": self.lora_act,
+            "padding": self.padding,
+        }

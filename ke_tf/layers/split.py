@@ -6,6 +6,7 @@ trains every weight. It is used only to re-initialise H_R between generations
 (`reinitialize_reset_hypothesis`) and to slice out the slim network (kels). Being a variable, it
 is saved in params pickles, checkpoints and `.keras` files (mandatory for the random wels masks).
 """
+
 import math
 import zlib
 
@@ -52,8 +53,7 @@ def reset_initializer(rule="kaiming_uniform", seed=None):
     and the split layers' `split_reinitialize`; the paper only says "randomly
     re-initialised"). "kaiming_normal" re-draws from the initial distribution instead."""
     if rule == "kaiming_uniform":
-        return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform",
-                                                  seed=seed)
+        return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed)
     if rule == "kaiming_normal":
         return ke_initializer(seed)
     raise ValueError(f"reset rule must be one of {REINIT_RULES}, got {rule!r}")
@@ -61,8 +61,7 @@ def reset_initializer(rule="kaiming_uniform", seed=None):
 
 def ke_initializer(seed=None):
     """KE's initial init of conv and linear kernels (`kaiming_normal`, fan_in, relu), untruncated."""
-    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_in", distribution="untruncated_normal",
-                                              seed=seed)
+    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_in", distribution="untruncated_normal", seed=seed)
 
 
 class _SplitMixin:
@@ -86,8 +85,9 @@ class _SplitMixin:
             value = kels_mask(shape, self.split_rate, self.role)
         else:
             value = wels_mask(shape, self.split_rate, self.seed)
-        self.mask = self.add_weight(name="mask", shape=shape, dtype="float32", trainable=False,
-                                    initializer=lambda shape, dtype=None: value)
+        self.mask = self.add_weight(
+            name="mask", shape=shape, dtype="float32", trainable=False, initializer=lambda shape, dtype=None: value
+        )
 
     def reinitialize(self, seed, rule="kaiming_uniform"):
         """Replace the reset-hypothesis kernel weights (mask == 0) by fresh samples of `rule`;
@@ -109,16 +109,14 @@ class _SplitMixin:
             self.mask.assign(store["mask"])
 
     def _split_config(self):
-        return {"split_rate": self.split_rate, "split_mode": self.split_mode, "role": self.role,
-                "seed": self.seed}
+        return {"split_rate": self.split_rate, "split_mode": self.split_mode, "role": self.role, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="ke_tf")
 class SplitConv2D(_SplitMixin, keras.layers.Conv2D):
     """Conv2D with a KE fit-hypothesis `mask` (forward pass unchanged)."""
 
-    def __init__(self, filters, kernel_size, split_rate=0.5, split_mode="kels", role="body", seed=0,
-                 **kwargs):
+    def __init__(self, filters, kernel_size, split_rate=0.5, split_mode="kels", role="body", seed=0, **kwargs):
         super().__init__(filters, kernel_size, **kwargs)
         self._init_split(split_rate, split_mode, role, seed)
         if split_mode == "kels" and self.groups != 1:
@@ -168,7 +166,7 @@ def reinitialize_reset_hypothesis(model, seed, rule="kaiming_uniform"):
 
 def _derive_seed(seed, name):
     """A stable per-layer seed (same layers get different, reproducible streams)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31 - 1)
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
 
 
 class SplitLayerFactory(LayerFactory):
@@ -185,18 +183,48 @@ class SplitLayerFactory(LayerFactory):
         self._count += 1
         return _derive_seed(self.seed, name or f"layer{self._count}")
 
-    def conv(self, filters, kernel_size, strides=1, name=None, role="body", group=None, use_bias=False,
-             groups=1, padding="same"):
-        return tag_group(SplitConv2D(
-            filters, kernel_size, split_rate=self.split_rate, split_mode=self.split_mode, role=role,
-            seed=self._layer_seed(name), strides=strides, padding=padding, use_bias=use_bias,
-            groups=groups, kernel_initializer=ke_initializer(), name=name), group)
+    def conv(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        name=None,
+        role="body",
+        group=None,
+        use_bias=False,
+        groups=1,
+        padding="same",
+    ):
+        return tag_group(
+            SplitConv2D(
+                filters,
+                kernel_size,
+                split_rate=self.split_rate,
+                split_mode=self.split_mode,
+                role=role,
+                seed=self._layer_seed(name),
+                strides=strides,
+                padding=padding,
+                use_bias=use_bias,
+                groups=groups,
+                kernel_initializer=ke_initializer(),
+                name=name,
+            ),
+            group,
+        )
 
     def dense(self, units, name=None, role="classifier"):
         # Bias starts at 0 (KE: torch default U(+-1/sqrt(fan_in))); a deliberate simplification,
         # the bias is never re-initialised either way.
-        return SplitDense(units, split_rate=self.split_rate, split_mode=self.split_mode, role=role,
-                          seed=self._layer_seed(name), kernel_initializer=ke_initializer(), name=name)
+        return SplitDense(
+            units,
+            split_rate=self.split_rate,
+            split_mode=self.split_mode,
+            role=role,
+            seed=self._layer_seed(name),
+            kernel_initializer=ke_initializer(),
+            name=name,
+        )
 
     def metadata(self):
         """Plain-data description stored in params metadata to rebuild the split network."""

@@ -1,8 +1,11 @@
 """Model registry: `build_model(arch, ...)` builds any ke_tf architecture by name, and
 `model_spec` records what is needed to rebuild it from a params file."""
+
 from ke_tf.layers.factory import PLAIN
-from ke_tf.models.resnet import CONFIGS as IMAGENET_DEPTHS, imagenet_default_widths, resnet
-from ke_tf.models.resnet_cifar import DEPTHS as CIFAR_DEPTHS, cifar_default_widths, resnet_cifar
+from ke_tf.models.resnet import CONFIGS as IMAGENET_DEPTHS
+from ke_tf.models.resnet import imagenet_default_widths, resnet
+from ke_tf.models.resnet_cifar import DEPTHS as CIFAR_DEPTHS
+from ke_tf.models.resnet_cifar import cifar_default_widths, resnet_cifar
 
 _BUILDERS = {}
 _DEFAULT_WIDTHS = {}
@@ -15,15 +18,21 @@ def register_arch(name, builder, default_widths):
 
 
 for _d in CIFAR_DEPTHS:
-    register_arch(f"resnet{_d}",
-                  lambda num_classes, input_shape, widths, layers, _d=_d, **o:
-                      resnet_cifar(_d, num_classes, input_shape, widths, layers, **o),
-                  lambda _d=_d, width_mult=1.0, **o: cifar_default_widths(_d, width_mult))
+    register_arch(
+        f"resnet{_d}",
+        lambda num_classes, input_shape, widths, layers, _d=_d, **o: resnet_cifar(
+            _d, num_classes, input_shape, widths, layers, **o
+        ),
+        lambda _d=_d, width_mult=1.0, **o: cifar_default_widths(_d, width_mult),
+    )
 for _d in IMAGENET_DEPTHS:
-    register_arch(f"resnet{_d}",
-                  lambda num_classes, input_shape, widths, layers, _d=_d, **o:
-                      resnet(_d, num_classes, input_shape, widths, layers, **o),
-                  lambda _d=_d, width_mult=1.0, **o: imagenet_default_widths(_d, width_mult))
+    register_arch(
+        f"resnet{_d}",
+        lambda num_classes, input_shape, widths, layers, _d=_d, **o: resnet(
+            _d, num_classes, input_shape, widths, layers, **o
+        ),
+        lambda _d=_d, width_mult=1.0, **o: imagenet_default_widths(_d, width_mult),
+    )
 
 
 def available_archs():
@@ -58,12 +67,20 @@ def _width_options(options):
 
 def model_spec(arch, num_classes, input_shape, widths=None, **options):
     """Plain-data description of a model, stored in params metadata so it can be rebuilt."""
-    return {"arch": arch, "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape],
-            "widths": dict(widths) if widths else None, "options": dict(options)}
+    return {
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "input_shape": [int(d) for d in input_shape],
+        "widths": dict(widths) if widths else None,
+        "options": dict(options),
+    }
 
 
 def build_from_spec(spec, layers=PLAIN):
     """Inverse of `model_spec`."""
-    return build_model(spec["arch"], spec["num_classes"], spec["input_shape"], spec.get("widths"),
-                       layers, **spec.get("options", {}))
+    return build_model(
+        spec["arch"], spec["num_classes"], spec["input_shape"], spec.get("widths"), layers, **spec.get("options", {})
+    )
+
+
 import ke_tf.models.reducenet  # noqa: E402,F401  (registers reduce20/reduce56)

@@ -11,6 +11,7 @@ Variants (option `variant`):
 reduce20 w1 (CIFAR-10, 32x32): teacher 412.1K params / 62.0M MACs, student 272.5K / 40.8M.
 Channel groups are those of the CIFAR ResNets ("stage{s}", "s{s}b{j}").
 """
+
 import keras
 import numpy as np
 
@@ -31,8 +32,20 @@ def _shortcut(x, out_channels, strides, name, layers, deploy):
     return x if deploy else layers.bn(name=f"{name}_short_bn")(x)
 
 
-def reducenet(depth, num_classes, input_shape=(32, 32, 3), widths=None, layers=PLAIN, variant="teacher",
-              expansion=1.0, width_mult=1.0, lora=False, lora_act="linear", padding="same", name=None):
+def reducenet(
+    depth,
+    num_classes,
+    input_shape=(32, 32, 3),
+    widths=None,
+    layers=PLAIN,
+    variant="teacher",
+    expansion=1.0,
+    width_mult=1.0,
+    lora=False,
+    lora_act="linear",
+    padding="same",
+    name=None,
+):
     """Build ReduceNet-`depth` (`variant` teacher | student | deploy) as a functional model;
     `padding="torch"` pads strided convs as PyTorch (checkpoints converted by `ke_tf.convert`)."""
     if depth not in REDUCE_DEPTHS:
@@ -56,8 +69,16 @@ def reducenet(depth, num_classes, input_shape=(32, 32, 3), widths=None, layers=P
             if deploy:
                 y = padded_conv(layers, x, w[b], 3, strides, f"{b}_conv1", padding, group=b, use_bias=True)
             else:
-                y = ReduceConv(w[b], strides, expansion=expansion, bottleneck=variant == "teacher", lora=lora,
-                               lora_act=lora_act, padding=padding, name=f"{b}_rep")(x)
+                y = ReduceConv(
+                    w[b],
+                    strides,
+                    expansion=expansion,
+                    bottleneck=variant == "teacher",
+                    lora=lora,
+                    lora_act=lora_act,
+                    padding=padding,
+                    name=f"{b}_rep",
+                )(x)
             y = keras.layers.ReLU(name=f"{b}_relu1")(y)
             y = layers.conv(w[f"stage{s}"], 3, 1, name=f"{b}_conv2", group=f"stage{s}", use_bias=deploy)(y)
             if not deploy:
@@ -71,10 +92,13 @@ def reducenet(depth, num_classes, input_shape=(32, 32, 3), widths=None, layers=P
 
 
 for _d in REDUCE_DEPTHS:
-    register_arch(f"reduce{_d}",
-                  lambda num_classes, input_shape, widths, layers, _d=_d, **o:
-                      reducenet(_d, num_classes, input_shape, widths, layers, **o),
-                  lambda _d=_d, width_mult=1.0, **o: cifar_default_widths(_d, width_mult))
+    register_arch(
+        f"reduce{_d}",
+        lambda num_classes, input_shape, widths, layers, _d=_d, **o: reducenet(
+            _d, num_classes, input_shape, widths, layers, **o
+        ),
+        lambda _d=_d, width_mult=1.0, **o: cifar_default_widths(_d, width_mult),
+    )
 
 
 def is_reducenet(spec):
@@ -103,10 +127,16 @@ def _set(layer, kernel, bias):
 def student_spec_of(model):
     """The spec of a ReduceNet student, read from its layers (depth, channel widths, classes)."""
     units = [layer for layer in model.layers if isinstance(layer, ReduceConv)]
-    widths = {layer.name[:-len("_rep")]: layer.filters for layer in units}
+    widths = {layer.name[: -len("_rep")]: layer.filters for layer in units}
     widths.update({f"stage{s}": model.get_layer(f"s{s}b0_conv2").filters for s in (1, 2, 3)})
-    return model_spec(f"reduce{2 * len(units) + 2}", model.get_layer("classifier").units, model.input_shape[1:],
-                      widths, variant="student", padding=units[0].padding)
+    return model_spec(
+        f"reduce{2 * len(units) + 2}",
+        model.get_layer("classifier").units,
+        model.input_shape[1:],
+        widths,
+        variant="student",
+        padding=units[0].padding,
+    )
 
 
 def get_deploy_model(model, spec=None):

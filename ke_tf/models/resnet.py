@@ -7,6 +7,7 @@ identity shortcut (ResNet-50).
 `padding="torch"` pads strided convs and the max-pool symmetrically as PyTorch does (networks
 converted from torchvision-layout checkpoints, `ke_tf.convert`); the default "same" is Keras'.
 """
+
 import keras
 
 from ke_tf.layers.factory import PLAIN, padded_conv
@@ -67,8 +68,17 @@ def _bottleneck_block(x, b, w, s, strides, layers, zero_init_residual, padding):
     return layers.bn(name=f"{b}_bn3", zero_gamma=zero_init_residual)(y)
 
 
-def resnet(depth, num_classes, input_shape=(224, 224, 3), widths=None, layers=PLAIN,
-           zero_init_residual=False, width_mult=1.0, padding="same", name=None):
+def resnet(
+    depth,
+    num_classes,
+    input_shape=(224, 224, 3),
+    widths=None,
+    layers=PLAIN,
+    zero_init_residual=False,
+    width_mult=1.0,
+    padding="same",
+    name=None,
+):
     """Build ResNet-`depth` (18/34/50) with the 7x7/2 stem and 3x3/2 max-pool."""
     if depth not in CONFIGS:
         raise ValueError(f"ResNet depth must be one of {sorted(CONFIGS)}, got {depth}")

@@ -4,6 +4,7 @@ Channel groups make widths explicit so that one builder yields the dense net, a 
 Evolution slim net or an EKG-pruned net: "stage{s}" is the residual stream of stage s (the stem
 writes into stage1), "s{s}b{j}" the inner width of block j of stage s.
 """
+
 import keras
 
 from ke_tf.layers.factory import PLAIN
@@ -36,7 +37,8 @@ def _shortcut(x, out_channels, strides, name, layers, shortcut, group):
     if out_channels < in_channels:
         raise ValueError(
             f"{name}: option-A shortcut cannot shrink {in_channels} -> {out_channels} channels; "
-            "use shortcut='B' for networks whose stages narrow")
+            "use shortcut='B' for networks whose stages narrow"
+        )
     return ZeroPadShortcut(out_channels - in_channels, strides, name=f"{name}_short_pad")(x)
 
 
@@ -62,8 +64,17 @@ class ZeroPadShortcut(keras.layers.Layer):
         return {**super().get_config(), "pad_channels": self.pad_channels, "strides": self.strides}
 
 
-def resnet_cifar(depth, num_classes, input_shape=(32, 32, 3), widths=None, layers=PLAIN,
-                 shortcut="A", zero_init_residual=False, width_mult=1.0, name=None):
+def resnet_cifar(
+    depth,
+    num_classes,
+    input_shape=(32, 32, 3),
+    widths=None,
+    layers=PLAIN,
+    shortcut="A",
+    zero_init_residual=False,
+    width_mult=1.0,
+    name=None,
+):
     """Build a CIFAR ResNet-`depth` as a functional Keras model."""
     if depth not in DEPTHS:
         raise ValueError(f"CIFAR ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")

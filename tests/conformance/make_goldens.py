@@ -25,6 +25,7 @@ Each golden takes the unpacked source tree of its original at the commit it reco
 Weights are not stored: both sides build them with `seeded.seeded_state` from the key names and
 shapes the golden records. Every golden records the source repository and commit.
 """
+
 import argparse
 import logging
 import os
@@ -50,6 +51,7 @@ def _torch64():
     """torch with float64 as the default dtype: the originals' modules and the tensors they
     create internally compute in float64 (the seeded float32 weights convert exactly)."""
     import torch
+
     torch.set_default_dtype(torch.float64)
     return torch
 
@@ -57,11 +59,13 @@ def _torch64():
 def _tensor(array):
     """A float64 torch tensor of `array` (the goldens' float32 images and features, exactly)."""
     import torch
+
     return torch.from_numpy(np.asarray(array, np.float64))
 
 
 def _torch_state(model, seed, keep_suffixes):
     import torch
+
     reference = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     shapes = {k: v.shape for k, v in reference.items()}
     keep = {k: v for k, v in reference.items() if k.endswith(keep_suffixes)}
@@ -75,7 +79,7 @@ def _shape_record(shapes):
     keys = np.array(list(shapes))
     dims = np.full((len(keys), 4), -1, np.int64)
     for i, s in enumerate(shapes.values()):
-        dims[i, :len(s)] = s
+        dims[i, : len(s)] = s
     return {"state_keys": keys, "state_shapes": dims}
 
 
@@ -87,18 +91,34 @@ def ke(repo, commit):
     sys.path.insert(0, repo)
     from models.split_resnet import Split_ResNet18
     from utils.net_utils import LabelSmoothing, extract_slim
+
     torch.manual_seed(SEED)
 
     def cfg(split_rate, slim_factor):
         return types.SimpleNamespace(
-            slim_factor=slim_factor, split_rate=split_rate, split_mode="kels", bias_split_rate=split_rate,
-            num_cls=CLASSES, pretrained=None, logger=logging.getLogger("ke"), conv_type="SplitConv",
-            bn_type="SplitBatchNorm", linear_type="SplitLinear", init="kaiming_normal", mode="fan_in",
-            nonlinearity="relu", scale_fan=False)
+            slim_factor=slim_factor,
+            split_rate=split_rate,
+            split_mode="kels",
+            bias_split_rate=split_rate,
+            num_cls=CLASSES,
+            pretrained=None,
+            logger=logging.getLogger("ke"),
+            conv_type="SplitConv",
+            bn_type="SplitBatchNorm",
+            linear_type="SplitLinear",
+            init="kaiming_normal",
+            mode="fan_in",
+            nonlinearity="relu",
+            scale_fan=False,
+        )
+
     dense = Split_ResNet18(cfg(0.5, 1.0))
     shapes = _torch_state(dense, SEED, ("mask", "num_batches_tracked"))
-    masks = {k: np.packbits(v.detach().numpy().astype(bool).reshape(-1)) for k, v in dense.state_dict().items()
-             if k.endswith("mask")}
+    masks = {
+        k: np.packbits(v.detach().numpy().astype(bool).reshape(-1))
+        for k, v in dense.state_dict().items()
+        if k.endswith("mask")
+    }
     x, x_nhwc = golden_images(2, 64, SEED)
     dense.eval()
     with torch.no_grad():
@@ -121,18 +141,32 @@ def ke(repo, commit):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    after = {k: v.detach().numpy() for k, v in dense.state_dict().items()
-             if not k.endswith(("mask", "num_batches_tracked", "running_var"))}
+    after = {
+        k: v.detach().numpy()
+        for k, v in dense.state_dict().items()
+        if not k.endswith(("mask", "num_batches_tracked", "running_var"))
+    }
     full = ("conv1.weight", "bn1.weight", "bn1.bias", "layer4.1.bn2.weight", "fc.weight", "fc.bias")
     np.savez_compressed(
-        os.path.join(GOLDEN_DIR, "ke_resnet18.npz"), repo="ahmdtaha/knowledge_evolution", commit=commit,
-        seed=SEED, images=x_nhwc, labels=labels, dense_logits=dense_logits, slim_logits=slim_logits,
-        step_losses=np.array(losses), step_lr=STEP_LR, step_momentum=STEP_MOMENTUM, step_weight_decay=STEP_WD,
+        os.path.join(GOLDEN_DIR, "ke_resnet18.npz"),
+        repo="ahmdtaha/knowledge_evolution",
+        commit=commit,
+        seed=SEED,
+        images=x_nhwc,
+        labels=labels,
+        dense_logits=dense_logits,
+        slim_logits=slim_logits,
+        step_losses=np.array(losses),
+        step_lr=STEP_LR,
+        step_momentum=STEP_MOMENTUM,
+        step_weight_decay=STEP_WD,
         **_shape_record(shapes),
         **{f"mask/{k}": v for k, v in masks.items()},
         **{f"step/{k}": after[k] for k in full},
-        step_sum_keys=np.array(list(after)), step_sums=np.array([after[k].sum() for k in after]),
-        step_sq_sums=np.array([np.square(after[k]).sum() for k in after]))
+        step_sum_keys=np.array(list(after)),
+        step_sums=np.array([after[k].sum() for k in after]),
+        step_sq_sums=np.array([np.square(after[k]).sum() for k in after]),
+    )
 
 
 def reducenet(repo, commit):
@@ -141,8 +175,10 @@ def reducenet(repo, commit):
     KD loss (alpha 0.7, T 5)."""
     torch = _torch64()
     import torch.nn.functional as F
+
     sys.path.insert(0, repo)
     from models.reducenet import reducenet20
+
     torch.manual_seed(SEED)
     net = reducenet20(CLASSES, 1)
     shapes = _torch_state(net, SEED, ("num_batches_tracked", "scaler", "lora"))
@@ -159,13 +195,24 @@ def reducenet(repo, commit):
     alpha, temperature = 0.7, 5.0
     # main.py's loss_fn_kd: nn.KLDivLoss() (reduction 'mean': over batch x classes) * alpha * T^2 + (1-alpha) * CE
     s, t = torch.from_numpy(student), torch.from_numpy(teacher)
-    kd = (torch.nn.KLDivLoss()(F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1))
-          * (alpha * temperature * temperature) + F.cross_entropy(s, torch.from_numpy(labels)) * (1.0 - alpha))
+    kd = torch.nn.KLDivLoss()(F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)) * (
+        alpha * temperature * temperature
+    ) + F.cross_entropy(s, torch.from_numpy(labels)) * (1.0 - alpha)
     np.savez_compressed(
-        os.path.join(GOLDEN_DIR, "reducenet20.npz"), repo="ohmydroid/reducenet", commit=commit, seed=SEED,
-        images=x_nhwc, labels=labels, teacher_logits=teacher, student_logits=student, student_lora_logits=student_lora,
+        os.path.join(GOLDEN_DIR, "reducenet20.npz"),
+        repo="ohmydroid/reducenet",
+        commit=commit,
+        seed=SEED,
+        images=x_nhwc,
+        labels=labels,
+        teacher_logits=teacher,
+        student_logits=student,
+        student_lora_logits=student_lora,
         kd_loss=kd.item(),
-        alpha=alpha, temperature=temperature, **_shape_record(shapes))
+        alpha=alpha,
+        temperature=temperature,
+        **_shape_record(shapes),
+    )
 
 
 def ekg(repo, commit, steps=3):
@@ -176,17 +223,28 @@ def ekg(repo, commit, steps=3):
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     sys.path.insert(0, repo)
     os.chdir(repo)
+    import prune_utils
     import tensorflow as tf
     from nets import ResNet
-    import prune_utils
+
     tf.random.set_seed(SEED)
-    args = types.SimpleNamespace(arch="ResNet-20", input_size=[32, 32, 3], num_classes=CLASSES, val_batch_size=16,
-                                 search_batch_size=16, cardinality={"val": 16}, compile=False, accum=1, gpu_id=[0],
-                                 search_step=0.2, search_target_rate=0.1,
-                                 train_path=tempfile.mkdtemp(prefix="ekg_golden_"))
+    args = types.SimpleNamespace(
+        arch="ResNet-20",
+        input_size=[32, 32, 3],
+        num_classes=CLASSES,
+        val_batch_size=16,
+        search_batch_size=16,
+        cardinality={"val": 16},
+        compile=False,
+        accum=1,
+        gpu_id=[0],
+        search_step=0.2,
+        search_target_rate=0.1,
+        train_path=tempfile.mkdtemp(prefix="ekg_golden_"),
+    )
     model = ResNet.Model(args, num_layers=20, num_class=CLASSES, name="ResNet")
     model(np.zeros([1, 32, 32, 3], np.float32), training=False)
-    names = {v.name[len("ResNet/"):]: v for v in model.variables}
+    names = {v.name[len("ResNet/") :]: v for v in model.variables}
     shapes = {k: tuple(v.shape) for k, v in names.items()}
     state = seeded_state(shapes, SEED)
     for k, v in names.items():
@@ -204,7 +262,8 @@ def ekg(repo, commit, steps=3):
 
     def recording_eval():  # the channels each candidate keeps, in every gate
         candidate_masks[len(chosen), recording_check.gate] = np.concatenate(
-            [g.get_mask().numpy().reshape(-1) for g in search.Gates])
+            [g.get_mask().numpy().reshape(-1) for g in search.Gates]
+        )
         return evaluate()
 
     def recording_check(i):  # the score (CE + CE to the ensemble) of every candidate EKG evaluates
@@ -212,6 +271,7 @@ def ekg(repo, commit, steps=3):
         result = check_next_step(i)
         candidates[len(chosen), i] = result[3]
         return result
+
     search.Eval = recording_eval
     search.check_next_step = recording_check
     for _ in range(steps):
@@ -220,13 +280,24 @@ def ekg(repo, commit, steps=3):
         widths.append(list(search.width_list))
     masks = [g.get_mask().numpy().reshape(-1) for g in search.Gates]
     np.savez_compressed(
-        os.path.join(GOLDEN_DIR, "ekg_resnet20.npz"), repo="sseung0703/EKG", commit=commit, seed=SEED,
-        images=x, labels=labels, ensemble=ensemble, gate_names=np.array([g.name for g in search.Gates]),
+        os.path.join(GOLDEN_DIR, "ekg_resnet20.npz"),
+        repo="sseung0703/EKG",
+        commit=commit,
+        seed=SEED,
+        images=x,
+        labels=labels,
+        ensemble=ensemble,
+        gate_names=np.array([g.name for g in search.Gates]),
         num_calls=np.array([g.num_call for g in search.Gates]),
         **{f"importance/{i}": v for i, v in enumerate(importance)},
-        steps=steps, chosen=np.array(chosen), widths=np.array(widths), candidate_scores=candidates,
+        steps=steps,
+        chosen=np.array(chosen),
+        widths=np.array(widths),
+        candidate_scores=candidates,
         **{f"candidate_mask/{step}/{i}": np.packbits(m.astype(bool)) for (step, i), m in candidate_masks.items()},
-        **{f"mask/{i}": m for i, m in enumerate(masks)}, **_shape_record(shapes))
+        **{f"mask/{i}": m for i, m in enumerate(masks)},
+        **_shape_record(shapes),
+    )
 
 
 def consistency(repo, commit):
@@ -237,6 +308,7 @@ def consistency(repo, commit):
     sys.path.insert(0, repo)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the constructor calls .cuda(); CPU here
     from Model_zoo.linearTest_sigmoidP_instance import LinearTester
+
     torch.manual_seed(SEED)
     size = (4, 8, 8)
     net = LinearTester(size, size, layers=3, fix_p=False, bn=False, instance_bn=True)
@@ -254,11 +326,20 @@ def consistency(repo, commit):
     total, orders = net.val_batch(_tensor(x_a))
     nhwc = (0, 2, 3, 1)
     np.savez_compressed(
-        os.path.join(GOLDEN_DIR, "consistency_transnet.npz"), repo="nexuslrf/knowledge_consistency", commit=commit,
-        seed=SEED, x_a=x_a.transpose(nhwc), x_b=x_b.transpose(nhwc), alphas=alphas,
-        output=output.detach().numpy().transpose(nhwc), orders=orders.numpy().transpose(0, 1, 3, 4, 2),
-        orders_sum=total.numpy().transpose(nhwc), loss=loss.item(), p_pre=state["nonLinearLayers_p_pre"],
-        **_shape_record(shapes))
+        os.path.join(GOLDEN_DIR, "consistency_transnet.npz"),
+        repo="nexuslrf/knowledge_consistency",
+        commit=commit,
+        seed=SEED,
+        x_a=x_a.transpose(nhwc),
+        x_b=x_b.transpose(nhwc),
+        alphas=alphas,
+        output=output.detach().numpy().transpose(nhwc),
+        orders=orders.numpy().transpose(0, 1, 3, 4, 2),
+        orders_sum=total.numpy().transpose(nhwc),
+        loss=loss.item(),
+        p_pre=state["nonLinearLayers_p_pre"],
+        **_shape_record(shapes),
+    )
 
 
 def _ke_resnet18(ke_repo, slim_factor, seed):
@@ -267,10 +348,23 @@ def _ke_resnet18(ke_repo, slim_factor, seed):
     if ke_repo not in sys.path:
         sys.path.insert(0, ke_repo)
     from models.split_resnet import Split_ResNet18
+
     cfg = types.SimpleNamespace(
-        slim_factor=slim_factor, split_rate=1.0, split_mode="kels", bias_split_rate=1.0, num_cls=CLASSES,
-        pretrained=None, logger=logging.getLogger("ke"), conv_type="SplitConv", bn_type="SplitBatchNorm",
-        linear_type="SplitLinear", init="kaiming_normal", mode="fan_in", nonlinearity="relu", scale_fan=False)
+        slim_factor=slim_factor,
+        split_rate=1.0,
+        split_mode="kels",
+        bias_split_rate=1.0,
+        num_cls=CLASSES,
+        pretrained=None,
+        logger=logging.getLogger("ke"),
+        conv_type="SplitConv",
+        bn_type="SplitBatchNorm",
+        linear_type="SplitLinear",
+        init="kaiming_normal",
+        mode="fan_in",
+        nonlinearity="relu",
+        scale_fan=False,
+    )
     torch.manual_seed(seed)
     net = Split_ResNet18(cfg)
     shapes = _torch_state(net, seed, ("mask", "num_batches_tracked"))
@@ -284,8 +378,10 @@ def lwm(repo, commit, ke_repo, ke_commit):
     satya15july's `grad_cam_loss` on the same tensors, which differs from the paper (its map sums
     alpha_k * dy/dA^k, its class is the student's top old class)."""
     import importlib.util
+
     torch = _torch64()
     import torch.nn.functional as F
+
     sys.path.insert(0, repo)
     spec = importlib.util.spec_from_file_location("lwm_reference_utils", os.path.join(repo, "utils.py"))
     reference = importlib.util.module_from_spec(spec)
@@ -307,6 +403,7 @@ def lwm(repo, commit, ke_repo, ke_commit):
     def paper_map(feat, logits):
         grads = torch.autograd.grad(logits.gather(1, top.view(-1, 1)).sum(), feat, retain_graph=True)[0]
         return F.relu((grads.mean(dim=(2, 3), keepdim=True) * feat).sum(dim=1))
+
     maps = {"teacher": paper_map(t_feat, t_logits), "student": paper_map(s_feat, s_logits)}
     q = {k: F.normalize(m.reshape(2, -1), p=2, dim=-1) for k, m in maps.items()}
     paper_loss = (q["teacher"] - q["student"]).norm(p=1, dim=1).mean()
@@ -320,13 +417,25 @@ def lwm(repo, commit, ke_repo, ke_commit):
         fresh[role] = (records[role + "_layer3_hook"]["A3"], logits)
     repo_loss_layer3 = reference.grad_cam_loss(*fresh["teacher"], *fresh["student"])
     np.savez_compressed(
-        os.path.join(GOLDEN_DIR, "lwm_gradcam.npz"), repo="satya15july/incremental_system_using_knowledge_distillation",
-        commit=commit, net_repo="ahmdtaha/knowledge_evolution", net_commit=ke_commit, seeds=np.array([0, 1]),
-        image_seed=SEED, image_size=128, slim_factor=0.25,
-        teacher_logits=t_logits.detach().numpy(), student_logits=s_logits.detach().numpy(), classes=top.numpy(),
-        teacher_map=maps["teacher"].detach().numpy(), student_map=maps["student"].detach().numpy(),
-        paper_loss=paper_loss.item(), repo_loss=repo_loss.item(), repo_loss_layer3=repo_loss_layer3.item(),
-        **{f"teacher_{k}": v for k, v in _shape_record(t_shapes).items()})
+        os.path.join(GOLDEN_DIR, "lwm_gradcam.npz"),
+        repo="satya15july/incremental_system_using_knowledge_distillation",
+        commit=commit,
+        net_repo="ahmdtaha/knowledge_evolution",
+        net_commit=ke_commit,
+        seeds=np.array([0, 1]),
+        image_seed=SEED,
+        image_size=128,
+        slim_factor=0.25,
+        teacher_logits=t_logits.detach().numpy(),
+        student_logits=s_logits.detach().numpy(),
+        classes=top.numpy(),
+        teacher_map=maps["teacher"].detach().numpy(),
+        student_map=maps["student"].detach().numpy(),
+        paper_loss=paper_loss.item(),
+        repo_loss=repo_loss.item(),
+        repo_loss_layer3=repo_loss_layer3.item(),
+        **{f"teacher_{k}": v for k, v in _shape_record(t_shapes).items()},
+    )
 
 
 if __name__ == "__main__":
@@ -336,13 +445,17 @@ if __name__ == "__main__":
     parser.add_argument("--commit", required=True, help="the source tree's commit (recorded in the golden)")
     parser.add_argument("--ke_repo", help="lwm: KE's source tree (its ResNet-18 is the network)")
     parser.add_argument("--ke_commit", help="lwm: the KE tree's commit")
-    parser.add_argument("--python", help="the side environment's interpreter to run with (default: "
-                        "$GOLDENS_TORCH_PYTHON, $GOLDENS_TF_PYTHON for ekg; neither: this interpreter)")
+    parser.add_argument(
+        "--python",
+        help="the side environment's interpreter to run with (default: "
+        "$GOLDENS_TORCH_PYTHON, $GOLDENS_TF_PYTHON for ekg; neither: this interpreter)",
+    )
     args = parser.parse_args()
     python = args.python or os.environ.get(SIDE_PYTHON.get(args.which, "GOLDENS_TORCH_PYTHON"))
     if python and not os.environ.get("GOLDENS_IN_SIDE_ENV"):  # the marker: re-run once, never again
-        os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]],
-                  {**os.environ, "GOLDENS_IN_SIDE_ENV": "1"})
+        os.execve(
+            python, [python, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, "GOLDENS_IN_SIDE_ENV": "1"}
+        )
     os.makedirs(GOLDEN_DIR, exist_ok=True)
     repo = os.path.abspath(args.repo)
     if args.which == "lwm":

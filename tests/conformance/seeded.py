@@ -1,6 +1,7 @@
 """Seeded weights shared by the golden generator (run with the originals, in a side environment)
 and the conformance tests (ke_tf, no torch): numpy only, so both build identical state dicts
 from the key names and shapes stored in a golden instead of storing the weights."""
+
 import numpy as np
 
 

@@ -8,6 +8,7 @@ After every task all seen classes are evaluated (argmax over all seen outputs); 
 matrix, average incremental accuracy and forgetting are written as tables, a plot and per-task
 params files that test.py can evaluate.
 """
+
 import dataclasses
 import os
 import typing
@@ -17,9 +18,9 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError, TrainConfig, register_section
 from ke_tf.data import class_order, incremental_tasks
-from ke_tf.engine.stage import load_configured_data, run_path, save_trained, train_stage
-from ke_tf.gradcam import feature_model, grad_cam, save_overlays
 from ke_tf.losses import attention_distillation, cross_entropy, kd_loss
+from ke_tf.methods.incremental.gradcam import feature_model, grad_cam, save_overlays
+from ke_tf.methods.stage import load_configured_data, run_path, save_trained, train_stage
 from ke_tf.models import build_from_spec, model_spec
 from ke_tf.report import markdown_table, plot_lines, write_json, write_table
 
@@ -28,19 +29,19 @@ METHODS = ("lwm", "lwf", "finetune")
 
 @dataclasses.dataclass
 class IncrementalConfig:
-    method: str = "lwm"             # lwm | lwf | finetune
+    method: str = "lwm"  # lwm | lwf | finetune
     compare: typing.List[str] = dataclasses.field(default_factory=list)  # run these on one base model
-    order_seed: typing.Optional[int] = 1993   # class order seed (1993: iCaRL/PyCIL CIFAR-100); None: 0..n-1
-    first: int = 50                 # classes of the base task
-    increment: int = 10             # classes of every later task
-    num_tasks: typing.Optional[int] = None    # stop after this many tasks (None: all classes)
-    beta: float = 1.0               # weight of L_D, no T^2 inside (paper leaves it open; FACIL/stony-hub use 1)
-    gamma: float = 1.0              # weight of L_AD (same)
-    temperature: float = 2.0        # L_D temperature (LwF's T=2)
-    ce_over: str = "all"            # CE over all seen outputs | only the new task's outputs
-    attention_layer: typing.Optional[str] = None   # Grad-CAM layer (None: last conv block)
+    order_seed: typing.Optional[int] = 1993  # class order seed (1993: iCaRL/PyCIL CIFAR-100); None: 0..n-1
+    first: int = 50  # classes of the base task
+    increment: int = 10  # classes of every later task
+    num_tasks: typing.Optional[int] = None  # stop after this many tasks (None: all classes)
+    beta: float = 1.0  # weight of L_D, no T^2 inside (paper leaves it open; FACIL/stony-hub use 1)
+    gamma: float = 1.0  # weight of L_AD (same)
+    temperature: float = 2.0  # L_D temperature (LwF's T=2)
+    ce_over: str = "all"  # CE over all seen outputs | only the new task's outputs
+    attention_layer: typing.Optional[str] = None  # Grad-CAM layer (None: last conv block)
     base_train: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)  # train.* overrides for task 0
-    gradcam_images: int = 8         # test images in the Grad-CAM overlay PNG (0: none)
+    gradcam_images: int = 8  # test images in the Grad-CAM overlay PNG (0: none)
 
     def validate(self, key):
         if self.method not in METHODS:
@@ -76,8 +77,10 @@ def task_split(icfg, num_classes):
     if icfg.num_tasks is not None:
         used = icfg.first + (icfg.num_tasks - 1) * icfg.increment
         if used > num_classes:
-            raise ConfigError(f"incremental: {icfg.num_tasks} tasks of {icfg.first}+{icfg.increment} classes "
-                              f"need {used} classes; the dataset has {num_classes}")
+            raise ConfigError(
+                f"incremental: {icfg.num_tasks} tasks of {icfg.first}+{icfg.increment} classes "
+                f"need {used} classes; the dataset has {num_classes}"
+            )
         order = order[:used]
     try:
         return incremental_tasks(order, icfg.first, icfg.increment)
@@ -117,10 +120,12 @@ def extend_head(teacher, spec):
             v.assign(old)
             continue
         if not v.path.startswith("classifier/") or old.shape[:-1] != tuple(v.shape)[:-1]:
-            raise ValueError(f"extend_head: {v.path} has shape {old.shape} in the teacher and "
-                             f"{tuple(v.shape)} in the student; only the classifier may grow")
+            raise ValueError(
+                f"extend_head: {v.path} has shape {old.shape} in the teacher and "
+                f"{tuple(v.shape)} in the student; only the classifier may grow"
+            )
         new = v.numpy()
-        new[..., :old.shape[-1]] = old
+        new[..., : old.shape[-1]] = old
         v.assign(new)
     return student
 
@@ -161,6 +166,7 @@ def incremental_loss(method, icfg, student, teacher=None, n_old=0):
         if gamma:
             loss += gamma * attention_distillation(s_maps, tf.stop_gradient(t_maps))
         return {"loss": loss, "logits": logits}
+
     return loss_fn
 
 
@@ -207,15 +213,22 @@ def _evaluate(model, seen_data, tasks, t, batch_size):
     repository's old-head accuracy (old-class images, argmax over the old outputs only)."""
     logits, labels = predict_logits(model, seen_data.test(batch_size))
     preds = np.argmax(logits, axis=-1)
-    accs = task_accuracies(preds, labels, [len(c) for c in tasks[:t + 1]])
+    accs = task_accuracies(preds, labels, [len(c) for c in tasks[: t + 1]])
     n_old = sum(len(c) for c in tasks[:t])
     old = labels < n_old
     if not old.any():
-        return {"acc_seen": float(np.mean(preds == labels)), "acc_old": None, "acc_new": accs[-1],
-                "acc_old_head": None}, accs
-    return {"acc_seen": float(np.mean(preds == labels)),
-            "acc_old": float(np.mean(preds[old] == labels[old])), "acc_new": accs[-1],
-            "acc_old_head": float(np.mean(np.argmax(logits[old, :n_old], axis=-1) == labels[old]))}, accs
+        return {
+            "acc_seen": float(np.mean(preds == labels)),
+            "acc_old": None,
+            "acc_new": accs[-1],
+            "acc_old_head": None,
+        }, accs
+    return {
+        "acc_seen": float(np.mean(preds == labels)),
+        "acc_old": float(np.mean(preds[old] == labels[old])),
+        "acc_new": accs[-1],
+        "acc_old_head": float(np.mean(np.argmax(logits[old, :n_old], axis=-1) == labels[old])),
+    }, accs
 
 
 def _save_gradcam(path, model, seen_data, seen, icfg, n):
@@ -235,13 +248,17 @@ class _MethodRun:
 
     def record(self, t, n_classes, metrics, accs, path):
         self.matrix.append(accs)
-        self.rows.append({"method": self.method, "task": t, "classes": n_classes, **metrics,
-                          "forgetting": forgetting(self.matrix)})
+        self.rows.append(
+            {"method": self.method, "task": t, "classes": n_classes, **metrics, "forgetting": forgetting(self.matrix)}
+        )
         self.files.append(path)
 
     def summary(self):
-        return {"avg_incremental_acc": average_incremental_accuracy([r["acc_seen"] for r in self.rows]),
-                "final_acc": self.rows[-1]["acc_seen"], "forgetting": self.rows[-1]["forgetting"]}
+        return {
+            "avg_incremental_acc": average_incremental_accuracy([r["acc_seen"] for r in self.rows]),
+            "final_acc": self.rows[-1]["acc_seen"],
+            "forgetting": self.rows[-1]["forgetting"],
+        }
 
 
 def run(cfg, strategy):
@@ -249,8 +266,10 @@ def run(cfg, strategy):
     task by task so each task's data is loaded once); returns a flat summary."""
     icfg = cfg.section("incremental")
     if cfg.data.classes is not None:
-        raise ConfigError("data.classes must be unset for method incremental; the tasks come from "
-                          "incremental.order_seed/first/increment/num_tasks")
+        raise ConfigError(
+            "data.classes must be unset for method incremental; the tasks come from "
+            "incremental.order_seed/first/increment/num_tasks"
+        )
     methods = list(icfg.compare) or [icfg.method]
     full = load_configured_data(cfg)
     tasks = task_split(icfg, full.info.num_classes)
@@ -261,16 +280,23 @@ def run(cfg, strategy):
     runs = [_MethodRun(m, cfg.run_dir if len(methods) == 1 else os.path.join(cfg.run_dir, m)) for m in methods]
 
     def seen_classes(t):
-        return [c for task in tasks[:t + 1] for c in task]
+        return [c for task in tasks[: t + 1] for c in task]
 
     def spec(t):
         return model_spec(cfg.model.arch, len(seen_classes(t)), input_shape, **cfg.model.options)
 
     def save(model, t, run, metrics):
         path = os.path.join(run.dir, f"task_{t}", "trained_params.pkl")
-        save_trained(strategy, path, model, spec(t), cfg, metrics=metrics,
-                     data={"name": cfg.data.name, "image_size": input_shape[0], "classes": seen_classes(t)},
-                     incremental={"method": run.method, "task": t, "tasks": tasks})
+        save_trained(
+            strategy,
+            path,
+            model,
+            spec(t),
+            cfg,
+            metrics=metrics,
+            data={"name": cfg.data.name, "image_size": input_shape[0], "classes": seen_classes(t)},
+            incremental={"method": run.method, "task": t, "tasks": tasks},
+        )
         return path
 
     for t in range(len(tasks)):
@@ -280,8 +306,16 @@ def run(cfg, strategy):
         if t == 0:  # the base task: plain CE, one model shared by every compared method
             with strategy.scope():
                 base = build_from_spec(spec(0))
-            _, history, _ = train_stage(cfg, strategy, base, task_data, cfg.run_dir, name="task_0",
-                                        loss_fn=incremental_loss("finetune", icfg, base), train_cfg=base_cfg)
+            _, history, _ = train_stage(
+                cfg,
+                strategy,
+                base,
+                task_data,
+                cfg.run_dir,
+                name="task_0",
+                loss_fn=incremental_loss("finetune", icfg, base),
+                train_cfg=base_cfg,
+            )
             metrics, accs = _evaluate(base, seen_data, tasks, 0, eval_bs)
             base.trainable = False
             for run in runs:
@@ -293,8 +327,9 @@ def run(cfg, strategy):
             with strategy.scope():
                 student = extend_head(teacher, spec(t))
             loss_fn = incremental_loss(run.method, icfg, student, teacher, n_old)
-            _, run.history[f"task_{t}"], _ = train_stage(cfg, strategy, student, task_data, run.dir,
-                                                         name=f"task_{t}", loss_fn=loss_fn)
+            _, run.history[f"task_{t}"], _ = train_stage(
+                cfg, strategy, student, task_data, run.dir, name=f"task_{t}", loss_fn=loss_fn
+            )
             metrics, accs = _evaluate(student, seen_data, tasks, t, eval_bs)
             student.trainable = False
             run.model = student
@@ -302,21 +337,45 @@ def run(cfg, strategy):
 
     for run in runs:
         if icfg.gradcam_images:
-            _save_gradcam(os.path.join(run.dir, "gradcam.png"), run.model, seen_data, seen_classes(len(tasks) - 1),
-                          icfg, icfg.gradcam_images)
+            _save_gradcam(
+                os.path.join(run.dir, "gradcam.png"),
+                run.model,
+                seen_data,
+                seen_classes(len(tasks) - 1),
+                icfg,
+                icfg.gradcam_images,
+            )
         write_table(os.path.join(run.dir, "incremental"), run.rows, summary=run.summary())
-        write_json(os.path.join(run.dir, "results.json"),
-                   {"method": run.method, "tasks": tasks, "rows": run.rows, "accuracy_matrix": run.matrix,
-                    "summary": run.summary(), "params_files": run.files, "history": run.history})
+        write_json(
+            os.path.join(run.dir, "results.json"),
+            {
+                "method": run.method,
+                "tasks": tasks,
+                "rows": run.rows,
+                "accuracy_matrix": run.matrix,
+                "summary": run.summary(),
+                "params_files": run.files,
+                "history": run.history,
+            },
+        )
     all_rows = [r for run in runs for r in run.rows]
     print(markdown_table(all_rows))
     write_table(run_path(cfg, "comparison"), all_rows, summary={run.method: run.summary() for run in runs})
-    plot_lines(run_path(cfg, "accuracy.png"), [r["classes"] for r in runs[0].rows],
-               {run.method: [r["acc_seen"] for r in run.rows] for run in runs},
-               "number of classes", "accuracy on all seen classes",
-               f"{cfg.data.name} class-incremental ({len(tasks[0])}+{len(tasks) - 1}x{icfg.increment})")
-    summary = {"method": "incremental", "methods": ",".join(methods), "arch": cfg.model.arch,
-               "dataset": cfg.data.name, "tasks": len(tasks)}
+    plot_lines(
+        run_path(cfg, "accuracy.png"),
+        [r["classes"] for r in runs[0].rows],
+        {run.method: [r["acc_seen"] for r in run.rows] for run in runs},
+        "number of classes",
+        "accuracy on all seen classes",
+        f"{cfg.data.name} class-incremental ({len(tasks[0])}+{len(tasks) - 1}x{icfg.increment})",
+    )
+    summary = {
+        "method": "incremental",
+        "methods": ",".join(methods),
+        "arch": cfg.model.arch,
+        "dataset": cfg.data.name,
+        "tasks": len(tasks),
+    }
     for run in runs:
         summary.update({f"{run.method}_{k}": v for k, v in run.summary().items()})
     return summary

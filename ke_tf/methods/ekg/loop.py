@@ -7,7 +7,7 @@ fine-tuning; `test.py` rebuilds the pruned net from its metadata) and `results.j
 
 Deliberate differences from the original code (sseung0703/EKG@0c0b516, `prune_utils.py`, `op_utils.py`):
 - the norm-preserving kernel rescale only for the classifier (`ekg.rescale`, see
-  `ke_tf.pruning.ClassifierRescale`): every gated conv feeds a BN whose batch statistics cancel
+  `ke_tf.methods.ekg.search.ClassifierRescale`): every gated conv feeds a BN whose batch statistics cancel
   a per-layer scale, the classifier has none; the sliced net equals the rescaled masked net;
 - importance |sum over a group's sites of a*dL/da| (the first-order loss change of removing the
   channel from the whole group; the reference sums per-site absolute values);
@@ -17,6 +17,7 @@ Deliberate differences from the original code (sseung0703/EKG@0c0b516, `prune_ut
 - memory-bank members spaced between the pruned and dense holdout losses (the paper's formula,
   not the code's min..max of the history).
 """
+
 import dataclasses
 import hashlib
 import io
@@ -29,38 +30,37 @@ import numpy as np
 import tensorflow as tf
 
 from ke_tf.config import ConfigError, register_section
-from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained, test_metrics,
-                                train_stage)
 from ke_tf.engine.strategy import is_chief
 from ke_tf.flops import complexity
 from ke_tf.layers.gates import GatedLayerFactory
 from ke_tf.losses import cross_entropy, kd_loss
+from ke_tf.methods.ekg.search import CRITERIA, GreedySearch, memory_bank, pick_teachers
+from ke_tf.methods.stage import evaluate_model, load_configured_data, run_path, save_trained, test_metrics, train_stage
 from ke_tf.models import build_from_spec, model_spec
 from ke_tf.params import apply_params, atomic_write_bytes, file_sha256, load_params, model_arrays
-from ke_tf.pruning import CRITERIA, GreedySearch, memory_bank, pick_teachers
 from ke_tf.report import plot_lines, write_json
 from ke_tf.slicing import layer_groups, slice_model
 
 
 @dataclasses.dataclass
 class EKGConfig:
-    trained_param: typing.Optional[str] = None   # dense params file; None -> pre-train here
+    trained_param: typing.Optional[str] = None  # dense params file; None -> pre-train here
     pretrain_epochs: int = 200
     pretrain_lr: float = 0.1
     pretrain_decay_epochs: typing.List[float] = dataclasses.field(default_factory=lambda: [100, 150])
     pretrain_weight_decay: float = 5e-4
-    search_target_rate: float = 0.45              # remaining MACs fraction (train_cifar's 0.45)
+    search_target_rate: float = 0.45  # remaining MACs fraction (train_cifar's 0.45)
     reduction_rate: typing.Optional[float] = None  # alternative: removed MACs fraction (1 - target)
     search_step: float = 0.2
-    holdout_per_class: int = 32                   # D_val of the reference
+    holdout_per_class: int = 32  # D_val of the reference
     search_batch_size: int = 256
     otsu_trim: float = 0.2
-    criterion: str = "ekg"                        # ekg | l1 | random (baselines: see GreedySearch)
-    holdout_seed: int = 0                         # which train images form the holdout (not `seed`:
-                                                  # runs compared across seeds search on the same one)
+    criterion: str = "ekg"  # ekg | l1 | random (baselines: see GreedySearch)
+    holdout_seed: int = 0  # which train images form the holdout (not `seed`:
+    # runs compared across seeds search on the same one)
     num_teacher: int = 5
-    distill: bool = True                          # memory-bank KD during fine-tuning
-    rescale: bool = True                          # the reference's norm-preserving classifier rescale
+    distill: bool = True  # memory-bank KD during fine-tuning
+    rescale: bool = True  # the reference's norm-preserving classifier rescale
     temperature: float = 4.0
 
     def validate(self, key):
@@ -114,25 +114,32 @@ def bank_distillation_loss(model, temperature):
     t = float(temperature)
 
     def loss_fn(batch, training):
-        images, labels, bank = batch                       # bank [B, K, M], member 0 = best
+        images, labels, bank = batch  # bank [B, K, M], member 0 = best
         logits = model(images, training=training)
-        members = tf.transpose(tf.cast(bank, tf.float32), [0, 2, 1])      # [B, M, K]
+        members = tf.transpose(tf.cast(bank, tf.float32), [0, 2, 1])  # [B, M, K]
         best = members[:, :1, :]
         student_gap = tf.reduce_sum(kd_loss(tf.stop_gradient(logits), best[:, 0], t))
-        member_gaps = tf.reduce_sum(kd_loss(members, best, t), axis=0)     # [M]
+        member_gaps = tf.reduce_sum(kd_loss(members, best, t), axis=0)  # [M]
         chosen = tf.cast(member_gaps < student_gap, tf.float32)
         chosen = tf.tensor_scatter_nd_update(chosen, [[0]], [1.0])
         teacher = tf.einsum("bmk,m->bk", members, chosen) / tf.reduce_sum(chosen)
         loss = cross_entropy(logits, labels) + kd_loss(logits, teacher, t) / t
         return {"loss": loss, "logits": logits}
+
     return loss_fn
 
 
 # ---- phases ----------------------------------------------------------------------------------
 def _pretrain_config(cfg, e):
-    return dataclasses.replace(cfg.train, epochs=e.pretrain_epochs, lr=e.pretrain_lr, schedule="step",
-                               decay_epochs=list(e.pretrain_decay_epochs), decay_factor=0.1,
-                               weight_decay=e.pretrain_weight_decay)
+    return dataclasses.replace(
+        cfg.train,
+        epochs=e.pretrain_epochs,
+        lr=e.pretrain_lr,
+        schedule="step",
+        decay_epochs=list(e.pretrain_decay_epochs),
+        decay_factor=0.1,
+        weight_decay=e.pretrain_weight_decay,
+    )
 
 
 def dense_model(cfg, strategy, data, spec):
@@ -146,10 +153,10 @@ def dense_model(cfg, strategy, data, spec):
         arrays, _ = load_params(e.trained_param)
         apply_params(model, arrays, source=e.trained_param)
         return model, {}
-    _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name="pretrain",
-                                    train_cfg=_pretrain_config(cfg, e))
-    save_trained(strategy, run_path(cfg, "dense_params.pkl"), model, spec, cfg,
-                 metrics=test_metrics(final))
+    _, history, final = train_stage(
+        cfg, strategy, model, data, cfg.run_dir, name="pretrain", train_cfg=_pretrain_config(cfg, e)
+    )
+    save_trained(strategy, run_path(cfg, "dense_params.pkl"), model, spec, cfg, metrics=test_metrics(final))
     return model, {"pretrain_epochs": len(history)}
 
 
@@ -168,9 +175,17 @@ def search(cfg, strategy, data, gated):
     """Greedy search on a held-out split; returns (keep, searcher)."""
     e = cfg.section("ekg")
     _, holdout = data.split_holdout(e.holdout_per_class, e.holdout_seed)
-    searcher = GreedySearch(gated, list(holdout.test(e.search_batch_size)), e.target_rate, e.search_step,
-                            e.otsu_trim, e.criterion, seed=cfg.seed, progress=cfg.train.progress,
-                            rescale=e.rescale)
+    searcher = GreedySearch(
+        gated,
+        list(holdout.test(e.search_batch_size)),
+        e.target_rate,
+        e.search_step,
+        e.otsu_trim,
+        e.criterion,
+        seed=cfg.seed,
+        progress=cfg.train.progress,
+        rescale=e.rescale,
+    )
     keep = searcher.run()
     return {g: [int(c) for c in ix] for g, ix in keep.items()}, searcher
 
@@ -183,8 +198,10 @@ def slim(cfg, strategy, data, dense_spec):
     if os.path.exists(slimmed_path) and os.path.exists(bank_path):
         arrays, meta = load_params(slimmed_path)
         bank = np.load(bank_path)
-        if meta.get("ekg", {}).get("fingerprint") == fingerprint and \
-                meta["ekg"].get("bank_sha256") == hashlib.sha256(bank.tobytes()).hexdigest():
+        if (
+            meta.get("ekg", {}).get("fingerprint") == fingerprint
+            and meta["ekg"].get("bank_sha256") == hashlib.sha256(bank.tobytes()).hexdigest()
+        ):
             with strategy.scope():
                 model = build_from_spec(meta["model"])
             apply_params(model, arrays, source=slimmed_path)
@@ -208,19 +225,42 @@ def slim(cfg, strategy, data, dense_spec):
         searcher.rescale.rescale_kernel(model, keep)
     # Inference mode with the dense net's BN statistics (uncalibrated for the pruned net: low).
     slimmed = evaluate_model(strategy, model, data, cfg.train.eval_batch_size)
-    record = {**info, "keep": keep, "search_steps": len(searcher.history) - 1,
-              "macs_rate": searcher.rate(), "holdout_ce": searcher.history[-1][1], "teachers": teachers,
-              "teacher_holdout_ce": [searcher.history[t][1] for t in teachers],
-              "dense_complexity": complexity(dense),
-              "dense_test_top1": dense_metrics["top1"], "slimmed_test_top1": slimmed["top1"],
-              "fingerprint": fingerprint, "bank_sha256": hashlib.sha256(bank.tobytes()).hexdigest(),
-              "search_trajectory": [{"step": i, "macs": searcher.macs(searcher.widths(k)), "holdout_ce": ce}
-                                    for i, (k, ce) in enumerate(searcher.history)]}
-    plot_lines(run_path(cfg, "search.png"), [r["macs"] / 1e6 for r in record["search_trajectory"]],
-               {"holdout CE": [r["holdout_ce"] for r in record["search_trajectory"]]},
-               "MACs (M) of the chosen sub-network", "holdout CE", f"EKG search ({e.criterion})")
-    save_trained(strategy, slimmed_path, model, spec, cfg, metrics=test_metrics(slimmed),
-                 dense_complexity=record["dense_complexity"], ekg=record)
+    record = {
+        **info,
+        "keep": keep,
+        "search_steps": len(searcher.history) - 1,
+        "macs_rate": searcher.rate(),
+        "holdout_ce": searcher.history[-1][1],
+        "teachers": teachers,
+        "teacher_holdout_ce": [searcher.history[t][1] for t in teachers],
+        "dense_complexity": complexity(dense),
+        "dense_test_top1": dense_metrics["top1"],
+        "slimmed_test_top1": slimmed["top1"],
+        "fingerprint": fingerprint,
+        "bank_sha256": hashlib.sha256(bank.tobytes()).hexdigest(),
+        "search_trajectory": [
+            {"step": i, "macs": searcher.macs(searcher.widths(k)), "holdout_ce": ce}
+            for i, (k, ce) in enumerate(searcher.history)
+        ],
+    }
+    plot_lines(
+        run_path(cfg, "search.png"),
+        [r["macs"] / 1e6 for r in record["search_trajectory"]],
+        {"holdout CE": [r["holdout_ce"] for r in record["search_trajectory"]]},
+        "MACs (M) of the chosen sub-network",
+        "holdout CE",
+        f"EKG search ({e.criterion})",
+    )
+    save_trained(
+        strategy,
+        slimmed_path,
+        model,
+        spec,
+        cfg,
+        metrics=test_metrics(slimmed),
+        dense_complexity=record["dense_complexity"],
+        ekg=record,
+    )
     return model, spec, bank, record
 
 
@@ -228,26 +268,50 @@ def run(cfg, strategy):
     """EKG pruning of `cfg.model.arch` (shortcut B) on `cfg.data`."""
     e = cfg.section("ekg")
     data = load_configured_data(cfg)
-    dense_spec = model_spec(cfg.model.arch, data.info.num_classes, tuple(data.info.image_shape),
-                            **cfg.model.options)
+    dense_spec = model_spec(cfg.model.arch, data.info.num_classes, tuple(data.info.image_shape), **cfg.model.options)
     model, spec, bank, record = slim(cfg, strategy, data, dense_spec)
     if e.distill:
-        _, history, final = train_stage(cfg, strategy, model, BankData(data, bank), cfg.run_dir,
-                                        name="finetune", loss_fn=bank_distillation_loss(model, e.temperature))
+        _, history, final = train_stage(
+            cfg,
+            strategy,
+            model,
+            BankData(data, bank),
+            cfg.run_dir,
+            name="finetune",
+            loss_fn=bank_distillation_loss(model, e.temperature),
+        )
     else:
         _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir, name="finetune")
     path = run_path(cfg, "trained_params.pkl")
-    metadata = save_trained(strategy, path, model, spec, cfg, metrics=test_metrics(final),
-                            dense_complexity=record["dense_complexity"], ekg=record)
+    metadata = save_trained(
+        strategy,
+        path,
+        model,
+        spec,
+        cfg,
+        metrics=test_metrics(final),
+        dense_complexity=record["dense_complexity"],
+        ekg=record,
+    )
     dense_c = record["dense_complexity"]
-    summary = {"method": "ekg", "arch": spec["arch"], "dataset": data.info.name, "criterion": e.criterion,
-               "dense_test_top1": record["dense_test_top1"], "slimmed_test_top1": record["slimmed_test_top1"],
-               "search_holdout_ce": record["holdout_ce"],
-               "test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"],
-               **metadata["complexity"],
-               "macs_reduction": 1.0 - metadata["complexity"]["macs"] / dense_c["macs"],
-               "params_reduction": 1.0 - metadata["complexity"]["params"] / dense_c["params"],
-               "search_steps": record["search_steps"], "finetune_epochs": len(history), "params_file": path}
+    summary = {
+        "method": "ekg",
+        "arch": spec["arch"],
+        "dataset": data.info.name,
+        "criterion": e.criterion,
+        "dense_test_top1": record["dense_test_top1"],
+        "slimmed_test_top1": record["slimmed_test_top1"],
+        "search_holdout_ce": record["holdout_ce"],
+        "test_top1": final["top1"],
+        "test_top5": final["top5"],
+        "test_loss": final["loss"],
+        **metadata["complexity"],
+        "macs_reduction": 1.0 - metadata["complexity"]["macs"] / dense_c["macs"],
+        "params_reduction": 1.0 - metadata["complexity"]["params"] / dense_c["params"],
+        "search_steps": record["search_steps"],
+        "finetune_epochs": len(history),
+        "params_file": path,
+    }
     write_json(run_path(cfg, "results.json"), {"summary": summary, "ekg": record, "history": history})
     return summary
 
@@ -256,8 +320,11 @@ def search_fingerprint(cfg, dense_spec):
     """What the search result depends on: the dense net (its params file's hash, or the pre-training
     recipe), the data, the search settings and the seed. A stale slimmed/bank pair is not reused."""
     e = cfg.section("ekg")
-    source = {"trained_param_sha256": file_sha256(e.trained_param)} if e.trained_param else \
-        {"pretrain": dataclasses.asdict(_pretrain_config(cfg, e))}
+    source = (
+        {"trained_param_sha256": file_sha256(e.trained_param)}
+        if e.trained_param
+        else {"pretrain": dataclasses.asdict(_pretrain_config(cfg, e))}
+    )
     search = {k: v for k, v in dataclasses.asdict(e).items() if k not in ("distill", "temperature", "trained_param")}
     payload = {"model": dense_spec, "data": dataclasses.asdict(cfg.data), "seed": cfg.seed, "search": search, **source}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -5,6 +5,7 @@ block. The gradient dy^c/dA is computed with an inner tape, so when `grad_cam` r
 outer tape (the Trainer's) the map is differentiable w.r.t. the model's weights through both the
 activations A and the weights alpha (second order, like torch's create_graph=True).
 """
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -17,8 +18,9 @@ def last_block_layer(model):
     model's global-average-pooling head (all ke_tf ResNets end with `pool` -> `classifier`)."""
     pools = [layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
     if not pools:
-        raise ValueError(f"model {model.name!r} has no global average pooling layer; "
-                         "pass the feature layer name explicitly")
+        raise ValueError(
+            f"model {model.name!r} has no global average pooling layer; pass the feature layer name explicitly"
+        )
     pool_input = pools[-1].input
     return next(layer.name for layer in model.layers if layer.output is pool_input)
 
@@ -49,7 +51,7 @@ def grad_cam(fmodel, images, class_ids=None, training=False):
     grads = tape.gradient(total, features)
     dtype = tf.float32 if features.dtype in (tf.float16, tf.bfloat16) else features.dtype  # mixed precision
     features = tf.cast(features, dtype)
-    alpha = tf.reduce_mean(tf.cast(grads, dtype), axis=[1, 2], keepdims=True)   # [B, 1, 1, C]
+    alpha = tf.reduce_mean(tf.cast(grads, dtype), axis=[1, 2], keepdims=True)  # [B, 1, 1, C]
     maps = tf.nn.relu(tf.reduce_sum(alpha * features, axis=-1))
     return maps, logits, class_ids
 

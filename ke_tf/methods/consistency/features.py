@@ -5,6 +5,7 @@ A cache is reused only when its fingerprint (params files' SHA-256, dataset, spl
 size) matches; otherwise it is rebuilt. Shards are written atomically and the manifest last, so an
 interrupted build is never mistaken for a complete cache.
 """
+
 import io
 import json
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from ke_tf.data.stream import InputShard
-from ke_tf.export import load_deployable
+from ke_tf.models.from_params import load_deployable
 from ke_tf.params import atomic_write_bytes, file_sha256
 from ke_tf.progress import progress_bar
 
@@ -45,8 +46,13 @@ def tail_model(model, layer):
 
 def fingerprint(params_paths, dataset, split, layer, image_size):
     """Plain-data identity of a feature cache."""
-    return {"params_sha256": [file_sha256(p) for p in params_paths], "dataset": dataset,
-            "split": split, "layer": layer, "image_size": image_size}
+    return {
+        "params_sha256": [file_sha256(p) for p in params_paths],
+        "dataset": dataset,
+        "split": split,
+        "layer": layer,
+        "image_size": image_size,
+    }
 
 
 def _npy_bytes(array):
@@ -74,8 +80,9 @@ class FeatureCache:
     def shard(self, i, mmap=True):
         """(x_A, x_B, labels) arrays of shard `i` (memory-mapped by default)."""
         mode = "r" if mmap else None
-        return tuple(np.load(os.path.join(self.folder, self.shards[i][k]), mmap_mode=mode)
-                     for k in ("a", "b", "labels"))
+        return tuple(
+            np.load(os.path.join(self.folder, self.shards[i][k]), mmap_mode=mode) for k in ("a", "b", "labels")
+        )
 
     def arrays(self):
         """The whole split in memory: (x_A, x_B, labels)."""
@@ -84,8 +91,11 @@ class FeatureCache:
 
     def _signature(self):
         shape = self.feature_shape
-        return (tf.TensorSpec((None,) + shape, tf.float32), tf.TensorSpec((None,) + shape, tf.float32),
-                tf.TensorSpec((None,), tf.int32))
+        return (
+            tf.TensorSpec((None,) + shape, tf.float32),
+            tf.TensorSpec((None,) + shape, tf.float32),
+            tf.TensorSpec((None,), tf.int32),
+        )
 
     def _batches(self, chunks, batch_size, drop_remainder):
         ds = tf.data.Dataset.from_generator(chunks, output_signature=self._signature()).unbatch()
@@ -94,8 +104,9 @@ class FeatureCache:
 
     def dataset(self, batch_size):
         """tf.data of ((x_A, x_B), labels) batches in the stored order, last partial batch kept."""
-        return self._batches(lambda: (self.shard(i, mmap=False) for i in range(len(self.shards))),
-                             batch_size, drop_remainder=False)
+        return self._batches(
+            lambda: (self.shard(i, mmap=False) for i in range(len(self.shards))), batch_size, drop_remainder=False
+        )
 
     def test(self, batch_size, shard):
         """Evaluation input of one pipeline: its rows in whole per-replica batches of ((x_A, x_B),
@@ -124,7 +135,7 @@ class FeatureCache:
                 start = 0
                 for i in rng.permutation(len(self.shards)):
                     a, b, y = self.shard(int(i))
-                    rows = rng.permutation(len(y))[keep[start:start + len(y)]]
+                    rows = rng.permutation(len(y))[keep[start : start + len(y)]]
                     start += len(y)
                     if len(rows):
                         yield a[rows], b[rows], y[rows]

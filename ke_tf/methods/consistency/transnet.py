@@ -9,6 +9,7 @@ All convs are bias-free 3x3, p = sigmoid(beta). Freezing the ReLU gates and the 
 makes g linear, and h_{L-1} = sum_k Y_k exactly where Y_k has k gated ReLUs; the orders share the
 weights W_i (W_{L-1} is used by every order).
 """
+
 import keras
 import tensorflow as tf
 
@@ -47,19 +48,27 @@ class TransNet(keras.layers.Layer):
         self.kernel_size = int(kernel_size)
         self.learn_p = bool(learn_p)
         # Reference init: kaiming_normal_(mode='fan_out', nonlinearity='relu').
-        self.convs = [keras.layers.Conv2D(
-            self.channels, self.kernel_size, padding="same", use_bias=False,
-            kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
-            name=f"conv{i}") for i in range(self.depth)]
+        self.convs = [
+            keras.layers.Conv2D(
+                self.channels,
+                self.kernel_size,
+                padding="same",
+                use_bias=False,
+                kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
+                name=f"conv{i}",
+            )
+            for i in range(self.depth)
+        ]
 
     def build(self, input_shape):
         if input_shape[-1] != self.channels:
-            raise ValueError(f"TransNet maps {self.channels} channels to {self.channels}; got an input "
-                             f"with {input_shape[-1]} (nets A and B must have the same tap width)")
+            raise ValueError(
+                f"TransNet maps {self.channels} channels to {self.channels}; got an input "
+                f"with {input_shape[-1]} (nets A and B must have the same tap width)"
+            )
         for conv in self.convs:
             conv.build(tuple(input_shape[:-1]) + (self.channels,))
-        self.beta = self.add_weight(name="beta", shape=(self.depth - 1,), initializer="zeros",
-                                    trainable=self.learn_p)
+        self.beta = self.add_weight(name="beta", shape=(self.depth - 1,), initializer="zeros", trainable=self.learn_p)
 
     @property
     def p(self):
@@ -80,17 +89,22 @@ class TransNet(keras.layers.Layer):
         x, _ = std_scale(x)
         p = self.p
         h = self.convs[0](x)
-        parts = [h]                      # order components of h_i
+        parts = [h]  # order components of h_i
         for i in range(1, self.depth):
             _, scale = std_scale(h)
-            gate = tf.cast(h > 0, h.dtype) * p[i - 1] / scale   # ReLU(h/s) = 1[h>0] h/s
+            gate = tf.cast(h > 0, h.dtype) * p[i - 1] / scale  # ReLU(h/s) = 1[h>0] h/s
             parts = [self.convs[i](x)] + [self.convs[i](gate * c) for c in parts]
             h = tf.add_n(parts)
         return parts
 
     def get_config(self):
-        return {**super().get_config(), "channels": self.channels, "depth": self.depth,
-                "kernel_size": self.kernel_size, "learn_p": self.learn_p}
+        return {
+            **super().get_config(),
+            "channels": self.channels,
+            "depth": self.depth,
+            "kernel_size": self.kernel_size,
+            "learn_p": self.learn_p,
+        }
 
 
 def transnet_model(feature_shape, depth=3, learn_p=True, name="transnet"):

@@ -1,8 +1,10 @@
 """EKG sub-network search on a gated network (Lee & Song, ECCV 2022), re-implemented from the
-paper and the original code (sseung0703/EKG@0c0b516, `prune_utils.py`): Taylor filter importance, a greedy one-group-at-a-time width search scored on a
-held-out split against a running-mean ensemble of the chosen sub-networks, analytic MACs of a
-masked candidate, and the memory-bank teacher choice. Weights never change during the search.
+paper and the original code (sseung0703/EKG@0c0b516, `prune_utils.py`): Taylor filter importance, a
+greedy one-group-at-a-time width search scored on a held-out split against a running-mean ensemble
+of the chosen sub-networks, analytic MACs of a masked candidate, and the memory-bank teacher choice.
+Weights never change during the search.
 """
+
 import math
 
 import numpy as np
@@ -23,6 +25,7 @@ class MaskedMacs:
 
     def __init__(self, model):
         import keras
+
         groups = layer_groups(model)
         self.full_widths = {g: int(layer.gate.shape[0]) for g, layer in model_gates(model).items()}
         self.terms = []
@@ -63,6 +66,7 @@ class ClassifierRescale:
 
     def __init__(self, model):
         import keras
+
         classifier = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1]
         self.layer, self.group = classifier, layer_groups(model)[classifier.name][0]
         self.row_norms = np.square(classifier.kernel.numpy()).sum(axis=1)
@@ -104,6 +108,7 @@ def batch_stat_forward(model, rescale=None):
             for v, s in zip(stats, saved):
                 v.assign(s)
         return logits
+
     return forward
 
 
@@ -125,6 +130,7 @@ def importance_fn(model, forward):
             tape.watch(variables)
             loss = tf.reduce_mean(search_objective(forward(x), y, ensemble))
         return [tf.abs(g) for g in tape.gradient(loss, variables)]
+
     return score
 
 
@@ -134,7 +140,7 @@ def trimmed_otsu(costs, trim=0.2):
     values = np.sort(np.asarray(costs, np.float64))
     n = len(values)
     cut = math.ceil(trim * n)
-    core = values[cut:n - cut] if n - 2 * cut >= 2 else values
+    core = values[cut : n - cut] if n - 2 * cut >= 2 else values
     if len(core) < 2:
         return float(core[-1])
     best, threshold = -1.0, float(core[-1])
@@ -153,6 +159,7 @@ def filter_l1(model):
     """{group: per-channel L1 norm of every conv kernel writing that group} (Li et al. 2017's
     filter score, summed over a residual stage's convs since they are pruned together)."""
     import keras
+
     groups = layer_groups(model)
     gates = model_gates(model)
     norms = {g: np.zeros(int(layer.gate.shape[0])) for g, layer in gates.items()}
@@ -168,8 +175,9 @@ class GreedySearch:
     group cut to the same kept fraction: Li et al.'s uniform L1-norm pruning) or "random" (random
     group and random filters); the baselines reach the same MACs target step by step."""
 
-    def __init__(self, model, holdout, target_rate, step=0.2, trim=0.2, criterion="ekg", seed=0,
-                 progress=True, rescale=True):
+    def __init__(
+        self, model, holdout, target_rate, step=0.2, trim=0.2, criterion="ekg", seed=0, progress=True, rescale=True
+    ):
         self.model = model
         self.gates = model_gates(model)
         self.macs = MaskedMacs(model)
@@ -223,7 +231,7 @@ class GreedySearch:
         start = 0
         for x, y in self.holdout:
             n = int(x.shape[0])
-            grads = self.score_fn(x, y, tf.constant(ensemble[start:start + n]))
+            grads = self.score_fn(x, y, tf.constant(ensemble[start : start + n]))
             for g, grad in zip(self.gates, grads):
                 total[g] += grad.numpy()
             start += n
@@ -251,8 +259,9 @@ class GreedySearch:
         orders = {}
         for g, active in self.keep.items():
             if len(active) > 1:
-                orders[g] = active[np.argsort(scores[g][active], kind="stable")] if scores else \
-                    self.rng.permutation(active)
+                orders[g] = (
+                    active[np.argsort(scores[g][active], kind="stable")] if scores else self.rng.permutation(active)
+                )
         return orders
 
     def step(self, ensemble):
@@ -272,7 +281,7 @@ class GreedySearch:
         orders = self._orders(scores)
         if not orders:
             raise ValueError("search: every group is down to one channel before the MACs target")
-        costs = {g: float(scores[g][o[:min(self.steps[g], len(o) - 1)]].sum()) for g, o in orders.items()}
+        costs = {g: float(scores[g][o[: min(self.steps[g], len(o) - 1)]].sum()) for g, o in orders.items()}
         threshold = trimmed_otsu(list(costs.values()), self.trim)
         best = None
         for g in orders:

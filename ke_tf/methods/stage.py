@@ -1,5 +1,6 @@
 """Shared machinery of the method loops: load the configured data, train one stage of a loop
 with the Trainer and evaluate it, save params with rebuild metadata."""
+
 import os
 import weakref
 
@@ -16,9 +17,15 @@ from ke_tf.report import plot_lines
 def load_configured_data(cfg, classes=None):
     """The ImageData the config's `data` section names (optionally a class subset)."""
     d = cfg.data
-    return load_data(d.name, data_dir=d.data_dir, image_size=d.image_size,
-                     classes=classes if classes is not None else d.classes, split_seed=d.split_seed,
-                     on_bad_file=d.on_bad_file, **({"test_split": d.test_split} if d.name == "image_folder" else {}))
+    return load_data(
+        d.name,
+        data_dir=d.data_dir,
+        image_size=d.image_size,
+        classes=classes if classes is not None else d.classes,
+        split_seed=d.split_seed,
+        on_bad_file=d.on_bad_file,
+        **({"test_split": d.test_split} if d.name == "image_folder" else {}),
+    )
 
 
 _EVALUATORS = weakref.WeakKeyDictionary()
@@ -43,8 +50,21 @@ def evaluate_model(strategy, model, data, batch_size):
     return model_evaluator(strategy, model)(test_source(data, batch_size))
 
 
-def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None, variables=None,
-                train_cfg=None, extra_checkpoint=None, eval_model=None, on_epoch_begin=None, seed=None):
+def train_stage(
+    cfg,
+    strategy,
+    model,
+    data,
+    run_dir,
+    name="train",
+    loss_fn=None,
+    variables=None,
+    train_cfg=None,
+    extra_checkpoint=None,
+    eval_model=None,
+    on_epoch_begin=None,
+    seed=None,
+):
     """Train `model` (built in `strategy.scope()`) on `data` (anything with `stream(...)`,
     `test(batch_size, shard)` and `info`) for one stage; resumes from this stage's checkpoints.
     `on_epoch_begin(epoch)` updates per-epoch schedule state; `seed` (default `cfg.seed`) sets the
@@ -53,8 +73,9 @@ def train_stage(cfg, strategy, model, data, run_dir, name="train", loss_fn=None,
     tc = train_cfg or cfg.train
     loss_fn = loss_fn or classifier_loss(model, tc.label_smoothing)
     steps = data.info.train_size // tc.batch_size
-    trainer = Trainer(tc, strategy, model, loss_fn, steps, run_dir, variables=variables,
-                      extra_checkpoint=extra_checkpoint, name=name)
+    trainer = Trainer(
+        tc, strategy, model, loss_fn, steps, run_dir, variables=variables, extra_checkpoint=extra_checkpoint, name=name
+    )
     evaluator = model_evaluator(strategy, eval_model or model)
     source = test_source(data, tc.eval_batch_size)
     last = {}
@@ -75,8 +96,10 @@ def plot_history(path, history, title):
     """Per-epoch curves of a stage: train/test top-1 for classifiers, the training loss otherwise."""
     epochs = [h["epoch"] + 1 for h in history]
     if history and "test_top1" in history[-1]:
-        series = {"train top-1": [h["train_top1"] for h in history],
-                  "test top-1": [h.get("test_top1", float("nan")) for h in history]}
+        series = {
+            "train top-1": [h["train_top1"] for h in history],
+            "test top-1": [h.get("test_top1", float("nan")) for h in history],
+        }
         return plot_lines(path, epochs, series, "epoch", "top-1", title)
     return plot_lines(path, epochs, {"train loss": [h["train_loss"] for h in history]}, "epoch", "loss", title)
 
@@ -84,10 +107,15 @@ def plot_history(path, history, title):
 def save_trained(strategy, path, model, spec, cfg, metrics=None, **extra):
     """Write `model`'s params with the metadata `test.py` needs to rebuild and evaluate it
     (chief only; atomic). Returns the metadata."""
-    metadata = {"model": spec, "method": cfg.method, "config": cfg.to_dict(), "metrics": metrics or {},
-                "complexity": complexity(model),
-                "data": {"name": cfg.data.name, "image_size": spec["input_shape"][0],
-                         "classes": cfg.data.classes}, **extra}
+    metadata = {
+        "model": spec,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "metrics": metrics or {},
+        "complexity": complexity(model),
+        "data": {"name": cfg.data.name, "image_size": spec["input_shape"][0], "classes": cfg.data.classes},
+        **extra,
+    }
     if is_chief(strategy):
         save_params(path, model, metadata)
     return metadata

@@ -7,17 +7,17 @@ previous generation's last-epoch weights (not the best ones, as KE's code) on it
 order (KE's code re-creates its shuffling loader every generation, so generations see different
 batches). Before generations g >= 2 the reset weights (mask == 0) are re-drawn; BN
 parameters/statistics and the classifier bias are kept. `reinit: none` skips the re-draw: the
-control that shows what re-initialisation itself does. Training is plain label-smoothed CE of the dense net (masks never enter the
-forward pass). After each generation the dense and (kels) slim nets are evaluated and saved.
+control that shows what re-initialisation itself does. Training is plain label-smoothed CE of the
+dense net (masks never enter the forward pass). After each generation the dense and (kels) slim nets
+are evaluated and saved.
 """
+
 import dataclasses
 
 from ke_tf.config import ConfigError, register_section
-from ke_tf.engine.stage import (evaluate_model, load_configured_data, run_path, save_trained, test_metrics,
-                                train_stage)
 from ke_tf.flops import complexity
-from ke_tf.layers.split import (REINIT_RULES, SPLIT_MODES, SplitLayerFactory, fit_count,
-                                reinitialize_reset_hypothesis)
+from ke_tf.layers.split import REINIT_RULES, SPLIT_MODES, SplitLayerFactory, fit_count, reinitialize_reset_hypothesis
+from ke_tf.methods.stage import evaluate_model, load_configured_data, run_path, save_trained, test_metrics, train_stage
 from ke_tf.models import build_model, default_widths, model_spec
 from ke_tf.report import plot_lines, write_json, write_table
 from ke_tf.slicing import layer_groups, slice_model
@@ -27,8 +27,8 @@ from ke_tf.slicing import layer_groups, slice_model
 class EvolutionConfig:
     # KE's no-argument run (train_KE_cls.main) uses 5 generations; its README table shows 10.
     generations: int = 5
-    split_rate: float = 0.5         # KE main(): 0.5 (the paper's ResNet-18 setting, -73% MACs)
-    split_mode: str = "kels"        # kels (kernel-level, sliceable) | wels (random per weight)
+    split_rate: float = 0.5  # KE main(): 0.5 (the paper's ResNet-18 setting, -73% MACs)
+    split_mode: str = "kels"  # kels (kernel-level, sliceable) | wels (random per weight)
     # Reset rule: "kaiming_uniform" = KE code's torch default U(+-1/sqrt(fan_in)) (~0.41x the
     # initial std); "kaiming_normal" re-draws from the initial He-normal fan_in distribution;
     # "none" keeps training without re-initialisation (the control of KE's claim).
@@ -42,8 +42,9 @@ class EvolutionConfig:
         if self.split_mode not in SPLIT_MODES:
             raise ConfigError(f"{key}.split_mode must be one of {', '.join(SPLIT_MODES)}; got {self.split_mode!r}")
         if self.reinit not in REINIT_RULES + (NO_REINIT,):
-            raise ConfigError(f"{key}.reinit must be one of {', '.join(REINIT_RULES + (NO_REINIT,))}; "
-                              f"got {self.reinit!r}")
+            raise ConfigError(
+                f"{key}.reinit must be one of {', '.join(REINIT_RULES + (NO_REINIT,))}; got {self.reinit!r}"
+            )
 
 
 NO_REINIT = "none"
@@ -80,8 +81,9 @@ def check_sliceable(model, cfg):
     try:
         layer_groups(model)
     except ValueError as e:
-        raise ConfigError(f"evolution.split_mode=kels needs a sliceable network: {e} "
-                          f"(model.options.shortcut: B)") from None
+        raise ConfigError(
+            f"evolution.split_mode=kels needs a sliceable network: {e} (model.options.shortcut: B)"
+        ) from None
 
 
 def run(cfg, strategy):
@@ -92,8 +94,7 @@ def run(cfg, strategy):
     spec = model_spec(cfg.model.arch, data.info.num_classes, tuple(data.info.image_shape), **cfg.model.options)
     factory = SplitLayerFactory(ev.split_rate, ev.split_mode, seed=cfg.seed)
     with strategy.scope():
-        model = build_model(spec["arch"], spec["num_classes"], spec["input_shape"], layers=factory,
-                            **spec["options"])
+        model = build_model(spec["arch"], spec["num_classes"], spec["input_shape"], layers=factory, **spec["options"])
     if ev.split_mode == "kels":
         check_sliceable(model, cfg)
     dense_cx = complexity(model)
@@ -102,34 +103,65 @@ def run(cfg, strategy):
     for g in range(1, ev.generations + 1):
         if g > 1 and ev.reinit != NO_REINIT:
             reinitialize_reset_hypothesis(model, _generation_seed(cfg.seed, g), ev.reinit)
-        _, history, dense = train_stage(cfg, strategy, model, data, cfg.run_dir, name=f"gen_{g}",
-                                        seed=generation_data_seed(cfg.seed, g))
+        _, history, dense = train_stage(
+            cfg, strategy, model, data, cfg.run_dir, name=f"gen_{g}", seed=generation_data_seed(cfg.seed, g)
+        )
         common = {"generation": g, "split": factory.metadata()}
-        save_trained(strategy, run_path(cfg, f"gen_{g}", "trained_params.pkl"), model, spec, cfg,
-                     metrics=test_metrics(dense), layers={"kind": "split", **factory.metadata()},
-                     **common)
-        row = {"generation": g, "epochs": len(history), "dense_top1": dense["top1"], "dense_top5": dense["top5"],
-               "dense_loss": dense["loss"]}
+        save_trained(
+            strategy,
+            run_path(cfg, f"gen_{g}", "trained_params.pkl"),
+            model,
+            spec,
+            cfg,
+            metrics=test_metrics(dense),
+            layers={"kind": "split", **factory.metadata()},
+            **common,
+        )
+        row = {
+            "generation": g,
+            "epochs": len(history),
+            "dense_top1": dense["top1"],
+            "dense_top5": dense["top5"],
+            "dense_loss": dense["loss"],
+        }
         if ev.split_mode == "kels":
             slim, slim_spec = extract_slim(strategy, model, spec, ev.split_rate)
             slim_metrics = evaluate_model(strategy, slim, data, cfg.train.eval_batch_size)
-            meta = save_trained(strategy, run_path(cfg, f"gen_{g}", "slim_params.pkl"), slim, slim_spec, cfg,
-                                metrics=test_metrics(slim_metrics), dense_complexity=dense_cx, **common)
+            meta = save_trained(
+                strategy,
+                run_path(cfg, f"gen_{g}", "slim_params.pkl"),
+                slim,
+                slim_spec,
+                cfg,
+                metrics=test_metrics(slim_metrics),
+                dense_complexity=dense_cx,
+                **common,
+            )
             slim_cx = meta["complexity"]
-            row.update(slim_top1=slim_metrics["top1"], slim_top5=slim_metrics["top5"],
-                       slim_loss=slim_metrics["loss"])
+            row.update(slim_top1=slim_metrics["top1"], slim_top5=slim_metrics["top5"], slim_loss=slim_metrics["loss"])
         rows.append(row)
         _report(cfg, rows)
-    summary = {"method": "evolution", "arch": spec["arch"], "dataset": data.info.name,
-               "generations": ev.generations, "split_mode": ev.split_mode, "split_rate": ev.split_rate,
-               "dense_top1": rows[-1]["dense_top1"], "dense_macs": dense_cx["macs"],
-               "dense_params": dense_cx["params"],
-               "params_file": run_path(cfg, f"gen_{ev.generations}", "trained_params.pkl")}
+    summary = {
+        "method": "evolution",
+        "arch": spec["arch"],
+        "dataset": data.info.name,
+        "generations": ev.generations,
+        "split_mode": ev.split_mode,
+        "split_rate": ev.split_rate,
+        "dense_top1": rows[-1]["dense_top1"],
+        "dense_macs": dense_cx["macs"],
+        "dense_params": dense_cx["params"],
+        "params_file": run_path(cfg, f"gen_{ev.generations}", "trained_params.pkl"),
+    }
     if slim_cx is not None:
-        summary.update(slim_top1_first=rows[0]["slim_top1"], slim_top1=rows[-1]["slim_top1"],
-                       slim_macs=slim_cx["macs"], slim_params=slim_cx["params"],
-                       macs_reduction=1.0 - slim_cx["macs"] / dense_cx["macs"],
-                       slim_params_file=run_path(cfg, f"gen_{ev.generations}", "slim_params.pkl"))
+        summary.update(
+            slim_top1_first=rows[0]["slim_top1"],
+            slim_top1=rows[-1]["slim_top1"],
+            slim_macs=slim_cx["macs"],
+            slim_params=slim_cx["params"],
+            macs_reduction=1.0 - slim_cx["macs"] / dense_cx["macs"],
+            slim_params_file=run_path(cfg, f"gen_{ev.generations}", "slim_params.pkl"),
+        )
     write_json(run_path(cfg, "results.json"), {"summary": summary, "generations": rows})
     return summary
 
@@ -141,6 +173,11 @@ def _report(cfg, rows):
     series = {"dense": [100 * r["dense_top1"] for r in rows]}
     if "slim_top1" in rows[0]:
         series["slim (fit hypothesis)"] = [100 * r["slim_top1"] for r in rows]
-    plot_lines(run_path(cfg, "evolution.png"), gens, series, "generation", "test top-1 (%)",
-               f"Knowledge Evolution: {cfg.model.arch} on {cfg.data.name}")
-
+    plot_lines(
+        run_path(cfg, "evolution.png"),
+        gens,
+        series,
+        "generation",
+        "test top-1 (%)",
+        f"Knowledge Evolution: {cfg.model.arch} on {cfg.data.name}",
+    )

@@ -1,14 +1,17 @@
-"""Method loops. Each module has `run(cfg, strategy) -> summary dict` and writes pickled params
-plus a results JSON under `cfg.run_dir`."""
+"""The methods, one package each: `<method>/loop.py` has `run(cfg, strategy) -> summary dict` and
+writes pickled params plus a results JSON under `cfg.run_dir`; what only that method uses sits
+beside it (EKG's search, LwM's Grad-CAM, the Trans-Net and its feature cache). `stage.py` is what
+the loops share: data from the config, one trained stage, evaluation and the params file."""
+
 import importlib
 
 LOOPS = {
-    "supervised": "ke_tf.loops.supervised",
-    "evolution": "ke_tf.loops.evolution",
-    "distillation": "ke_tf.loops.distillation",
-    "incremental": "ke_tf.loops.incremental",
-    "ekg": "ke_tf.loops.ekg",
-    "consistency": "ke_tf.loops.consistency",
+    "supervised": "ke_tf.methods.supervised.loop",
+    "evolution": "ke_tf.methods.evolution.loop",
+    "distillation": "ke_tf.methods.distillation.loop",
+    "incremental": "ke_tf.methods.incremental.loop",
+    "ekg": "ke_tf.methods.ekg.loop",
+    "consistency": "ke_tf.methods.consistency.loop",
 }
 
 

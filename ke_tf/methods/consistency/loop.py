@@ -8,6 +8,7 @@ Trans-Net on train features; (4) variance report on test features (the reference
 the val loader); (5) for each `in_modes` order selection, fine-tune B's layers above the tap on
 the selected components and report test accuracy.
 """
+
 import dataclasses
 import shutil
 import typing
@@ -18,12 +19,12 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError, TrainConfig, register_section
 from ke_tf.engine.evaluate import Evaluator
-from ke_tf.engine.stage import evaluate_model, load_configured_data, run_path
 from ke_tf.engine.strategy import is_chief
 from ke_tf.engine.trainer import Trainer
-from ke_tf.features import cache_features, fingerprint, load_trained, tail_model, tap_model
 from ke_tf.losses import cross_entropy
-from ke_tf.models.transnet import transnet_model, transnet_loss
+from ke_tf.methods.consistency.features import cache_features, fingerprint, load_trained, tail_model, tap_model
+from ke_tf.methods.consistency.transnet import transnet_loss, transnet_model
+from ke_tf.methods.stage import evaluate_model, load_configured_data, run_path
 from ke_tf.params import load_params, model_arrays, save_params
 from ke_tf.report import write_json, write_table
 
@@ -32,6 +33,7 @@ from ke_tf.report import write_json, write_table
 class TransNetTrainConfig(TrainConfig):
     """Reference Training_TransNet.py: Adam lr 1e-4 log-decayed to 1e-6, coupled L2 1e-4 (torch
     Adam weight_decay, also on beta), batch 64. The reference runs 800-1000 epochs."""
+
     epochs: int = 100
     batch_size: int = 64
     optimizer: str = "adam"
@@ -45,6 +47,7 @@ class TransNetTrainConfig(TrainConfig):
 class RefineTrainConfig(TrainConfig):
     """Reference transClassifier.py: Adam lr 1e-5 log-decayed to 1e-7, coupled L2 1e-4, batch 64;
     its README says ~100 epochs suffice."""
+
     epochs: int = 100
     batch_size: int = 64
     optimizer: str = "adam"
@@ -56,23 +59,24 @@ class RefineTrainConfig(TrainConfig):
 
 @dataclasses.dataclass
 class ConsistencyConfig:
-    net_a: typing.Optional[str] = None      # params files; both null -> train A and B here
+    net_a: typing.Optional[str] = None  # params files; both null -> train A and B here
     net_b: typing.Optional[str] = None
     seeds: typing.List[int] = dataclasses.field(default_factory=lambda: [0, 5])  # README seeds (CUB)
-    layer: str = "s2b2_add"                 # CIFAR ResNet: last block of the middle stage, pre-ReLU
-    depth: int = 3                          # Trans-Net convs = fuzziness orders
+    layer: str = "s2b2_add"  # CIFAR ResNet: last block of the middle stage, pre-ReLU
+    depth: int = 3  # Trans-Net convs = fuzziness orders
     alphas: typing.List[float] = dataclasses.field(default_factory=lambda: [0.1, 0.1])  # README
     learn_p: bool = True
     transnet: TransNetTrainConfig = dataclasses.field(default_factory=TransNetTrainConfig)
     refine: RefineTrainConfig = dataclasses.field(default_factory=RefineTrainConfig)
     in_modes: typing.List[typing.List[int]] = dataclasses.field(default_factory=lambda: [[1, 1, 1], [1, 0, 0]])
     feature_batch_size: int = 256
-    shard_size: int = 2048                  # images per .npy shard
+    shard_size: int = 2048  # images per .npy shard
 
     def validate(self, key):
         if (self.net_a is None) != (self.net_b is None):
-            raise ConfigError(f"{key}.net_a and {key}.net_b must be given together (or both null "
-                              f"to train both nets from {key}.seeds)")
+            raise ConfigError(
+                f"{key}.net_a and {key}.net_b must be given together (or both null to train both nets from {key}.seeds)"
+            )
         if len(self.seeds) != 2 or self.seeds[0] == self.seeds[1]:
             raise ConfigError(f"{key}.seeds must be two different seeds, got {self.seeds}")
         if self.depth < 1:
@@ -101,7 +105,8 @@ def _trained_nets(cfg, kc, strategy):
     run_dir/net_a, net_b differing only in seed (skipped when a run with that recipe exists)."""
     if kc.net_a is not None:
         return kc.net_a, kc.net_b
-    from ke_tf.loops import supervised
+    from ke_tf.methods.supervised import loop as supervised
+
     paths = []
     for tag, seed in zip("ab", kc.seeds):
         sub = dataclasses.replace(cfg, method="supervised", seed=seed, run_dir=run_path(cfg, f"net_{tag}"))
@@ -119,8 +124,10 @@ def _trained_nets(cfg, kc, strategy):
 
 def _check_input(path, spec, data):
     if tuple(spec["input_shape"]) != tuple(data.info.image_shape) or spec["num_classes"] != data.info.num_classes:
-        raise ValueError(f"{path}: net expects input {tuple(spec['input_shape'])} / {spec['num_classes']} "
-                         f"classes but data gives {tuple(data.info.image_shape)} / {data.info.num_classes}")
+        raise ValueError(
+            f"{path}: net expects input {tuple(spec['input_shape'])} / {spec['num_classes']} "
+            f"classes but data gives {tuple(data.info.image_shape)} / {data.info.num_classes}"
+        )
 
 
 def variance_report(orders_fn, cache, batch_size):
@@ -133,7 +140,7 @@ def variance_report(orders_fn, cache, batch_size):
     count = 0
     for (xa, xb), _ in cache.dataset(batch_size):
         parts = orders_fn(xa)
-        xb = tf.cast(xb, parts[0].dtype)   # the cache is float32; a float64 Trans-Net's orders are not
+        xb = tf.cast(xb, parts[0].dtype)  # the cache is float32; a float64 Trans-Net's orders are not
         tensors = list(parts) + [xb - tf.add_n(list(parts)), xb]
         flat = [t.numpy().astype(np.float64).reshape(-1, t.shape[-1]) for t in tensors]
         if sums is None:
@@ -147,9 +154,15 @@ def variance_report(orders_fn, cache, batch_size):
     var = [float(np.mean(q / count - np.square(s / count))) for s, q in zip(sums, sqs)]
     target = var[-1]
     explained_total = sum(var[:-1])
-    return [{"component": n, "variance": v, "relative": v / target,
-             "share": v / explained_total if i < len(var) - 1 else 1.0}
-            for i, (n, v) in enumerate(zip(names, var))]
+    return [
+        {
+            "component": n,
+            "variance": v,
+            "relative": v / target,
+            "share": v / explained_total if i < len(var) - 1 else 1.0,
+        }
+        for i, (n, v) in enumerate(zip(names, var))
+    ]
 
 
 def _train_transnet(cfg, kc, strategy, train_cache):
@@ -166,8 +179,7 @@ def _train_transnet(cfg, kc, strategy, train_cache):
     def eval_fn(epoch):
         return {f"p{k}": float(v) for k, v in enumerate(trans.p.numpy())}
 
-    trainer = Trainer(tc, strategy, model, loss_fn, train_cache.count // tc.batch_size, cfg.run_dir,
-                      name="transnet")
+    trainer = Trainer(tc, strategy, model, loss_fn, train_cache.count // tc.batch_size, cfg.run_dir, name="transnet")
     history = trainer.fit(train_cache, cfg.seed, eval_fn=eval_fn)
     return model, trans, history
 
@@ -191,8 +203,9 @@ def _refine(cfg, kc, strategy, path_b, orders_fn, mode, train_cache, test_cache)
     evaluator = Evaluator(strategy, lambda feats: tail(select(feats[0]), training=False))
 
     def test_metrics():
-        return {k: v for k, v in evaluator(lambda shard: test_cache.test(tc.eval_batch_size, shard)).items()
-                if k != "count"}
+        return {
+            k: v for k, v in evaluator(lambda shard: test_cache.test(tc.eval_batch_size, shard)).items() if k != "count"
+        }
 
     before = test_metrics()
     name = "refine_" + "".join(map(str, mode))
@@ -218,8 +231,14 @@ def run(cfg, strategy):
     for split, ds in (("train", data.train_eval), ("test", data.test)):
         identity = fingerprint([path_a, path_b], data_id, split, kc.layer, list(data.info.image_shape))
         caches[split], reused[split] = cache_features(
-            run_path(cfg, "features", split), *taps, ds(kc.feature_batch_size), identity,
-            shard_size=kc.shard_size, desc=f"{kc.layer} {split} features", write=chief)
+            run_path(cfg, "features", split),
+            *taps,
+            ds(kc.feature_batch_size),
+            identity,
+            shard_size=kc.shard_size,
+            desc=f"{kc.layer} {split} features",
+            write=chief,
+        )
 
     model, trans, history = _train_transnet(cfg, kc, strategy, caches["train"])
     orders_fn = tf.function(lambda xa: trans.orders(xa))
@@ -229,32 +248,54 @@ def run(cfg, strategy):
 
     acc_a = evaluate_model(strategy, net_a, data, cfg.train.eval_batch_size)["top1"]
     acc_b = evaluate_model(strategy, net_b, data, cfg.train.eval_batch_size)["top1"]
-    meta = {"layer": kc.layer, "net_a": path_a, "net_b": path_b, "p": p, "variance": rows,
-            "transnet": {"feature_shape": list(caches["train"].feature_shape), "depth": kc.depth,
-                         "learn_p": kc.learn_p, "alphas": kc.alphas}, "config": cfg.to_dict()}
+    meta = {
+        "layer": kc.layer,
+        "net_a": path_a,
+        "net_b": path_b,
+        "p": p,
+        "variance": rows,
+        "transnet": {
+            "feature_shape": list(caches["train"].feature_shape),
+            "depth": kc.depth,
+            "learn_p": kc.learn_p,
+            "alphas": kc.alphas,
+        },
+        "config": cfg.to_dict(),
+    }
     if chief:
         save_params(run_path(cfg, "transnet_params.pkl"), model, meta)
 
-    summary = {"method": "consistency", "dataset": data.info.name, "layer": kc.layer,
-               "net_a_top1": acc_a, "net_b_top1": acc_b,
-               **{f"p{k}": v for k, v in enumerate(p)},
-               **{f"var_order{k}_rel": r["relative"] for k, r in enumerate(rows[:kc.depth])},
-               "var_residual_rel": rows[kc.depth]["relative"],
-               "features_reused": reused["train"] and reused["test"],
-               "transnet_train_loss": history[-1]["train_loss"] if history else float("nan")}
+    summary = {
+        "method": "consistency",
+        "dataset": data.info.name,
+        "layer": kc.layer,
+        "net_a_top1": acc_a,
+        "net_b_top1": acc_b,
+        **{f"p{k}": v for k, v in enumerate(p)},
+        **{f"var_order{k}_rel": r["relative"] for k, r in enumerate(rows[: kc.depth])},
+        "var_residual_rel": rows[kc.depth]["relative"],
+        "features_reused": reused["train"] and reused["test"],
+        "transnet_train_loss": history[-1]["train_loss"] if history else float("nan"),
+    }
     refine = []
     for mode in kc.in_modes:
         before, after, tail = _refine(cfg, kc, strategy, path_b, orders_fn, mode, caches["train"], caches["test"])
         tag = "".join(map(str, mode))
-        refine.append({"in_mode": tag, "top1_before": before["top1"], "top1_after": after["top1"],
-                       "loss_after": after["loss"]})
+        refine.append(
+            {"in_mode": tag, "top1_before": before["top1"], "top1_after": after["top1"], "loss_after": after["loss"]}
+        )
         summary[f"refine_{tag}_top1"] = after["top1"]
         if chief:
-            save_params(run_path(cfg, f"refine_{tag}_tail.pkl"), model_arrays(tail),
-                        {"layer": kc.layer, "in_mode": mode, "net_b": path_b, "test": after})
+            save_params(
+                run_path(cfg, f"refine_{tag}_tail.pkl"),
+                model_arrays(tail),
+                {"layer": kc.layer, "in_mode": mode, "net_b": path_b, "test": after},
+            )
     summary["transnet_params"] = run_path(cfg, "transnet_params.pkl")
-    write_json(run_path(cfg, "results.json"), {"summary": summary, "variance": rows, "refine": refine,
-                                               "transnet_history": history})
+    write_json(
+        run_path(cfg, "results.json"),
+        {"summary": summary, "variance": rows, "refine": refine, "transnet_history": history},
+    )
     for cache in caches.values():  # a non-chief worker's private copies
         if not cache.folder.startswith(run_path(cfg, "features")):
             shutil.rmtree(cache.folder, ignore_errors=True)

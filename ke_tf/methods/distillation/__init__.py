@@ -1,0 +1,1 @@
+"""Distillation: Hinton KD, Born-Again Networks and ReduceNet (teacher with a reducible branch, fused student)."""

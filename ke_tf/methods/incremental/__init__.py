@@ -1,0 +1,1 @@
+"""Incremental learning without memorizing (LwM, Dhar et al., CVPR 2019): KD + Grad-CAM attention distillation."""
