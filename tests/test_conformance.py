@@ -247,7 +247,8 @@ def test_ekg_candidate_scores_and_choice_over_three_search_steps(ekg):
 
 
 def test_consistency_transnet_outputs_per_order_and_loss():
-    from ke_tf.methods.consistency.transnet import transnet_loss, transnet_model
+    from ke_tf.losses import transnet_loss
+    from ke_tf.methods.consistency.transnet import transnet_model
 
     golden = load_golden("consistency_transnet.npz")
     state, _ = golden_state(golden, {"nonLinearLayers_p_pre": golden["p_pre"]})

@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ke_tf.config import ConfigError  # noqa: E402
-from ke_tf.losses import kd_loss  # noqa: E402
-from ke_tf.methods.distillation.loop import DistillationConfig, ban_lambdas, ban_loss, hinton_loss, inherit_weights  # noqa: E402
+from ke_tf.losses import ban_loss, hinton_loss, kd_loss  # noqa: E402
+from ke_tf.methods.distillation.loop import DistillationConfig, ban_lambdas, inherit_weights  # noqa: E402
 from ke_tf.models import build_model  # noqa: E402
 from ke_tf.params import load_params  # noqa: E402
 

@@ -18,7 +18,10 @@ import tensorflow as tf  # noqa: E402
 from ke_tf.data import load_data  # noqa: E402
 from ke_tf.flops import complexity  # noqa: E402
 from ke_tf.layers.gates import ChannelGate, GatedLayerFactory, gate_sites, model_gates, set_masks  # noqa: E402
-from ke_tf.losses import cross_entropy  # noqa: E402
+from ke_tf.losses import (
+    cross_entropy,  # noqa: E402
+    search_objective,  # noqa: E402
+)
 from ke_tf.methods.ekg.search import (  # noqa: E402
     GreedySearch,
     MaskedMacs,
@@ -27,7 +30,6 @@ from ke_tf.methods.ekg.search import (  # noqa: E402
     importance_fn,
     moving_statistics,
     pick_teachers,
-    search_objective,
     trimmed_otsu,
 )
 from ke_tf.models import build_from_spec, model_spec  # noqa: E402

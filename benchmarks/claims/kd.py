@@ -21,7 +21,8 @@ def _train(workdir, name, seed, epochs, arch_options, teacher=None):
     import keras
 
     from ke_tf.engine import make_strategy
-    from ke_tf.methods.distillation.loop import distill_objective, hinton_loss
+    from ke_tf.losses import hinton_loss
+    from ke_tf.methods.distillation.loop import distill_objective
     from ke_tf.methods.stage import train_stage
     from ke_tf.models import build_model
 

@@ -13,8 +13,6 @@ weights W_i (W_{L-1} is used by every order).
 import keras
 import tensorflow as tf
 
-from ke_tf.losses import at_least_float32
-
 STD_EPS = 1e-5  # added to the std, as in the reference n(.)
 
 
@@ -112,12 +110,3 @@ def transnet_model(feature_shape, depth=3, learn_p=True, name="transnet"):
     inputs = keras.Input(shape=tuple(feature_shape), name="x_a")
     layer = TransNet(feature_shape[-1], depth=depth, learn_p=learn_p, name="transnet")
     return keras.Model(inputs, layer(inputs), name=name)
-
-
-def transnet_loss(prediction, target, p, alphas):
-    """Per-example MSE(g(x_A), x_B) + sum_k alpha_k p_k^2 (the reference's default L2 penalty on
-    the gates, pushing towards low-fuzziness explanations); the batch mean is the paper's loss."""
-    prediction = at_least_float32(prediction)
-    mse = tf.reduce_mean(tf.square(prediction - tf.cast(target, prediction.dtype)), axis=[1, 2, 3])
-    penalty = tf.reduce_sum(tf.constant(alphas, prediction.dtype) * tf.square(tf.cast(p, prediction.dtype)))
-    return mse + penalty

@@ -25,7 +25,7 @@ from ke_tf.config import ConfigError, register_section
 from ke_tf.engine.evaluate import Evaluator
 from ke_tf.flops import complexity
 from ke_tf.layers.activations import annealed_layers, linear_anneal, set_annealing
-from ke_tf.losses import cross_entropy, kd_loss, soft_cross_entropy
+from ke_tf.losses import ban_loss, hinton_loss
 from ke_tf.methods.stage import (
     evaluate_model,
     load_configured_data,
@@ -91,21 +91,6 @@ register_section("distillation", DistillationConfig)
 
 
 # ---- losses ----------------------------------------------------------------------------------
-def hinton_loss(student_logits, teacher_logits, labels, alpha, temperature, label_smoothing=0.0, class_mean=False):
-    """Per example (1 - alpha) * CE(s, y) + alpha * T^2 KL(softmax(t/T) || softmax(s/T))
-    (divided by the number of classes with `class_mean`, as torch's KLDivLoss 'mean')."""
-    kd = kd_loss(student_logits, teacher_logits, temperature)
-    if class_mean:
-        kd = kd / tf.cast(tf.shape(student_logits)[-1], kd.dtype)
-    return (1.0 - alpha) * cross_entropy(student_logits, labels, label_smoothing) + alpha * kd
-
-
-def ban_loss(student_logits, teacher_logits, labels, lam, tau, label_smoothing=0.0):
-    """Per example CE(s, y) + lambda * tau^2 * CE(softmax(t/tau), softmax(s/tau)) (BornAgain.py)."""
-    soft = soft_cross_entropy(student_logits, teacher_logits, tau)
-    return cross_entropy(student_logits, labels, label_smoothing) + lam * (tau * tau) * soft
-
-
 def distill_objective(student, teacher, per_example):
     """Trainer `loss_fn`: `per_example(s, t, labels)` with the teacher frozen in inference mode."""
 

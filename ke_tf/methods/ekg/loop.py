@@ -33,7 +33,7 @@ from ke_tf.config import ConfigError, register_section
 from ke_tf.engine.strategy import is_chief
 from ke_tf.flops import complexity
 from ke_tf.layers.gates import GatedLayerFactory
-from ke_tf.losses import cross_entropy, kd_loss
+from ke_tf.losses import bank_distillation
 from ke_tf.methods.ekg.search import CRITERIA, GreedySearch, memory_bank, pick_teachers
 from ke_tf.methods.stage import evaluate_model, load_configured_data, run_path, save_trained, test_metrics, train_stage
 from ke_tf.models import build_from_spec, model_spec
@@ -107,24 +107,13 @@ class BankData:
 
 
 def bank_distillation_loss(model, temperature):
-    """EKG fine-tuning loss: CE + T*KL(teacher || student) at temperature T (the reference scales
-    KL by T, not Hinton's T^2). Teacher = mean logits of the bank members that are closer (batch
-    KL) to the best member than the student is; the best member always counts. Early on the
-    student learns from all members, later only from the strong ones."""
-    t = float(temperature)
+    """Trainer `loss_fn` of EKG's fine-tuning: `losses.bank_distillation` of `model` on
+    (images, labels, memory-bank logits)."""
 
     def loss_fn(batch, training):
         images, labels, bank = batch  # bank [B, K, M], member 0 = best
         logits = model(images, training=training)
-        members = tf.transpose(tf.cast(bank, tf.float32), [0, 2, 1])  # [B, M, K]
-        best = members[:, :1, :]
-        student_gap = tf.reduce_sum(kd_loss(tf.stop_gradient(logits), best[:, 0], t))
-        member_gaps = tf.reduce_sum(kd_loss(members, best, t), axis=0)  # [M]
-        chosen = tf.cast(member_gaps < student_gap, tf.float32)
-        chosen = tf.tensor_scatter_nd_update(chosen, [[0]], [1.0])
-        teacher = tf.einsum("bmk,m->bk", members, chosen) / tf.reduce_sum(chosen)
-        loss = cross_entropy(logits, labels) + kd_loss(logits, teacher, t) / t
-        return {"loss": loss, "logits": logits}
+        return {"loss": bank_distillation(logits, labels, bank, temperature), "logits": logits}
 
     return loss_fn
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from ke_tf.flops import _calls, layer_macs
 from ke_tf.layers.gates import gate_sites, model_gates, set_masks
-from ke_tf.losses import cross_entropy, soft_cross_entropy
+from ke_tf.losses import cross_entropy, search_objective
 from ke_tf.progress import progress_bar
 from ke_tf.slicing import INPUT, LOGITS, layer_groups
 
@@ -110,11 +110,6 @@ def batch_stat_forward(model, rescale=None):
         return logits
 
     return forward
-
-
-def search_objective(logits, labels, ensemble_logits):
-    """Per-example CE(labels) + CE(softmax(ensemble), logits) (soft targets at T=1)."""
-    return cross_entropy(logits, labels) + soft_cross_entropy(logits, ensemble_logits, 1.0)
 
 
 def importance_fn(model, forward):
@@ -221,7 +216,7 @@ class GreedySearch:
         labels = np.concatenate([y.numpy() for _, y in self.holdout])
         ce = cross_entropy(logits, labels).numpy()
         target = logits if ensemble is None else ensemble
-        score = ce + soft_cross_entropy(logits, target, 1.0).numpy()
+        score = search_objective(logits, labels, target).numpy()
         return logits, float(ce.mean()), float(score.mean())
 
     def importance(self, ensemble):

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError, TrainConfig, register_section
 from ke_tf.data import class_order, incremental_tasks
-from ke_tf.losses import attention_distillation, cross_entropy, kd_loss
+from ke_tf.losses import attention_distillation, cross_entropy, lwf_distillation
 from ke_tf.methods.incremental.gradcam import feature_model, grad_cam, save_overlays
 from ke_tf.methods.stage import load_configured_data, run_path, save_trained, train_stage
 from ke_tf.models import build_from_spec, model_spec
@@ -128,15 +128,6 @@ def extend_head(teacher, spec):
         new[..., : old.shape[-1]] = old
         v.assign(new)
     return student
-
-
-def lwf_distillation(student_logits, teacher_logits, temperature):
-    """LwM's L_D per example: LwF's distillation (Li & Hoiem; LwM Eq. 3 reuses it) of the old
-    outputs, KL(softmax(t/T) || softmax(s/T)) with no T^2 factor. LwF weights it by lambda_o = 1
-    and FACIL's lwf/lwm (beta = 1, T = 2) use the plain cross-entropy of the T-softened outputs
-    (same gradient as this KL); Hinton's T^2 (`kd_loss`) would make beta = 1 act as beta = 4."""
-    t = float(temperature)
-    return kd_loss(student_logits, teacher_logits, t) / (t * t)
 
 
 def incremental_loss(method, icfg, student, teacher=None, n_old=0):
