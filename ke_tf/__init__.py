@@ -11,7 +11,9 @@ The public API, by what you would use it for:
 - Models: `build_model`, `build_from_spec`, `model_spec`, `default_widths`, `register_arch`,
   `slice_model` (physically narrower network), `get_deploy_model` (fused ReduceNet),
   `fold_batchnorm` (BN folded into convs for deployment).
-- Losses: `cross_entropy`, `soft_cross_entropy`, `kd_loss`, `attention_distillation`;
+- Losses (`ke_tf/losses.py`, each with its formula and temperature power): `cross_entropy`,
+  `soft_cross_entropy`, `kd_loss`, `hinton_loss`, `ban_loss`, `lwf_distillation`,
+  `attention_distillation`, `search_objective`, `bank_distillation`, `transnet_loss`;
   `grad_cam` (differentiable Grad-CAM).
 - Measuring: `complexity`, `count_macs`, `count_params` (MACs, paper convention).
 - Params files: `save_params`, `load_params` (restricted unpickler), `apply_params`, `ParamsError`.
@@ -38,7 +40,18 @@ from ke_tf.layers.factory import LayerFactory
 from ke_tf.layers.gates import ChannelGate, GatedLayerFactory
 from ke_tf.layers.reparam import ReduceConv
 from ke_tf.layers.split import SplitConv2D, SplitDense, SplitLayerFactory
-from ke_tf.losses import attention_distillation, cross_entropy, kd_loss, soft_cross_entropy
+from ke_tf.losses import (
+    attention_distillation,
+    ban_loss,
+    bank_distillation,
+    cross_entropy,
+    hinton_loss,
+    kd_loss,
+    lwf_distillation,
+    search_objective,
+    soft_cross_entropy,
+    transnet_loss,
+)
 from ke_tf.methods.consistency.transnet import TransNet
 from ke_tf.methods.incremental.gradcam import grad_cam
 from ke_tf.models import build_from_spec, build_model, default_widths, model_spec, register_arch
@@ -78,6 +91,12 @@ __all__ = [
     "get_deploy_model",
     "grad_cam",
     "kd_loss",
+    "hinton_loss",
+    "ban_loss",
+    "lwf_distillation",
+    "search_objective",
+    "bank_distillation",
+    "transnet_loss",
     "load_config",
     "load_data",
     "load_params",
