@@ -16,19 +16,16 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ke_tf.data import load_data  # noqa: E402
+from ke_tf.engine.bn_statistics import moving_statistics  # noqa: E402
 from ke_tf.flops import complexity  # noqa: E402
 from ke_tf.layers.gates import ChannelGate, GatedLayerFactory, gate_sites, model_gates, set_masks  # noqa: E402
-from ke_tf.losses import (
-    cross_entropy,  # noqa: E402
-    search_objective,  # noqa: E402
-)
+from ke_tf.losses import cross_entropy, search_objective  # noqa: E402
 from ke_tf.methods.ekg.search import (  # noqa: E402
     GreedySearch,
     MaskedMacs,
     batch_stat_forward,
     filter_l1,
     importance_fn,
-    moving_statistics,
     pick_teachers,
     trimmed_otsu,
 )

@@ -298,7 +298,7 @@ def test_batch_not_divisible_by_accumulation_is_a_config_error():
 
 
 def test_sync_bn_auto_synchronises_small_replica_batches_only():
-    from ke_tf.engine.trainer import synchronise_bn
+    from ke_tf.engine.bn_statistics import synchronise_bn
 
     assert not synchronise_bn(_cfg(batch_size=256, sync_bn="on"), 1)  # one replica: nothing to sync
     assert synchronise_bn(_cfg(batch_size=256, sync_bn="on"), 2)

@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from ke_tf.data.stream import InputShard
 from ke_tf.engine.iterators import release_in_background
-from ke_tf.engine.trainer import instance_function
+from ke_tf.engine.strategy import instance_function
 from ke_tf.losses import at_least_float32
 
 

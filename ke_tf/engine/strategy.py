@@ -1,10 +1,11 @@
-"""Pick the tf.distribute strategy from the environment and the config.
+"""Pick the tf.distribute strategy from the environment and the config, and what XLA compiles.
 
 auto: TF_CONFIG set -> MultiWorkerMirroredStrategy; >1 local GPU -> MirroredStrategy; 1 GPU ->
 OneDeviceStrategy(GPU); `cpu_replicas` > 1 -> MirroredStrategy over that many logical CPUs
 (tests, debugging); otherwise OneDeviceStrategy(CPU).
 """
 
+import functools
 import json
 import os
 
@@ -50,6 +51,13 @@ def uses_gpu(strategy):
     """True when the strategy's compute devices are GPUs."""
     devices = getattr(strategy.extended, "worker_devices", None) or ()
     return any("GPU" in d.upper() for d in devices) or bool(tf.config.list_logical_devices("GPU"))
+
+
+def instance_function(method):
+    """tf.function of a bound method whose retracing statistics belong to this instance: TF keys
+    them by the method's code, so one trace in each of several Trainers/Evaluators (a KE
+    generation, an LwM task) would be reported as "frequent retracing"."""
+    return tf.function(functools.partial(method.__func__, method.__self__))
 
 
 def jit_scope(setting, strategy, sync_bn=False):

@@ -18,35 +18,35 @@ a data source with `stream(batch_size, seed, first_epoch, last_epoch, skip_steps
   (`sync_bn`), so every replica holds the same model;
 - checkpoints, exact resume, SIGINT/SIGTERM stops agreed by every worker, tqdm, TensorBoard, a
   metrics dict and one log line per epoch.
+
+This module drives the stage (loops of steps, epochs, stops); the replica step is `step.py`,
+checkpoints `checkpoints.py`, signals `signals.py`, the lines and history `reporting.py`.
 """
 
-import functools
-import json
 import os
 import shutil
-import signal
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from ke_tf.config import ConfigError
 from ke_tf.data.stream import InputShard
+from ke_tf.engine.bn_statistics import batch_norm_layers, synchronise_bn
 from ke_tf.engine.checkpoints import CheckpointError, StageCheckpoints, made_from, settle
 from ke_tf.engine.iterators import release_in_background
 from ke_tf.engine.loss_scale import LossScale
 from ke_tf.engine.optim import make_optimizer
-from ke_tf.engine.strategy import is_chief, is_multi_worker, jit_scope
-from ke_tf.losses import at_least_float32
-from ke_tf.params import atomic_write_bytes
+from ke_tf.engine.reporting import HistoryWriter, epoch_line, read_history, setup_line
+from ke_tf.engine.signals import StopSignals
+from ke_tf.engine.step import ReplicaStep
+from ke_tf.engine.strategy import instance_function, is_chief, is_multi_worker, jit_scope
 from ke_tf.progress import log_line, progress_bar
 
 # Automatic loop length: about this many seconds of work per call (the latency of signals and
 # progress), at most MAX_STEPS_PER_LOOP steps.
 AUTO_LOOP_SECONDS = 2.0
 MAX_STEPS_PER_LOOP = 100
-SYNC_BN_BELOW = 32  # sync_bn auto: synchronise BN below this many images per replica micro-batch
 _RESULTS = ("loss", "correct", "applied", "skipped", "overflows", "steps", "nan_stop", "stopped")
 
 
@@ -58,60 +58,6 @@ class NonFiniteLossError(RuntimeError):
 
 class StopRequested(RuntimeError):
     """Raised after SIGINT/SIGTERM once a checkpoint has been written."""
-
-
-def synchronise_bn(cfg, replicas):
-    """Whether BN uses global batch statistics: `sync_bn` on, or auto with fewer than
-    SYNC_BN_BELOW images per replica micro-batch (where per-replica statistics get noisy: Wu & He,
-    Group Normalization, ECCV'18, Fig. 1); never with one replica (nothing to synchronise)."""
-    if replicas == 1 or cfg.sync_bn == "off":
-        return False
-    return cfg.sync_bn == "on" or cfg.batch_size // (replicas * cfg.accum_steps) < SYNC_BN_BELOW
-
-
-def instance_function(method):
-    """tf.function of a bound method whose retracing statistics belong to this instance: TF keys
-    them by the method's code, so one trace in each of several Trainers/Evaluators (a KE
-    generation, an LwM task) would be reported as "frequent retracing"."""
-    return tf.function(functools.partial(method.__func__, method.__self__))
-
-
-def batch_norm_layers(model):
-    """Every BatchNormalization layer inside `model` (nested models included)."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-
-
-def _split(batch, k, i):
-    """Micro-batch `i` of `k` of every tensor in `batch`."""
-
-    def cut(t):
-        size = tf.shape(t)[0] // k
-        return t[i * size : (i + 1) * size]
-
-    return tf.nest.map_structure(cut, batch)
-
-
-def _all_reduce_sum(context, values):
-    """Sum `values` over the replicas in one all-reduce per dtype (a float64 model's gradients
-    cannot be packed with the float32 loss), keeping their order."""
-    by_dtype = {}
-    for i, v in enumerate(values):
-        by_dtype.setdefault(v.dtype, []).append(i)
-    out = list(values)
-    for indices in by_dtype.values():
-        for i, r in zip(indices, context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in indices])):
-            out[i] = r
-    return out
-
-
-def _correct(logits, labels):
-    return tf.reduce_sum(
-        tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32), 1), tf.float32)
-    )
 
 
 class Trainer:
@@ -171,84 +117,24 @@ class Trainer:
             self.ckpt_dir, self.chief, made_from(model, cfg, self.steps_per_epoch), cfg.resume
         )
         self.manager = self.checkpoints.open_manager(self.checkpoint, cfg.keep_checkpoints)
-        self._grads_fn = tf.function(self._gradients, jit_compile=True) if self.jit == "gradients" else self._gradients
-        self._step_fn = tf.function(self._replica_step, jit_compile=True) if self.jit == "step" else self._replica_step
+        self.replica_step = ReplicaStep(
+            cfg,
+            loss_fn,
+            self.variables,
+            self.decay_variables,
+            self.optimizer,
+            self.loss_scale,
+            self.moving_stats,
+            self.replicas,
+            self.sync_bn,
+            self.jit,
+        )
         self._loop_fn = instance_function(self._loop)
         self._mean_fn = instance_function(self._replica_mean)
         self._steps_per_loop = cfg.steps_per_loop or None  # None: calibrated on the second loop
         self._loops = 0
-        self._stop_signal = None
+        self.signals = StopSignals()
         self.step = 0
-
-    # ---- one step (replica context) ------------------------------------------------------
-    def _gradients(self, batch):
-        """Loss, correct count and gradients of one replica's batch over `accum_steps`
-        micro-batches; the loss is scaled by the global batch so replica gradients sum to the
-        global mean (and by the fp16 loss scale)."""
-        k = self.cfg.accum_steps
-        grads = None
-        loss_sum = tf.constant(0.0)
-        correct = tf.constant(0.0)
-        for i in range(k):
-            # Order the micro-batches: without the dependency the executor may start the next
-            # forward pass while this one's activations are alive, and accumulation saves no memory.
-            with tf.control_dependencies(grads if i else []):
-                micro = tf.nest.map_structure(tf.identity, _split(batch, k, i)) if k > 1 else batch
-            with tf.GradientTape() as tape:
-                out = self.loss_fn(micro, training=True)
-                loss = tf.nn.compute_average_loss(at_least_float32(out["loss"]), global_batch_size=self.cfg.batch_size)
-                scaled = loss * self.loss_scale.scale if self.loss_scale is not None else loss
-            micro_grads = [
-                tf.zeros_like(v) if g is None else tf.cast(g, v.dtype)  # None: v unused by the loss
-                for g, v in zip(tape.gradient(scaled, self.variables), self.variables)
-            ]
-            grads = micro_grads if grads is None else [g + mg for g, mg in zip(grads, micro_grads)]
-            loss_sum += tf.cast(loss, tf.float32)
-            if "logits" in out:
-                correct += _correct(out["logits"], micro[1])
-        return loss_sum, correct, grads
-
-    def _replica_step(self, batch):
-        """One training step on this replica; every decision is taken on all-reduced values, so
-        all replicas agree. Returns (global loss, correct, loss finite, gradients finite)."""
-        skippable = self.cfg.on_nan == "skip" or self.loss_scale is not None
-        saved = [tf.identity(v.value) for v in self.moving_stats] if skippable else None
-        loss, correct, grads = self._grads_fn(batch)
-        context = tf.distribute.get_replica_context()
-        if self.replicas > 1:
-            loss, correct, *grads = _all_reduce_sum(context, [loss, correct, *grads])
-        loss_ok = tf.math.is_finite(loss)
-        # One sum over every gradient element is non-finite iff an element is (Inf - Inf = NaN),
-        # short of the sum itself passing 3e38, which only a run already diverging reaches: one
-        # reduction per tensor instead of IsFinite + All (~60 fewer ops per ResNet-20 step).
-        grads_ok = tf.math.is_finite(tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in grads] or [0.0]))
-        apply = loss_ok & grads_ok
-        tf.cond(apply, lambda: self._apply(grads), lambda: tf.constant(False))
-        if saved is not None:  # a skipped step leaves the BN statistics as they were too
-            for v, s in zip(self.moving_stats, saved):
-                v.assign(tf.where(apply, v.value, s))
-        if self.replicas > 1 and not self.sync_bn and self.moving_stats:
-            means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in self.moving_stats])
-            for v, m in zip(self.moving_stats, means):
-                v.assign(m)
-        return loss, correct, loss_ok, grads_ok
-
-    def _apply(self, grads):
-        """Update every variable from the global gradients, in replica context (identical on
-        every replica): unscale (fp16), weight decay, then the optimizer's update rule."""
-        if self.loss_scale is not None:
-            grads = [g / self.loss_scale.scale for g in grads]
-        lr = self.optimizer.learning_rate
-        wd = self.cfg.weight_decay
-        coupled = self.cfg.weight_decay_mode == "coupled"
-        for g, v in zip(grads, self.variables):
-            if wd and id(v) in self.decay_variables:
-                if coupled:  # PyTorch SGD weight_decay / EKG's g + wd*v, on the global gradient
-                    g = g + wd * tf.cast(v, g.dtype)
-                else:  # Keras/AdamW decoupled decay, applied before the update as Keras does
-                    v.assign_sub(v * tf.cast(wd * lr, v.dtype))
-            self.optimizer.update_step(g, v, tf.cast(lr, v.dtype))
-        return tf.constant(True)
 
     # ---- a loop of steps (cross-replica context, one tf.function call) ----------------------
     def _loop(self, iterator, num_steps, stop_requested):
@@ -268,7 +154,7 @@ class Trainer:
         nan_stop = tf.constant(False)
         sums = tf.zeros([6], tf.float64)  # loss, correct, applied, skipped, overflows, steps
         while tf.logical_and(i < num_steps, tf.logical_not(nan_stop)):
-            out = self.strategy.run(self._step_fn, args=(next(iterator),))
+            out = self.strategy.run(self.replica_step.step, args=(next(iterator),))
             loss, n_correct, loss_ok, grads_ok = [self.strategy.experimental_local_results(o)[0] for o in out]
             ok = loss_ok & grads_ok
             bad = ~loss_ok if fp16 else ~ok  # fp16: non-finite gradients alone are an overflow
@@ -323,26 +209,11 @@ class Trainer:
         self.step = int(self.optimizer.iterations.numpy())
         settle(self.name, failure, self.step, latest, self._cluster_mean if self.multi_worker else None)
         if latest is not None:
-            history = os.path.join(self.run_dir, f"{self.name}_history.json")
-            if os.path.exists(history):
-                with open(history) as f:
-                    self.history = [h for h in json.load(f) if h["epoch"] < self.step // self.steps_per_epoch]
+            self.history = read_history(self.run_dir, self.name, self.step // self.steps_per_epoch)
         return latest is not None
 
     def save_checkpoint(self):
         self.checkpoints.save(self.manager, self.step)
-
-    def _install_signal_handlers(self):
-        def handler(signum, frame):
-            self._stop_signal = signum
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return previous
 
     # ---- the stage --------------------------------------------------------------------------
     def fit(self, data, seed, epochs=None, eval_fn=None, resume=True, on_epoch_begin=None):
@@ -360,33 +231,36 @@ class Trainer:
         if self.step >= total:
             return self.history
         stage_input = [self._input(data, seed, epochs)]  # released in the background at the end
-        self._log(f"{self.name}: {self._setup_summary()}" + (f", resumed at step {self.step}" if self.step else ""))
-        previous = self._install_signal_handlers()
-        writer = (
-            tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", self.name)) if self.chief else None
+        setup = setup_line(
+            self.replicas, self.strategy, self.sync_bn, self.jit, self._steps_per_loop, self.cfg.mixed_precision
         )
+        self._log(f"{self.name}: {setup}" + (f", resumed at step {self.step}" if self.step else ""))
+        history = HistoryWriter(self.run_dir, self.name, self.chief)
         try:
-            while self.step < total:
-                epoch = self.step // self.steps_per_epoch
-                if on_epoch_begin is not None:
-                    on_epoch_begin(epoch)
-                metrics = self._run_epoch(stage_input[0], epoch, epochs)
-                if eval_fn is not None and ((epoch + 1) % self.cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
-                    metrics.update(eval_fn(epoch))
-                self.history.append(metrics)
-                self._write_history(writer, metrics)
-                self._log(self._epoch_line(metrics, epochs))
-                if self.cfg.checkpoint_every_epochs and (
-                    (epoch + 1) % self.cfg.checkpoint_every_epochs == 0 or epoch + 1 == epochs
-                ):
-                    self.save_checkpoint()
+            with self.signals:
+                self._run_epochs(stage_input[0], epochs, total, eval_fn, on_epoch_begin, history)
         finally:
             release_in_background(stage_input)
-            for sig, h in previous.items():
-                signal.signal(sig, h)
             if not self.chief:
                 shutil.rmtree(self.manager.directory, ignore_errors=True)
         return self.history
+
+    def _run_epochs(self, iterator, epochs, total, eval_fn, on_epoch_begin, history):
+        """Epochs until step `total`: train, evaluate, record, checkpoint."""
+        while self.step < total:
+            epoch = self.step // self.steps_per_epoch
+            if on_epoch_begin is not None:
+                on_epoch_begin(epoch)
+            metrics = self._run_epoch(iterator, epoch, epochs)
+            if eval_fn is not None and ((epoch + 1) % self.cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
+                metrics.update(eval_fn(epoch))
+            self.history.append(metrics)
+            history.write(self.history)
+            self._log(epoch_line(self.name, metrics, epochs))
+            if self.cfg.checkpoint_every_epochs and (
+                (epoch + 1) % self.cfg.checkpoint_every_epochs == 0 or epoch + 1 == epochs
+            ):
+                self.save_checkpoint()
 
     def _input(self, data, seed, epochs):
         """The stage's distributed iterator, from the current step to the last epoch."""
@@ -417,7 +291,9 @@ class Trainer:
                 result = dict(
                     zip(
                         _RESULTS,
-                        self._loop_fn(iterator, tf.constant(n, tf.int32), tf.constant(self._stop_signal is not None))
+                        self._loop_fn(
+                            iterator, tf.constant(n, tf.int32), tf.constant(self.signals.received is not None)
+                        )
                         .numpy()
                         .tolist(),
                     )
@@ -457,9 +333,10 @@ class Trainer:
             self._log(
                 f"{self.name}: skipped {int(result['skipped'])} step(s) with a non-finite loss before step {self.step}"
             )
-        if result["stopped"] or (self._stop_signal is not None and not self.multi_worker):
+        received = self.signals.received
+        if result["stopped"] or (received is not None and not self.multi_worker):
             self.save_checkpoint()
-            cause = f"signal {self._stop_signal}" if self._stop_signal is not None else "another worker's signal"
+            cause = f"signal {received}" if received is not None else "another worker's signal"
             raise StopRequested(
                 f"{self.name}: stopped by {cause} at step {self.step}; checkpoint saved in {self.ckpt_dir}"
             )
@@ -467,39 +344,6 @@ class Trainer:
             self.save_checkpoint()
 
     # ---- reporting --------------------------------------------------------------------------
-    def _setup_summary(self):
-        bn = ("synchronised BN" if self.sync_bn else "BN statistics averaged") if self.replicas > 1 else "one replica"
-        loop = self._steps_per_loop or "auto"
-        xla = {"off": "off", "gradients": "loss+gradients", "step": "whole step"}[self.jit]
-        return (
-            f"{self.replicas} replica(s) ({type(self.strategy).__name__}, {bn}), XLA {xla}, "
-            f"steps per loop {loop}, precision {self.cfg.mixed_precision}"
-        )
-
-    def _epoch_line(self, m, epochs):
-        parts = [
-            f"{self.name} epoch {m['epoch'] + 1}/{epochs}",
-            f"loss {m['train_loss']:.4f}",
-            f"top-1 {100 * m['train_top1']:.2f}%",
-        ]
-        if "test_top1" in m:
-            parts.append(f"test top-1 {100 * m['test_top1']:.2f}%")
-        parts += [f"lr {m['lr']:.3g}", f"{m['images_per_sec']:.0f} img/s", f"{m['seconds']:.1f}s"]
-        if m["skipped_steps"] or m["overflow_steps"]:
-            parts.append(f"skipped {m['skipped_steps']} / fp16 overflows {m['overflow_steps']}")
-        return " | ".join(parts)
-
     def _log(self, message):
         if self.chief and self.cfg.progress:
             log_line(message)
-
-    def _write_history(self, writer, metrics):
-        if not self.chief:
-            return
-        with writer.as_default():
-            for key, value in metrics.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    tf.summary.scalar(f"{self.name}/{key}", value, step=metrics["epoch"] + 1)
-        writer.flush()
-        data = json.dumps(self.history, indent=1, default=float).encode()
-        atomic_write_bytes(os.path.join(self.run_dir, f"{self.name}_history.json"), data)

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from ke_tf.engine.bn_statistics import moving_statistics
 from ke_tf.flops import _calls, layer_macs
 from ke_tf.layers.gates import gate_sites, model_gates, set_masks
 from ke_tf.losses import cross_entropy, search_objective
@@ -51,10 +52,6 @@ class MaskedMacs:
                     scale *= widths[g] / self.full_widths[g]
             total += macs * scale
         return int(round(total))
-
-
-def moving_statistics(model):
-    return [v for v in model.non_trainable_variables if v.name in ("moving_mean", "moving_variance")]
 
 
 class ClassifierRescale:
