@@ -3,13 +3,13 @@
 Inference-mode BN is an affine map per channel, so conv -> BN equals one conv with kernel
 k * gamma / sqrt(var + eps) and bias beta - mean * gamma / sqrt(var + eps). Pruned (EKG) and slim
 (KE) ResNets keep their BN layers; on CPUs those memory-bound ops are a large share of latency,
-so the exported network folds them (the same arithmetic `get_deploy_model` applies to ReduceNet).
+so the exported network folds them (`layers.reparam.fold_bn`, as `get_deploy_model` for ReduceNet).
 """
 
 import keras
-import numpy as np
 
 from ke_tf.layers.factory import LayerFactory, tag_group
+from ke_tf.layers.reparam import fold_bn
 from ke_tf.models import build_from_spec
 
 
@@ -67,12 +67,7 @@ def fold_batchnorm(model, spec):
             for target, value in zip(layer.weights, source.weights):
                 target.assign(value)
             continue
-        bn = pairs[layer.name]
-        gamma = bn.gamma.numpy() if bn.gamma is not None else 1.0
-        beta = bn.beta.numpy() if bn.beta is not None else 0.0
-        scale = gamma / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
-        kernel = source.kernel.numpy()
-        bias = source.bias.numpy() if source.use_bias else 0.0
-        layer.kernel.assign(kernel * scale)
-        layer.bias.assign(beta + (bias - bn.moving_mean.numpy()) * scale)
+        kernel, bias = fold_bn(source.kernel, source.bias if source.use_bias else None, pairs[layer.name])
+        layer.kernel.assign(kernel.astype(layer.kernel.dtype))
+        layer.bias.assign(bias.astype(layer.bias.dtype))
     return folded

@@ -10,7 +10,7 @@ their input, so BN, gates and the classifier's input rows are sliced consistentl
 import numpy as np
 
 from ke_tf.layers.factory import PLAIN
-from ke_tf.models import build_from_spec, default_widths
+from ke_tf.models import build_from_spec, spec_widths
 
 INPUT = "input"
 LOGITS = "logits"
@@ -90,11 +90,7 @@ def sliced_arrays(model, keep):
 
 def narrow_spec(spec, keep):
     """The model spec whose channel-group widths are the sizes of `keep`."""
-    widths = {
-        **default_widths(spec["arch"], **{k: v for k, v in spec.get("options", {}).items() if k == "width_mult"}),
-        **(spec.get("widths") or {}),
-    }
-    widths.update({g: len(ix) for g, ix in keep.items()})
+    widths = {**spec_widths(spec), **{g: len(ix) for g, ix in keep.items()}}
     return {**spec, "widths": widths}
 
 

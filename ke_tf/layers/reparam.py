@@ -21,7 +21,9 @@ def _np(value):
 def fold_bn(kernel, bias, bn):
     """Fold inference-mode `bn` into a conv (kernel HWIO, bias or None): W*s, beta + (b - mean)*s
     with s = gamma / sqrt(var + eps). Returns float64 (kernel, bias)."""
-    gamma, beta, mean, var = (_np(v) for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance))
+    mean, var = _np(bn.moving_mean), _np(bn.moving_variance)
+    gamma = _np(bn.gamma) if bn.gamma is not None else 1.0  # BN(scale=False) / BN(center=False)
+    beta = _np(bn.beta) if bn.beta is not None else 0.0
     scale = gamma / np.sqrt(var + bn.epsilon)
     bias = np.zeros_like(mean) if bias is None else _np(bias)
     return _np(kernel) * scale, beta + (bias - mean) * scale

@@ -10,7 +10,8 @@ from ke_tf.engine.strategy import is_chief
 from ke_tf.engine.trainer import Trainer
 from ke_tf.flops import complexity
 from ke_tf.losses import classifier_loss
-from ke_tf.params import save_params
+from ke_tf.models import model_spec
+from ke_tf.params import ParamsError, save_params
 from ke_tf.report import plot_lines
 
 
@@ -29,6 +30,23 @@ def load_configured_data(cfg, classes=None):
 
 
 _EVALUATORS = weakref.WeakKeyDictionary()
+
+
+def configured_spec(cfg, data, num_classes=None):
+    """The model spec of `cfg.model` (arch and options) for `data`'s image shape and its number of
+    classes (or `num_classes`: an incremental task's seen classes)."""
+    classes = data.info.num_classes if num_classes is None else num_classes
+    return model_spec(cfg.model.arch, classes, tuple(data.info.image_shape), **cfg.model.options)
+
+
+def check_spec_matches_data(spec, data, source):
+    """Raise ParamsError naming `source` when a trained net's spec does not fit `data`."""
+    expected = (tuple(spec["input_shape"]), spec["num_classes"])
+    given = (tuple(data.info.image_shape), data.info.num_classes)
+    if expected != given:
+        raise ParamsError(
+            f"{source}: net expects input {expected[0]} / {expected[1]} classes but data gives {given[0]} / {given[1]}"
+        )
 
 
 def model_evaluator(strategy, model):

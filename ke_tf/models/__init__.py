@@ -76,6 +76,13 @@ def model_spec(arch, num_classes, input_shape, widths=None, **options):
     }
 
 
+def spec_widths(spec):
+    """Every channel-group width of `spec`: the arch's defaults, overridden by the spec's own
+    `widths` (a slim or pruned net)."""
+    defaults = default_widths(spec["arch"], **_width_options(spec.get("options", {})))
+    return {**defaults, **(spec.get("widths") or {})}
+
+
 def build_from_spec(spec, layers=PLAIN):
     """Inverse of `model_spec`."""
     return build_model(

@@ -24,7 +24,7 @@ from ke_tf.engine.trainer import Trainer
 from ke_tf.losses import cross_entropy, transnet_loss
 from ke_tf.methods.consistency.features import cache_features, fingerprint, load_trained, tail_model, tap_model
 from ke_tf.methods.consistency.transnet import transnet_model
-from ke_tf.methods.stage import evaluate_model, load_configured_data, run_path
+from ke_tf.methods.stage import check_spec_matches_data, evaluate_model, load_configured_data, run_path
 from ke_tf.params import load_params, model_arrays, save_params
 from ke_tf.report import write_json, write_table
 
@@ -122,14 +122,6 @@ def _trained_nets(cfg, kc, strategy):
     return paths
 
 
-def _check_input(path, spec, data):
-    if tuple(spec["input_shape"]) != tuple(data.info.image_shape) or spec["num_classes"] != data.info.num_classes:
-        raise ValueError(
-            f"{path}: net expects input {tuple(spec['input_shape'])} / {spec['num_classes']} "
-            f"classes but data gives {tuple(data.info.image_shape)} / {data.info.num_classes}"
-        )
-
-
 def variance_report(orders_fn, cache, batch_size):
     """Rows of the variance of each order component Y_k, of the residual x_B - g(x_A) and of x_B,
     each pooled over channels around its per-channel mean (reference Variance.py, exact weighting),
@@ -223,7 +215,7 @@ def run(cfg, strategy):
     with strategy.scope():
         (net_a, spec_a), (net_b, spec_b) = load_trained(path_a), load_trained(path_b)
     for path, spec in ((path_a, spec_a), (path_b, spec_b)):
-        _check_input(path, spec, data)
+        check_spec_matches_data(spec, data, path)
     taps = tap_model(net_a, kc.layer), tap_model(net_b, kc.layer)
     data_id = {"name": cfg.data.name, "classes": cfg.data.classes, "split_seed": cfg.data.split_seed}
     caches, reused = {}, {}

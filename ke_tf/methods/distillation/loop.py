@@ -27,6 +27,8 @@ from ke_tf.flops import complexity
 from ke_tf.layers.activations import annealed_layers, linear_anneal, set_annealing
 from ke_tf.losses import ban_loss, hinton_loss
 from ke_tf.methods.stage import (
+    check_spec_matches_data,
+    configured_spec,
     evaluate_model,
     load_configured_data,
     run_path,
@@ -123,14 +125,6 @@ def inherit_weights(student, teacher):
     return sorted(v.path for v in student.weights if v.path not in arrays)
 
 
-def _check_compatible(spec, data, source):
-    if spec["num_classes"] != data.info.num_classes or tuple(spec["input_shape"]) != tuple(data.info.image_shape):
-        raise ParamsError(
-            f"{source}: model has {spec['num_classes']} classes / input {tuple(spec['input_shape'])} "
-            f"but the data has {data.info.num_classes} / {tuple(data.info.image_shape)}"
-        )
-
-
 def _row(stage, spec, model, metrics):
     return {
         "stage": stage,
@@ -150,7 +144,7 @@ def obtain_teacher(cfg, strategy, data, spec):
         if "model" not in meta:
             raise ParamsError(f"{dc.teacher_params}: metadata has no 'model' entry; cannot rebuild the teacher")
         spec = meta["model"]
-        _check_compatible(spec, data, dc.teacher_params)
+        check_spec_matches_data(spec, data, dc.teacher_params)
         with strategy.scope():
             teacher = build_from_spec(spec)
             apply_params(teacher, arrays, source=dc.teacher_params)
@@ -167,7 +161,7 @@ def obtain_teacher(cfg, strategy, data, spec):
 # ---- kd / reducenet --------------------------------------------------------------------------
 def _specs(cfg, data):
     dc = cfg.section("distillation")
-    spec = model_spec(cfg.model.arch, data.info.num_classes, tuple(data.info.image_shape), **cfg.model.options)
+    spec = configured_spec(cfg, data)
     if dc.mode == "reducenet":
         if not is_reducenet(spec):
             raise ConfigError(f"distillation.mode reducenet needs model.arch reduce20/reduce56, got {spec['arch']!r}")
@@ -303,7 +297,7 @@ def run_ban(cfg, strategy, data):
     """G born-again generations; each is saved as gen{g}_params.pkl and evaluated alone and as
     the ensemble of generations 0..g (ban.{md,csv,json}, ban.png)."""
     dc = cfg.section("distillation")
-    spec = model_spec(cfg.model.arch, data.info.num_classes, tuple(data.info.image_shape), **cfg.model.options)
+    spec = configured_spec(cfg, data)
     teacher = obtain_teacher(cfg, strategy, data, spec)[0] if dc.teacher_params else None
     lambdas = ban_lambdas(dc, cfg.train.epochs)
     with strategy.scope():

@@ -35,8 +35,16 @@ from ke_tf.flops import complexity
 from ke_tf.layers.gates import GatedLayerFactory
 from ke_tf.losses import bank_distillation
 from ke_tf.methods.ekg.search import CRITERIA, GreedySearch, memory_bank, pick_teachers
-from ke_tf.methods.stage import evaluate_model, load_configured_data, run_path, save_trained, test_metrics, train_stage
-from ke_tf.models import build_from_spec, model_spec
+from ke_tf.methods.stage import (
+    configured_spec,
+    evaluate_model,
+    load_configured_data,
+    run_path,
+    save_trained,
+    test_metrics,
+    train_stage,
+)
+from ke_tf.models import build_from_spec
 from ke_tf.params import apply_params, atomic_write_bytes, file_sha256, load_params, model_arrays
 from ke_tf.report import plot_lines, write_json
 from ke_tf.slicing import layer_groups, slice_model
@@ -257,7 +265,7 @@ def run(cfg, strategy):
     """EKG pruning of `cfg.model.arch` (shortcut B) on `cfg.data`."""
     e = cfg.section("ekg")
     data = load_configured_data(cfg)
-    dense_spec = model_spec(cfg.model.arch, data.info.num_classes, tuple(data.info.image_shape), **cfg.model.options)
+    dense_spec = configured_spec(cfg, data)
     model, spec, bank, record = slim(cfg, strategy, data, dense_spec)
     if e.distill:
         _, history, final = train_stage(

@@ -17,8 +17,16 @@ import dataclasses
 from ke_tf.config import ConfigError, register_section
 from ke_tf.flops import complexity
 from ke_tf.layers.split import REINIT_RULES, SPLIT_MODES, SplitLayerFactory, fit_count, reinitialize_reset_hypothesis
-from ke_tf.methods.stage import evaluate_model, load_configured_data, run_path, save_trained, test_metrics, train_stage
-from ke_tf.models import build_model, default_widths, model_spec
+from ke_tf.methods.stage import (
+    configured_spec,
+    evaluate_model,
+    load_configured_data,
+    run_path,
+    save_trained,
+    test_metrics,
+    train_stage,
+)
+from ke_tf.models import build_model, spec_widths
 from ke_tf.report import plot_lines, write_json, write_table
 from ke_tf.slicing import layer_groups, slice_model
 
@@ -53,9 +61,7 @@ register_section("evolution", EvolutionConfig)
 
 def fit_keep(spec, split_rate):
     """kels fit hypothesis as channels to keep: the first ceil(sr*C) of every channel group."""
-    options = {k: v for k, v in spec.get("options", {}).items() if k == "width_mult"}
-    widths = {**default_widths(spec["arch"], **options), **(spec.get("widths") or {})}
-    return {g: list(range(fit_count(c, split_rate))) for g, c in widths.items()}
+    return {g: list(range(fit_count(c, split_rate))) for g, c in spec_widths(spec).items()}
 
 
 def extract_slim(strategy, model, spec, split_rate):
@@ -91,7 +97,7 @@ def run(cfg, strategy):
     masks), gen_{g}/slim_params.pkl (kels), evolution.{md,csv,json}, evolution.png."""
     ev = cfg.section("evolution")
     data = load_configured_data(cfg)
-    spec = model_spec(cfg.model.arch, data.info.num_classes, tuple(data.info.image_shape), **cfg.model.options)
+    spec = configured_spec(cfg, data)
     factory = SplitLayerFactory(ev.split_rate, ev.split_mode, seed=cfg.seed)
     with strategy.scope():
         model = build_model(spec["arch"], spec["num_classes"], spec["input_shape"], layers=factory, **spec["options"])

@@ -20,8 +20,8 @@ from ke_tf.config import ConfigError, TrainConfig, register_section
 from ke_tf.data import class_order, incremental_tasks
 from ke_tf.losses import attention_distillation, cross_entropy, lwf_distillation
 from ke_tf.methods.incremental.gradcam import feature_model, grad_cam, save_overlays
-from ke_tf.methods.stage import load_configured_data, run_path, save_trained, train_stage
-from ke_tf.models import build_from_spec, model_spec
+from ke_tf.methods.stage import configured_spec, load_configured_data, run_path, save_trained, train_stage
+from ke_tf.models import build_from_spec
 from ke_tf.report import markdown_table, plot_lines, write_json, write_table
 
 METHODS = ("lwm", "lwf", "finetune")
@@ -274,7 +274,7 @@ def run(cfg, strategy):
         return [c for task in tasks[: t + 1] for c in task]
 
     def spec(t):
-        return model_spec(cfg.model.arch, len(seen_classes(t)), input_shape, **cfg.model.options)
+        return configured_spec(cfg, full, num_classes=len(seen_classes(t)))
 
     def save(model, t, run, metrics):
         path = os.path.join(run.dir, f"task_{t}", "trained_params.pkl")

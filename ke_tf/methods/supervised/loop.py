@@ -1,18 +1,14 @@
 """Plain supervised training: the baseline every method is compared with, and the quickstart."""
 
-from ke_tf.methods.stage import load_configured_data, run_path, save_trained, test_metrics, train_stage
-from ke_tf.models import build_from_spec, model_spec
+from ke_tf.methods.stage import configured_spec, load_configured_data, run_path, save_trained, test_metrics, train_stage
+from ke_tf.models import build_from_spec
 from ke_tf.report import write_json
-
-
-def model_input_shape(data):
-    return tuple(data.info.image_shape)
 
 
 def run(cfg, strategy):
     """Train `cfg.model.arch` on `cfg.data`; writes trained_params.pkl and results.json."""
     data = load_configured_data(cfg)
-    spec = model_spec(cfg.model.arch, data.info.num_classes, model_input_shape(data), **cfg.model.options)
+    spec = configured_spec(cfg, data)
     with strategy.scope():
         model = build_from_spec(spec)
     _, history, final = train_stage(cfg, strategy, model, data, cfg.run_dir)
