@@ -2,7 +2,7 @@
 with Knowledge Evolution of ResNet-18 on Flower102 as the default config.
 
     python train_flower.py --set data.data_dir=/data/tfds
-    python train_flower.py --config quickstart_ke_digits
+    python train_flower.py --config digits_resnet20_ke
 """
 
 from ke_tf.cli import train_main

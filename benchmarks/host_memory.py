@@ -24,7 +24,7 @@ def _steady_epoch_seconds(pad_mb, epochs, image_size, run_dir):
         sys.executable,
         os.path.join(ROOT, "train_cifar.py"),
         "--config",
-        "quickstart_digits",
+        "digits_resnet20_supervised",
         "--set",
         f"run_dir={run_dir}",
         "--set",

@@ -56,13 +56,17 @@ def parser_for(description):
 
 
 def list_configs():
-    """Print the shipped configs, one `name  description` line each."""
-    from ke_tf.shipped_configs import describe, shipped_configs
+    """Print the shipped configs, one `name  description` line each, then the renamed ones."""
+    from ke_tf.shipped_configs import RENAMED, describe, shipped_configs
 
     shipped = shipped_configs()
     width = max(map(len, shipped))
     for name, path in shipped.items():
         print(f"{name:<{width}}  {describe(path)}")
+    print("\nRenamed (the old names still work until ke_tf 0.2):")
+    width = max(map(len, RENAMED))
+    for old, new in RENAMED.items():
+        print(f"  {old:<{width}} -> {new}")
 
 
 def train_main(default_config, description):
@@ -204,7 +208,7 @@ def evaluate_main(argv):
 TRAIN_DESCRIPTION = """Train with any ke_tf method from a YAML experiment config.
 
     ke-tf-train --list
-    ke-tf-train --config quickstart_digits
+    ke-tf-train --config digits_resnet20_supervised
     ke-tf-train --config my_experiment.yaml --set train.epochs=10 --set run_dir=runs/short
 """
 

@@ -5,12 +5,30 @@ and a checkout or an editable install reads it where it is.
 """
 
 import os
+import sys
 
 import yaml
 
 from ke_tf.config import ConfigError
 
 SUFFIX = ".yaml"
+# Configs are named <dataset>_<arch>_<method>. The names before that scheme still resolve, with a
+# note, for one release (until 0.2).
+RENAMED = {
+    "cifar100_lwm": "cifar100_resnet32_lwm",
+    "cifar10_ban": "cifar10_resnet20_ban",
+    "cifar10_consistency": "cifar10_resnet56_consistency",
+    "cifar10_kd": "cifar10_resnet20_kd",
+    "cifar10_reducenet20": "cifar10_reduce20_reducenet",
+    "cifar10_resnet56": "cifar10_resnet56_supervised",
+    "quickstart_consistency_digits": "digits_resnet20_consistency",
+    "quickstart_digits": "digits_resnet20_supervised",
+    "quickstart_ekg_digits": "digits_resnet20_ekg",
+    "quickstart_kd_digits": "digits_resnet20_kd",
+    "quickstart_ke_digits": "digits_resnet20_ke",
+    "quickstart_lwm_digits": "digits_resnet20_lwm",
+    "quickstart_reducenet_digits": "digits_reduce20_reducenet",
+}
 
 
 def configs_dir():
@@ -44,6 +62,9 @@ def resolve_config(name_or_path):
     if not os.path.dirname(name_or_path):  # a bare name
         if name in shipped:
             return shipped[name]
+        if name in RENAMED:
+            print(f"note: config {name} is now called {RENAMED[name]}; the old name goes in ke_tf 0.2", file=sys.stderr)
+            return shipped[RENAMED[name]]
         raise ConfigError(
             f"config {name_or_path} not found: no such file and no shipped config of that name "
             f"(shipped: {', '.join(shipped)}; --list describes them)"

@@ -19,7 +19,7 @@ import pytest
 from ke_tf.config import ConfigError
 from ke_tf.progress import PlainProgress, log_line, progress_bar
 from ke_tf.report import plot_lines, vertical_table
-from ke_tf.shipped_configs import describe, resolve_config, shipped_configs
+from ke_tf.shipped_configs import RENAMED, describe, resolve_config, shipped_configs
 from ke_tf.tf_startup import filter_startup_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,19 +169,21 @@ def test_shipped_configs_are_the_repository_configs_each_described():
 
 def test_config_is_a_path_or_a_shipped_name_from_any_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    shipped = os.path.join(ROOT, "configs", "quickstart_digits.yaml")
-    assert os.path.samefile(resolve_config("quickstart_digits"), shipped)
-    assert os.path.samefile(resolve_config("quickstart_digits.yaml"), shipped)
-    (tmp_path / "quickstart_digits.yaml").write_text("method: supervised\n")
-    assert resolve_config("quickstart_digits.yaml") == "quickstart_digits.yaml"  # a file wins
-    with pytest.raises(ConfigError, match=r"config quickstart_digitz not found: .*shipped: .*quickstart_digits"):
-        resolve_config("quickstart_digitz")
+    shipped = os.path.join(ROOT, "configs", "digits_resnet20_supervised.yaml")
+    assert os.path.samefile(resolve_config("digits_resnet20_supervised"), shipped)
+    assert os.path.samefile(resolve_config("digits_resnet20_supervised.yaml"), shipped)
+    (tmp_path / "digits_resnet20_supervised.yaml").write_text("method: supervised\n")
+    assert resolve_config("digits_resnet20_supervised.yaml") == "digits_resnet20_supervised.yaml"  # a file wins
+    with pytest.raises(
+        ConfigError, match=r"config digits_resnet20_supervize not found: .*shipped: .*digits_resnet20_supervised"
+    ):
+        resolve_config("digits_resnet20_supervize")
     with pytest.raises(
         ConfigError,
-        match=r"config file configs/quickstart_ke_digits.yaml not found; .*"
-        r"--config quickstart_ke_digits",
+        match=r"config file configs/digits_resnet20_ke.yaml not found; .*"
+        r"--config digits_resnet20_ke",
     ):
-        resolve_config("configs/quickstart_ke_digits.yaml")
+        resolve_config("configs/digits_resnet20_ke.yaml")
 
 
 def test_list_shows_each_shipped_config_with_its_description(monkeypatch, tmp_path, capsys):
@@ -190,10 +192,18 @@ def test_list_shows_each_shipped_config_with_its_description(monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["ke-tf-train", "--list"])
     assert train_command() is None  # a console script exits with this value: status 0
-    lines = capsys.readouterr().out.splitlines()
+    listed, renamed = capsys.readouterr().out.split("\n\nRenamed (the old names still work until ke_tf 0.2):\n")
+    lines = listed.splitlines()
     assert len(lines) == len(shipped_configs())
     for line, (name, path) in zip(lines, shipped_configs().items()):
         assert line.split(None, 1) == [name, describe(path)]
+    assert [line.split() for line in renamed.splitlines()] == [[old, "->", new] for old, new in RENAMED.items()]
+    assert set(RENAMED.values()) <= set(shipped_configs())
+
+
+def test_a_renamed_config_still_resolves_with_a_note(capsys):
+    assert resolve_config("quickstart_ke_digits") == shipped_configs()["digits_resnet20_ke"]
+    assert "config quickstart_ke_digits is now called digits_resnet20_ke" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -289,6 +299,7 @@ def test_wheel_runs_the_quickstart_by_name_from_an_unrelated_directory(tmp_path)
     ).stdout.split()
     assert all(p.startswith(venv_site) for p in where), where
     listed = _run([str(bin_dir / "ke-tf-train"), "--list"], cwd=elsewhere, env=env).stdout
+    listed = listed.split("\n\nRenamed")[0]
     assert sorted(line.split()[0] for line in listed.splitlines()) == sorted(shipped_configs())
 
     log_path = tmp_path / "train.log"
@@ -297,7 +308,7 @@ def test_wheel_runs_the_quickstart_by_name_from_an_unrelated_directory(tmp_path)
             [
                 str(bin_dir / "ke-tf-train"),
                 "--config",
-                "quickstart_digits",
+                "digits_resnet20_supervised",
                 "--set",
                 "train.epochs=1",
                 "--set",
@@ -316,7 +327,7 @@ def test_wheel_runs_the_quickstart_by_name_from_an_unrelated_directory(tmp_path)
     assert "\r" not in text and not ABSL_LINE.search(text) and "absl::" not in text, text
     assert "retracing" not in text, text
     lines = text.splitlines()
-    assert lines[0].startswith(f"config {venv_site}/ke_tf/configs/quickstart_digits.yaml"), lines[0]
+    assert lines[0].startswith(f"config {venv_site}/ke_tf/configs/digits_resnet20_supervised.yaml"), lines[0]
     assert sum("epoch 1/1" in line for line in lines) == 1, text
     summary = json.loads((elsewhere / "run" / "results.json").read_text())["summary"]
     assert f"test_top1   | {summary['test_top1']:.4f}" in lines, text

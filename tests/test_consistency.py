@@ -296,7 +296,7 @@ def _cli(run_dir, *extra):
     return main(
         [
             "--config",
-            "configs/quickstart_consistency_digits.yaml",
+            "configs/digits_resnet20_consistency.yaml",
             "--set",
             f"run_dir={run_dir}",
             "--set",

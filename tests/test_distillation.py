@@ -71,7 +71,7 @@ def _train(tmp, *sets):
 
     args = [
         "--config",
-        "configs/quickstart_kd_digits.yaml",
+        "configs/digits_resnet20_kd.yaml",
         "--set",
         f"run_dir={tmp}",
         "--set",

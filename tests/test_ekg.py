@@ -289,7 +289,7 @@ def test_end_to_end_cli_then_test_py(tmp_path):
     run_dir = str(tmp_path / "run")
     args = [
         "--config",
-        "configs/quickstart_ekg_digits.yaml",
+        "configs/digits_resnet20_ekg.yaml",
         "--set",
         f"run_dir={run_dir}",
         "--set",
@@ -340,7 +340,7 @@ def test_end_to_end_on_two_replicas(tmp_path):
             sys.executable,
             "train_cifar.py",
             "--config",
-            "configs/quickstart_ekg_digits.yaml",
+            "configs/digits_resnet20_ekg.yaml",
             "--set",
             f"run_dir={run_dir}",
             "--set",
@@ -383,7 +383,7 @@ def test_configs_validate_and_reduction_rate_sets_target():
         cfg = load_config(f"configs/{name}_resnet56_ekg.yaml")
         assert cfg.method == "ekg" and cfg.model.options["shortcut"] == "B"
         assert cfg.section("ekg").target_rate == pytest.approx(0.45)
-    cfg = load_config("configs/quickstart_ekg_digits.yaml", ["ekg.reduction_rate=0.3"])
+    cfg = load_config("configs/digits_resnet20_ekg.yaml", ["ekg.reduction_rate=0.3"])
     assert cfg.section("ekg").target_rate == pytest.approx(0.7)
     with pytest.raises(ConfigError, match="ekg.reduction_rate"):
-        load_config("configs/quickstart_ekg_digits.yaml", ["ekg.reduction_rate=1.5"])
+        load_config("configs/digits_resnet20_ekg.yaml", ["ekg.reduction_rate=1.5"])

@@ -239,7 +239,7 @@ def _run(run_dir, *overrides, generations=2, epochs=1):
     return main(
         [
             "--config",
-            "configs/quickstart_ke_digits.yaml",
+            "configs/digits_resnet20_ke.yaml",
             "--set",
             f"run_dir={run_dir}",
             "--set",

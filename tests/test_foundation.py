@@ -136,7 +136,7 @@ def test_config_validation_names_the_key(tmp_path):
 
 def test_shipped_configs_are_valid():
     names = [n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml")]
-    assert "quickstart_digits.yaml" in names
+    assert "digits_resnet20_supervised.yaml" in names
     for name in names:
         load_config(os.path.join(ROOT, "configs", name))
 
@@ -145,7 +145,7 @@ def test_cli_rejects_bad_config_before_work(capsys):
     from train_cifar import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["--config", os.path.join(ROOT, "configs", "quickstart_digits.yaml"), "--set", "train.lr=-1"])
+        main(["--config", os.path.join(ROOT, "configs", "digits_resnet20_supervised.yaml"), "--set", "train.lr=-1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: train.lr must be > 0, got -1.0"
@@ -160,7 +160,7 @@ def test_train_then_test_cli_round_trip(tmp_path, capsys):
     summary = main(
         [
             "--config",
-            os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
+            os.path.join(ROOT, "configs", "digits_resnet20_supervised.yaml"),
             "--set",
             f"run_dir={tmp_path}",
             "--set",
@@ -202,7 +202,7 @@ def test_quickstart_reaches_90_percent(tmp_path):
     summary = main(
         [
             "--config",
-            os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
+            os.path.join(ROOT, "configs", "digits_resnet20_supervised.yaml"),
             "--set",
             f"run_dir={tmp_path}",
             "--set",
@@ -215,11 +215,11 @@ def test_quickstart_reaches_90_percent(tmp_path):
 @pytest.mark.parametrize(
     "config,override,message",
     [
-        ("quickstart_ke_digits.yaml", "evolution.split_rate=1.5", "evolution.split_rate must be in (0, 1]"),
-        ("quickstart_ke_digits.yaml", "evolution.split_rate=0", "evolution.split_rate must be in (0, 1]"),
-        ("quickstart_ekg_digits.yaml", "ekg.search_target_rate=1.0", "ekg.search_target_rate must be in (0, 1)"),
-        ("quickstart_kd_digits.yaml", "train.lr=-0.01", "train.lr must be > 0"),
-        ("quickstart_lwm_digits.yaml", "incremental.bogus=1", "unknown config key incremental.bogus"),
+        ("digits_resnet20_ke.yaml", "evolution.split_rate=1.5", "evolution.split_rate must be in (0, 1]"),
+        ("digits_resnet20_ke.yaml", "evolution.split_rate=0", "evolution.split_rate must be in (0, 1]"),
+        ("digits_resnet20_ekg.yaml", "ekg.search_target_rate=1.0", "ekg.search_target_rate must be in (0, 1)"),
+        ("digits_resnet20_kd.yaml", "train.lr=-0.01", "train.lr must be > 0"),
+        ("digits_resnet20_lwm.yaml", "incremental.bogus=1", "unknown config key incremental.bogus"),
     ],
 )
 def test_method_configs_reject_impossible_values(config, override, message):
@@ -284,7 +284,7 @@ def test_run_method_is_reproducible_from_its_seed(tmp_path):
 
     def first_epoch_loss(seed, tag):
         cfg = load_config(
-            os.path.join(ROOT, "configs", "quickstart_digits.yaml"),
+            os.path.join(ROOT, "configs", "digits_resnet20_supervised.yaml"),
             [
                 f"seed={seed}",
                 f"run_dir={tmp_path / tag}",
@@ -310,7 +310,7 @@ def test_load_config_registers_the_method_sections_on_demand():
     """`ke_tf.load_config` on its own (no loop imported first) accepts every method's section."""
     code = (
         "import ke_tf.config as c\n"
-        "cfg = c.load_config('configs/quickstart_ke_digits.yaml', ['evolution.generations=2'])\n"
+        "cfg = c.load_config('configs/digits_resnet20_ke.yaml', ['evolution.generations=2'])\n"
         "print(type(cfg.section('evolution')).__name__, cfg.section('evolution').generations)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

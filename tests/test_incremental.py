@@ -175,7 +175,7 @@ def test_task_split_and_config_validation():
         inc.task_split(inc.IncrementalConfig(first=4, increment=4, num_tasks=3), 10)
     from ke_tf.config import load_config
 
-    cfg = load_config("configs/cifar100_lwm.yaml")
+    cfg = load_config("configs/cifar100_resnet32_lwm.yaml")
     assert [len(t) for t in inc.task_split(cfg.section("incremental"), 100)] == [50] + [10] * 5
     with pytest.raises(ConfigError, match="incremental.compare"):
         from_dict({"method": "incremental", "incremental": {"compare": ["lwm", "icarl"]}})
@@ -191,7 +191,7 @@ def test_end_to_end_digits_writes_pickles_tables_plot_and_test_py_evaluates(tmp_
     summary = main(
         [
             "--config",
-            "configs/quickstart_lwm_digits.yaml",
+            "configs/digits_resnet20_lwm.yaml",
             "--set",
             f"run_dir={run_dir}",
             "--set",

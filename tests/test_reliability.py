@@ -15,7 +15,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = os.path.join(ROOT, "configs", "quickstart_digits.yaml")
+QUICK = os.path.join(ROOT, "configs", "digits_resnet20_supervised.yaml")
 
 
 def _command(run_dir, *extra):

@@ -27,7 +27,7 @@ ARMS = ("EKG", "L1-norm", "random", "dense")
 
 
 def prepare(workdir):
-    summary = run("quickstart_ekg_digits", workdir, 0, *COMMON)
+    summary = run("digits_resnet20_ekg", workdir, 0, *COMMON)
     return {"dense": os.path.join(workdir, "dense_params.pkl"), "dense_top1": summary["dense_test_top1"]}
 
 
@@ -38,7 +38,7 @@ def run_seed(seed, workdir, context, arms=ARMS):
         if arm not in arms:
             continue
         summary = run(
-            "quickstart_ekg_digits",
+            "digits_resnet20_ekg",
             os.path.join(workdir, criterion),
             seed,
             *COMMON,

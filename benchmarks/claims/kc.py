@@ -12,7 +12,7 @@ import os
 
 from benchmarks.claims import Claim, Comparison
 
-CONFIG = "quickstart_consistency_digits"
+CONFIG = "digits_resnet20_consistency"
 ARMS = ("trained_a", "untrained_a")
 OVERRIDES = (
     "train.progress=false",
@@ -78,7 +78,7 @@ CLAIM = Claim(
     setting="digits 16x16, ResNet-20 x0.5 nets trained from two seeds; tap s2b2_add (8x8x32, pre-ReLU); "
     "Trans-Net depth 3, alpha 0.1; order-0 variance / Var(x_B) on the test split.",
     budget="nets 6 epochs SGD lr 0.05 cosine; Trans-Net 60 epochs Adam 1e-3 -> 1e-5 log-decayed (10x the "
-    "reference LR, which underfits in this budget: configs/quickstart_consistency_digits.yaml).",
+    "reference LR, which underfits in this budget: configs/digits_resnet20_consistency.yaml).",
     arms=ARMS,
     comparisons=(
         Comparison(

@@ -31,8 +31,8 @@ def slim_widths(split_rate=0.5):
 
 def run_seed(seed, workdir, context, arms=ARMS):
     """The `arms` of one seed (each run seeded alike, so leaving one out changes no other)."""
-    ke = run("quickstart_ke_digits", os.path.join(workdir, "ke"), seed, *OVERRIDES)
-    same = run("quickstart_ke_digits", os.path.join(workdir, "no_reinit"), seed, *OVERRIDES, "evolution.reinit=none")
+    ke = run("digits_resnet20_ke", os.path.join(workdir, "ke"), seed, *OVERRIDES)
+    same = run("digits_resnet20_ke", os.path.join(workdir, "no_reinit"), seed, *OVERRIDES, "evolution.reinit=none")
     result = {
         "KE": {"slim_top1": ke["slim_top1"], "dense_top1": ke["dense_top1"]},
         "no re-init": {"slim_top1": same["slim_top1"], "dense_top1": same["dense_top1"]},
@@ -40,7 +40,7 @@ def run_seed(seed, workdir, context, arms=ARMS):
     if "slim from scratch" in arms:
         # The same recipe as one plain run of the slim widths (one warmup + cosine over all epochs).
         scratch = run(
-            "quickstart_ke_digits",
+            "digits_resnet20_ke",
             os.path.join(workdir, "slim_scratch"),
             seed,
             *OVERRIDES,

@@ -12,7 +12,7 @@ import os
 
 from benchmarks.claims import Claim, Comparison
 
-CONFIG = "quickstart_lwm_digits"
+CONFIG = "digits_resnet20_lwm"
 ARMS = ("lwm", "lwf", "finetune")
 # The protocol of the claim on top of the quickstart config (kept there: beta = gamma = 1, T = 2,
 # CE over all seen outputs, Grad-CAM at the last block, SGD lr 1e-3, 6 epochs per task).

@@ -18,7 +18,7 @@ COMMON = ("data.image_size=16", f"train.epochs={STUDENT_EPOCHS}", f"distillation
 
 
 def prepare(workdir):
-    summary = run("quickstart_reducenet_digits", workdir, 0, *COMMON)
+    summary = run("digits_reduce20_reducenet", workdir, 0, *COMMON)
     return {"teacher_params": os.path.join(workdir, "teacher_params.pkl"), "teacher_top1": summary["teacher_top1"]}
 
 
@@ -40,9 +40,9 @@ def fused_gap(summary):
 
 def run_seed(seed, workdir, context):
     teacher = f"distillation.teacher_params={context['teacher_params']}"
-    distilled = run("quickstart_reducenet_digits", os.path.join(workdir, "distilled"), seed, *COMMON, teacher)
+    distilled = run("digits_reduce20_reducenet", os.path.join(workdir, "distilled"), seed, *COMMON, teacher)
     scratch = run(
-        "quickstart_reducenet_digits",
+        "digits_reduce20_reducenet",
         os.path.join(workdir, "scratch"),
         seed,
         *COMMON,
