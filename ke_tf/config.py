@@ -6,6 +6,7 @@ loops are imported on demand, the first time a config names a section not yet re
 """
 
 import dataclasses
+import sys
 import typing
 
 import yaml
@@ -214,6 +215,10 @@ def _build(cls, raw, key):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
+        renamed = getattr(cls, "RENAMED_KEYS", {}).get(name)
+        if renamed is not None and renamed not in raw:
+            print(f"note: config key {key}.{name} is now {key}.{renamed}", file=sys.stderr)
+            name = renamed
         if name not in fields:
             raise ConfigError(
                 f"unknown config key {key + '.' if key else ''}{name} (known: {', '.join(sorted(fields))})"

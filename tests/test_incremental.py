@@ -119,8 +119,8 @@ def test_lwm_loss_sends_attention_gradient_into_student_convs_in_graph_mode():
     icfg = inc.IncrementalConfig(gamma=1.0, beta=1.0)
     convs = [v for v in student.trainable_variables if v.path in ("s1b0_conv1/kernel", "s3b2_conv2/kernel")]
 
-    def grads_of(method):
-        loss_fn = inc.incremental_loss(method, icfg, student, teacher, n_old=3)
+    def grads_of(variant):
+        loss_fn = inc.incremental_loss(variant, icfg, student, teacher, n_old=3)
 
         @tf.function
         def step():
@@ -183,6 +183,17 @@ def test_task_split_and_config_validation():
         from_dict({"method": "incremental", "incremental": {"base_train": {"epoch": 3}}})
 
 
+def test_incremental_variant_key_and_its_old_name(capsys):
+    assert (
+        from_dict({"method": "incremental", "incremental": {"variant": "lwf"}}).section("incremental").variant == "lwf"
+    )
+    old = from_dict({"method": "incremental", "incremental": {"method": "finetune"}})
+    assert old.section("incremental").variant == "finetune"
+    assert "config key incremental.method is now incremental.variant" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="incremental.variant must be one of lwm, lwf, finetune; got 'icarl'"):
+        from_dict({"method": "incremental", "incremental": {"variant": "icarl"}})
+
+
 def test_end_to_end_digits_writes_pickles_tables_plot_and_test_py_evaluates(tmp_path):
     from test import evaluate_params_file
     from train_cifar import main
@@ -214,9 +225,9 @@ def test_end_to_end_digits_writes_pickles_tables_plot_and_test_py_evaluates(tmp_
             "incremental.gradcam_images=3",
         ]
     )
-    assert summary["tasks"] == 2 and summary["methods"] == "finetune,lwm"
+    assert summary["tasks"] == 2 and summary["variants"] == "finetune,lwm"
     comparison = json.load(open(os.path.join(run_dir, "comparison.json")))
-    assert [(r["method"], r["task"], r["classes"]) for r in comparison["rows"]] == [
+    assert [(r["variant"], r["task"], r["classes"]) for r in comparison["rows"]] == [
         ("finetune", 0, 6),
         ("finetune", 1, 10),
         ("lwm", 0, 6),

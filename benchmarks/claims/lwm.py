@@ -29,7 +29,7 @@ def run_seed(seed, workdir, context):
     train_main(CONFIG, __doc__)([a for o in overrides for a in ("--set", o)])
     with open(os.path.join(workdir, "comparison.json")) as f:
         rows = json.load(f)["rows"]
-    last = {r["method"]: r for r in rows if r["task"] == max(r["task"] for r in rows)}
+    last = {r["variant"]: r for r in rows if r["task"] == max(r["task"] for r in rows)}
     return {
         arm: {
             "final_acc": last[arm]["acc_seen"],

@@ -24,12 +24,13 @@ from ke_tf.methods.stage import configured_spec, load_configured_data, run_path,
 from ke_tf.models import build_from_spec
 from ke_tf.report import markdown_table, plot_lines, write_json, write_table
 
-METHODS = ("lwm", "lwf", "finetune")
+VARIANTS = ("lwm", "lwf", "finetune")
 
 
 @dataclasses.dataclass
 class IncrementalConfig:
-    method: str = "lwm"  # lwm | lwf | finetune
+    RENAMED_KEYS = {"method": "variant"}  # a class attribute, not a field
+    variant: str = "lwm"  # lwm | lwf | finetune (`method` before 0.1: still read, with a note)
     compare: typing.List[str] = dataclasses.field(default_factory=list)  # run these on one base model
     order_seed: typing.Optional[int] = 1993  # class order seed (1993: iCaRL/PyCIL CIFAR-100); None: 0..n-1
     first: int = 50  # classes of the base task
@@ -44,11 +45,11 @@ class IncrementalConfig:
     gradcam_images: int = 8  # test images in the Grad-CAM overlay PNG (0: none)
 
     def validate(self, key):
-        if self.method not in METHODS:
-            raise ConfigError(f"{key}.method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        bad = [m for m in self.compare if m not in METHODS]
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"{key}.variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        bad = [m for m in self.compare if m not in VARIANTS]
         if bad or len(set(self.compare)) != len(self.compare):
-            raise ConfigError(f"{key}.compare must list distinct methods of {', '.join(METHODS)}; got {self.compare}")
+            raise ConfigError(f"{key}.compare must list distinct variants of {', '.join(VARIANTS)}; got {self.compare}")
         for name in ("first", "increment"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
@@ -130,11 +131,11 @@ def extend_head(teacher, spec):
     return student
 
 
-def incremental_loss(method, icfg, student, teacher=None, n_old=0):
+def incremental_loss(variant, icfg, student, teacher=None, n_old=0):
     """Trainer `loss_fn` for one task: CE on the new labels (+ KD on the old outputs for lwf/lwm,
     + Grad-CAM attention distillation for lwm). With no teacher (base task) it is plain CE."""
-    beta = icfg.beta if teacher is not None and method in ("lwf", "lwm") else 0.0
-    gamma = icfg.gamma if teacher is not None and method == "lwm" else 0.0
+    beta = icfg.beta if teacher is not None and variant in ("lwf", "lwm") else 0.0
+    gamma = icfg.gamma if teacher is not None and variant == "lwm" else 0.0
     if gamma:
         student_fm = feature_model(student, icfg.attention_layer)
         teacher_fm = feature_model(teacher, icfg.attention_layer)
@@ -229,18 +230,18 @@ def _save_gradcam(path, model, seen_data, seen, icfg, n):
     return save_overlays(path, images.numpy(), maps.numpy(), titles, seen_data.info.mean, seen_data.info.std)
 
 
-class _MethodRun:
-    """One method's chain of models and its per-task results."""
+class _VariantRun:
+    """One variant's chain of models and its per-task results."""
 
-    def __init__(self, method, run_dir):
-        self.method, self.dir = method, run_dir
+    def __init__(self, variant, run_dir):
+        self.variant, self.dir = variant, run_dir
         self.rows, self.matrix, self.files, self.history = [], [], [], {}
         self.model = None
 
     def record(self, t, n_classes, metrics, accs, path):
         self.matrix.append(accs)
         self.rows.append(
-            {"method": self.method, "task": t, "classes": n_classes, **metrics, "forgetting": forgetting(self.matrix)}
+            {"variant": self.variant, "task": t, "classes": n_classes, **metrics, "forgetting": forgetting(self.matrix)}
         )
         self.files.append(path)
 
@@ -253,7 +254,7 @@ class _MethodRun:
 
 
 def run(cfg, strategy):
-    """Learn the configured task sequence with each method (all continuing from one base model,
+    """Learn the configured task sequence with each variant (all continuing from one base model,
     task by task so each task's data is loaded once); returns a flat summary."""
     icfg = cfg.section("incremental")
     if cfg.data.classes is not None:
@@ -261,14 +262,14 @@ def run(cfg, strategy):
             "data.classes must be unset for method incremental; the tasks come from "
             "incremental.order_seed/first/increment/num_tasks"
         )
-    methods = list(icfg.compare) or [icfg.method]
+    variants = list(icfg.compare) or [icfg.variant]
     full = load_configured_data(cfg)
     tasks = task_split(icfg, full.info.num_classes)
     input_shape = tuple(full.info.image_shape)
     base_cfg = dataclasses.replace(cfg.train, **icfg.base_train)
     base_cfg.validate("incremental.base_train")
     eval_bs = cfg.train.eval_batch_size
-    runs = [_MethodRun(m, cfg.run_dir if len(methods) == 1 else os.path.join(cfg.run_dir, m)) for m in methods]
+    runs = [_VariantRun(m, cfg.run_dir if len(variants) == 1 else os.path.join(cfg.run_dir, m)) for m in variants]
 
     def seen_classes(t):
         return [c for task in tasks[: t + 1] for c in task]
@@ -286,7 +287,7 @@ def run(cfg, strategy):
             cfg,
             metrics=metrics,
             data={"name": cfg.data.name, "image_size": input_shape[0], "classes": seen_classes(t)},
-            incremental={"method": run.method, "task": t, "tasks": tasks},
+            incremental={"variant": run.variant, "task": t, "tasks": tasks},
         )
         return path
 
@@ -294,7 +295,7 @@ def run(cfg, strategy):
         n_old = len(seen_classes(t - 1)) if t else 0
         seen_data = load_configured_data(cfg, classes=seen_classes(t))
         task_data = TaskData(load_configured_data(cfg, classes=tasks[t]), n_old, seen_data)
-        if t == 0:  # the base task: plain CE, one model shared by every compared method
+        if t == 0:  # the base task: plain CE, one model shared by every compared variant
             with strategy.scope():
                 base = build_from_spec(spec(0))
             _, history, _ = train_stage(
@@ -317,7 +318,7 @@ def run(cfg, strategy):
             teacher = run.model
             with strategy.scope():
                 student = extend_head(teacher, spec(t))
-            loss_fn = incremental_loss(run.method, icfg, student, teacher, n_old)
+            loss_fn = incremental_loss(run.variant, icfg, student, teacher, n_old)
             _, run.history[f"task_{t}"], _ = train_stage(
                 cfg, strategy, student, task_data, run.dir, name=f"task_{t}", loss_fn=loss_fn
             )
@@ -340,7 +341,7 @@ def run(cfg, strategy):
         write_json(
             os.path.join(run.dir, "results.json"),
             {
-                "method": run.method,
+                "variant": run.variant,
                 "tasks": tasks,
                 "rows": run.rows,
                 "accuracy_matrix": run.matrix,
@@ -351,22 +352,22 @@ def run(cfg, strategy):
         )
     all_rows = [r for run in runs for r in run.rows]
     print(markdown_table(all_rows))
-    write_table(run_path(cfg, "comparison"), all_rows, summary={run.method: run.summary() for run in runs})
+    write_table(run_path(cfg, "comparison"), all_rows, summary={run.variant: run.summary() for run in runs})
     plot_lines(
         run_path(cfg, "accuracy.png"),
         [r["classes"] for r in runs[0].rows],
-        {run.method: [r["acc_seen"] for r in run.rows] for run in runs},
+        {run.variant: [r["acc_seen"] for r in run.rows] for run in runs},
         "number of classes",
         "accuracy on all seen classes",
         f"{cfg.data.name} class-incremental ({len(tasks[0])}+{len(tasks) - 1}x{icfg.increment})",
     )
     summary = {
         "method": "incremental",
-        "methods": ",".join(methods),
+        "variants": ",".join(variants),
         "arch": cfg.model.arch,
         "dataset": cfg.data.name,
         "tasks": len(tasks),
     }
     for run in runs:
-        summary.update({f"{run.method}_{k}": v for k, v in run.summary().items()})
+        summary.update({f"{run.variant}_{k}": v for k, v in run.summary().items()})
     return summary
