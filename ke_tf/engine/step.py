@@ -42,9 +42,19 @@ class ReplicaStep:
     `jit` ("off", "gradients", "step": see `jit_scope`) is what XLA compiles."""
 
     def __init__(
-        self, cfg, loss_fn, variables, decay_variables, optimizer, loss_scale, moving_stats, replicas, sync_bn, jit
+        self,
+        train_cfg,
+        loss_fn,
+        variables,
+        decay_variables,
+        optimizer,
+        loss_scale,
+        moving_stats,
+        replicas,
+        sync_bn,
+        jit,
     ):
-        self.cfg = cfg
+        self.train_cfg = train_cfg
         self.loss_fn = loss_fn
         self.variables = variables
         self.decay_variables = decay_variables  # ids of the variables that get weight decay
@@ -60,7 +70,7 @@ class ReplicaStep:
         """Loss, correct count and gradients of one replica's batch over `accum_steps`
         micro-batches; the loss is scaled by the global batch so replica gradients sum to the
         global mean (and by the fp16 loss scale)."""
-        k = self.cfg.accum_steps
+        k = self.train_cfg.accum_steps
         grads = None
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
@@ -71,7 +81,9 @@ class ReplicaStep:
                 micro = tf.nest.map_structure(tf.identity, _split(batch, k, i)) if k > 1 else batch
             with tf.GradientTape() as tape:
                 out = self.loss_fn(micro, training=True)
-                loss = tf.nn.compute_average_loss(at_least_float32(out["loss"]), global_batch_size=self.cfg.batch_size)
+                loss = tf.nn.compute_average_loss(
+                    at_least_float32(out["loss"]), global_batch_size=self.train_cfg.batch_size
+                )
                 scaled = loss * self.loss_scale.scale if self.loss_scale is not None else loss
             micro_grads = [
                 tf.zeros_like(v) if g is None else tf.cast(g, v.dtype)  # None: v unused by the loss
@@ -86,7 +98,7 @@ class ReplicaStep:
     def _step(self, batch):
         """One training step on this replica; every decision is taken on all-reduced values, so
         all replicas agree."""
-        skippable = self.cfg.on_nan == "skip" or self.loss_scale is not None
+        skippable = self.train_cfg.on_nan == "skip" or self.loss_scale is not None
         saved = [tf.identity(v.value) for v in self.moving_stats] if skippable else None
         loss, correct, grads = self._gradients_fn(batch)
         context = tf.distribute.get_replica_context()
@@ -114,8 +126,8 @@ class ReplicaStep:
         if self.loss_scale is not None:
             grads = [g / self.loss_scale.scale for g in grads]
         lr = self.optimizer.learning_rate
-        wd = self.cfg.weight_decay
-        coupled = self.cfg.weight_decay_mode == "coupled"
+        wd = self.train_cfg.weight_decay
+        coupled = self.train_cfg.weight_decay_mode == "coupled"
         for g, v in zip(grads, self.variables):
             if wd and id(v) in self.decay_variables:
                 if coupled:  # PyTorch SGD weight_decay / EKG's g + wd*v, on the global gradient

@@ -61,12 +61,13 @@ class StopRequested(RuntimeError):
 
 
 class Trainer:
-    """Runs `loss_fn` over `variables` of `model` for one stage of a loop. Build models inside
-    `strategy.scope()` before constructing the Trainer."""
+    """Runs `loss_fn` over `variables` of `model` for one stage of a loop, as `train_cfg` (the
+    config's `train` section, a TrainConfig) says. Build models inside `strategy.scope()` before
+    constructing the Trainer."""
 
     def __init__(
         self,
-        cfg,
+        train_cfg,
         strategy,
         model,
         loss_fn,
@@ -77,48 +78,48 @@ class Trainer:
         extra_checkpoint=None,
         name="train",
     ):
-        self.cfg = cfg
+        self.train_cfg = train_cfg
         self.strategy = strategy
         self.model = model
         self.loss_fn = loss_fn
         self.steps_per_epoch = int(steps_per_epoch)
         if self.steps_per_epoch <= 0:
-            raise ValueError(f"{name}: batch size {cfg.batch_size} leaves no full training batch")
+            raise ValueError(f"{name}: batch size {train_cfg.batch_size} leaves no full training batch")
         self.run_dir = run_dir
         self.name = name
         self.chief = is_chief(strategy)
         self.multi_worker = is_multi_worker(strategy)
         self.replicas = strategy.num_replicas_in_sync
-        if cfg.batch_size % (self.replicas * cfg.accum_steps):
+        if train_cfg.batch_size % (self.replicas * train_cfg.accum_steps):
             raise ConfigError(
-                f"train.batch_size {cfg.batch_size} is not divisible by {self.replicas} replica(s) x "
-                f"train.accum_steps {cfg.accum_steps}: every replica needs equal micro-batches"
+                f"train.batch_size {train_cfg.batch_size} is not divisible by {self.replicas} replica(s) x "
+                f"train.accum_steps {train_cfg.accum_steps}: every replica needs equal micro-batches"
             )
-        self.sync_bn = synchronise_bn(cfg, self.replicas)
+        self.sync_bn = synchronise_bn(train_cfg, self.replicas)
         batch_norms = batch_norm_layers(model)
         for layer in batch_norms:
             layer.synchronized = self.sync_bn
         self.moving_stats = [v for layer in batch_norms for v in (layer.moving_mean, layer.moving_variance)]
-        self.jit = jit_scope(cfg.jit_compile, strategy, self.sync_bn)
+        self.jit = jit_scope(train_cfg.jit_compile, strategy, self.sync_bn)
         self.history = []
         with strategy.scope():
             self.variables = list(variables if variables is not None else model.trainable_variables)
             self.decay_variables = {id(v) for v in (decay_variables if decay_variables is not None else self.variables)}
-            self.optimizer = make_optimizer(cfg, self.steps_per_epoch)
+            self.optimizer = make_optimizer(train_cfg, self.steps_per_epoch)
             # Built eagerly in scope: lazy building inside strategy.run fails with >1 replica.
             self.optimizer.build(self.variables)
-            self.loss_scale = LossScale() if cfg.mixed_precision == "fp16" else None
+            self.loss_scale = LossScale() if train_cfg.mixed_precision == "fp16" else None
             scaling = {"loss_scale": self.loss_scale} if self.loss_scale is not None else {}
             self.checkpoint = tf.train.Checkpoint(
                 model=model, optimizer=self.optimizer, **scaling, **(extra_checkpoint or {})
             )
         self.ckpt_dir = os.path.join(run_dir, "checkpoints", name)
         self.checkpoints = StageCheckpoints(
-            self.ckpt_dir, self.chief, made_from(model, cfg, self.steps_per_epoch), cfg.resume
+            self.ckpt_dir, self.chief, made_from(model, train_cfg, self.steps_per_epoch), train_cfg.resume
         )
-        self.manager = self.checkpoints.open_manager(self.checkpoint, cfg.keep_checkpoints)
+        self.manager = self.checkpoints.open_manager(self.checkpoint, train_cfg.keep_checkpoints)
         self.replica_step = ReplicaStep(
-            cfg,
+            train_cfg,
             loss_fn,
             self.variables,
             self.decay_variables,
@@ -131,7 +132,7 @@ class Trainer:
         )
         self._loop_fn = instance_function(self._loop)
         self._mean_fn = instance_function(self._replica_mean)
-        self._steps_per_loop = cfg.steps_per_loop or None  # None: calibrated on the second loop
+        self._steps_per_loop = train_cfg.steps_per_loop or None  # None: calibrated on the second loop
         self._loops = 0
         self.signals = StopSignals()
         self.step = 0
@@ -158,7 +159,7 @@ class Trainer:
             loss, n_correct, loss_ok, grads_ok = [self.strategy.experimental_local_results(o)[0] for o in out]
             ok = loss_ok & grads_ok
             bad = ~loss_ok if fp16 else ~ok  # fp16: non-finite gradients alone are an overflow
-            nan_stop = bad & (self.cfg.on_nan == "stop")  # this step was not applied: leave it uncounted
+            nan_stop = bad & (self.train_cfg.on_nan == "stop")  # this step was not applied: leave it uncounted
             counted = ~nan_stop
             # Skipped steps count: epochs stay aligned with the data.
             self.optimizer.iterations.assign_add(tf.cast(counted, self.optimizer.iterations.dtype))
@@ -174,7 +175,7 @@ class Trainer:
         """Steps of the next loop: calibrated (or configured) length, never past an epoch end
         or a step checkpoint."""
         limit = self.steps_per_epoch - self.step % self.steps_per_epoch
-        every = self.cfg.checkpoint_every_steps
+        every = self.train_cfg.checkpoint_every_steps
         if every:
             limit = min(limit, every - self.step % every)
         return min(limit, self._steps_per_loop or 1)
@@ -217,12 +218,12 @@ class Trainer:
 
     # ---- the stage --------------------------------------------------------------------------
     def fit(self, data, seed, epochs=None, eval_fn=None, resume=True, on_epoch_begin=None):
-        """Train until `epochs` (default cfg.epochs) on `data.stream(...)` seeded by `seed`
+        """Train until `epochs` (default train_cfg.epochs) on `data.stream(...)` seeded by `seed`
         (order and augmentation depend only on (seed, epoch), so resuming mid-epoch skips exactly
         the finished steps). `eval_fn(epoch)` returns a metrics dict; `on_epoch_begin(epoch)` sets
         per-epoch state such as annealing factors (also when resuming mid-epoch). Returns the
         epoch history."""
-        epochs = epochs or self.cfg.epochs
+        epochs = epochs or self.train_cfg.epochs
         if resume:
             self.restore()
         else:
@@ -232,7 +233,7 @@ class Trainer:
             return self.history
         stage_input = [self._input(data, seed, epochs)]  # released in the background at the end
         setup = setup_line(
-            self.replicas, self.strategy, self.sync_bn, self.jit, self._steps_per_loop, self.cfg.mixed_precision
+            self.replicas, self.strategy, self.sync_bn, self.jit, self._steps_per_loop, self.train_cfg.mixed_precision
         )
         self._log(f"{self.name}: {setup}" + (f", resumed at step {self.step}" if self.step else ""))
         history = HistoryWriter(self.run_dir, self.name, self.chief)
@@ -252,20 +253,20 @@ class Trainer:
             if on_epoch_begin is not None:
                 on_epoch_begin(epoch)
             metrics = self._run_epoch(iterator, epoch, epochs)
-            if eval_fn is not None and ((epoch + 1) % self.cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
+            if eval_fn is not None and ((epoch + 1) % self.train_cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
                 metrics.update(eval_fn(epoch))
             self.history.append(metrics)
             history.write(self.history)
             self._log(epoch_line(self.name, metrics, epochs))
-            if self.cfg.checkpoint_every_epochs and (
-                (epoch + 1) % self.cfg.checkpoint_every_epochs == 0 or epoch + 1 == epochs
+            if self.train_cfg.checkpoint_every_epochs and (
+                (epoch + 1) % self.train_cfg.checkpoint_every_epochs == 0 or epoch + 1 == epochs
             ):
                 self.save_checkpoint()
 
     def _input(self, data, seed, epochs):
         """The stage's distributed iterator, from the current step to the last epoch."""
         epoch, offset = divmod(self.step, self.steps_per_epoch)
-        batch = self.cfg.batch_size
+        batch = self.train_cfg.batch_size
 
         def pipeline(context):
             return data.stream(batch, seed, epoch, epochs, offset, InputShard.from_context(context))
@@ -281,7 +282,7 @@ class Trainer:
             initial=self.step - epoch * self.steps_per_epoch,
             desc=f"{self.name} epoch {epoch + 1}/{epochs}",
             unit="step",
-            disable=not (self.cfg.progress and self.chief),
+            disable=not (self.train_cfg.progress and self.chief),
         )
         start = time.time()
         with bar:
@@ -309,12 +310,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{sums['loss'] / sums['applied']:.4f}")
                 self._after_loop(result, epoch)
         seconds = time.time() - start
-        images = sums["steps"] * self.cfg.batch_size
+        images = sums["steps"] * self.train_cfg.batch_size
         return {
             "epoch": epoch,
             "lr": float(self.optimizer.learning_rate),
             "train_loss": sums["loss"] / max(sums["applied"], 1.0),
-            "train_top1": sums["correct"] / max(sums["applied"] * self.cfg.batch_size, 1.0),
+            "train_top1": sums["correct"] / max(sums["applied"] * self.train_cfg.batch_size, 1.0),
             "skipped_steps": int(sums["skipped"]),
             "overflow_steps": int(sums["overflows"]),
             "seconds": seconds,
@@ -340,10 +341,10 @@ class Trainer:
             raise StopRequested(
                 f"{self.name}: stopped by {cause} at step {self.step}; checkpoint saved in {self.ckpt_dir}"
             )
-        if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0:
+        if self.train_cfg.checkpoint_every_steps and self.step % self.train_cfg.checkpoint_every_steps == 0:
             self.save_checkpoint()
 
     # ---- reporting --------------------------------------------------------------------------
     def _log(self, message):
-        if self.chief and self.cfg.progress:
+        if self.chief and self.train_cfg.progress:
             log_line(message)
