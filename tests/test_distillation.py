@@ -156,9 +156,9 @@ def test_tiny_ban_run_two_generations(reducenet_run, tmp_path, monkeypatch):
     assert summary["ensemble_top1"] == rows[-1]["ensemble_top1"]
     assert rows[0]["ensemble_top1"] == rows[0]["test_top1"]  # an ensemble of one is the model
     for g in (0, 1):
-        assert load_params(str(tmp_path / f"gen{g}_params.pkl"))[1]["generation"] == g
+        assert load_params(str(tmp_path / f"gen_{g}" / "trained_params.pkl"))[1]["generation"] == g
     # Fresh initialisation per generation (seed + 10 g): the generations are different networks.
-    a0, _ = load_params(str(tmp_path / "gen0_params.pkl"))
-    a1, _ = load_params(str(tmp_path / "gen1_params.pkl"))
+    a0, _ = load_params(str(tmp_path / "gen_0" / "trained_params.pkl"))
+    a1, _ = load_params(str(tmp_path / "gen_1" / "trained_params.pkl"))
     assert not np.allclose(a0["stem_conv/kernel"], a1["stem_conv/kernel"])
     assert seeds[1] == seeds[0] + 10  # ... trained on their own data order

@@ -294,7 +294,8 @@ def ensemble_predict(models):
 
 
 def run_ban(cfg, strategy, data):
-    """G born-again generations; each is saved as gen{g}_params.pkl and evaluated alone and as
+    """G born-again generations (0-based: generation 0 learns from the labels or `teacher_params`);
+    each is saved as gen_{g}/trained_params.pkl, as KE's generations, and evaluated alone and as
     the ensemble of generations 0..g (ban.{md,csv,json}, ban.png)."""
     dc = cfg.section("distillation")
     spec = configured_spec(cfg, data)
@@ -322,13 +323,13 @@ def run_ban(cfg, strategy, data):
             model,
             data,
             cfg.run_dir,
-            name=f"gen{g}",
+            name=f"gen_{g}",
             loss_fn=loss_fn,
             on_epoch_begin=lambda epoch: lam.assign(lambdas[epoch]),
             seed=cfg.seed + 10 * g,
         )  # each generation its own data order
-        path = run_path(cfg, f"gen{g}_params.pkl")
-        save_trained(strategy, path, model, spec, cfg, metrics=test_metrics(final), stage=f"gen{g}", generation=g)
+        path = run_path(cfg, f"gen_{g}", "trained_params.pkl")
+        save_trained(strategy, path, model, spec, cfg, metrics=test_metrics(final), stage=f"gen_{g}", generation=g)
         models.append(model)
         ensemble = Evaluator(strategy, ensemble_predict(models))(test_source(data, cfg.train.eval_batch_size))
         rows.append(
