@@ -192,6 +192,6 @@ def compare_steady(fns, repeats=5):
 
 
 def model_macs(model):
-    from ke_tf.flops import complexity
+    from ke_tf.surgery.flops import complexity
 
     return complexity(model)["macs"]

@@ -2,7 +2,7 @@
 their MAC ratio: KE's slim network (kels sr=0.5 fit hypothesis sliced out), an EKG-style pruned
 ResNet-56 B (~50% MACs: first half of every block-inner group kept) and the fused ReduceNet
 deploy model vs its student (BN folded, branches merged). KE and EKG pairs are compared as they
-are exported: BN folded into the convs of both networks (`ke_tf.folding`)."""
+are exported: BN folded into the convs of both networks (`ke_tf.surgery.folding`)."""
 
 import re
 
@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks.common import compare, entry, model_macs, uses_gpu
-from ke_tf.folding import fold_batchnorm
+from ke_tf.surgery.folding import fold_batchnorm
 
 SECTION = "inference"
 BATCH = 64
@@ -28,7 +28,7 @@ def ke_pair(arch, classes, side):
     from ke_tf.layers.split import SplitLayerFactory
     from ke_tf.methods.evolution.loop import fit_keep
     from ke_tf.models import build_model, model_spec
-    from ke_tf.slicing import slice_model
+    from ke_tf.surgery.slicing import slice_model
 
     keras.utils.set_random_seed(0)
     dense = build_model(arch, classes, (side, side, 3), layers=SplitLayerFactory(0.5, "kels"))
@@ -39,7 +39,7 @@ def ke_pair(arch, classes, side):
 
 def ekg_pair(depth, side):
     from ke_tf.models import build_model, default_widths, model_spec
-    from ke_tf.slicing import slice_model
+    from ke_tf.surgery.slicing import slice_model
 
     arch = f"resnet{depth}"
     keras.utils.set_random_seed(0)

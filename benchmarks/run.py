@@ -108,7 +108,7 @@ def main(argv=None):
     names = [n for n in SECTIONS if n in args.only] if args.only else list(SECTIONS)
     start = time.time()
     device = common.device_description()
-    from ke_tf.params import atomic_write_bytes
+    from ke_tf.io.params import atomic_write_bytes
 
     def save(rows):
         """Write the rows so far, so an interrupted run keeps its finished sections."""

@@ -32,8 +32,7 @@ keep_freed_host_memory()  # before TensorFlow's thread pools first allocate (see
 from ke_tf.config import ConfigError, load_config
 from ke_tf.data import load_data
 from ke_tf.engine import Evaluator, Trainer, make_strategy
-from ke_tf.flops import complexity, count_macs, count_params
-from ke_tf.folding import fold_batchnorm
+from ke_tf.io.params import ParamsError, apply_params, load_params, save_params
 from ke_tf.layers.activations import AnnealedReLU
 from ke_tf.layers.batchnorm import SyncBatchNormalization
 from ke_tf.layers.factory import LayerFactory
@@ -56,9 +55,10 @@ from ke_tf.methods.consistency.transnet import TransNet
 from ke_tf.methods.incremental.gradcam import grad_cam
 from ke_tf.models import build_from_spec, build_model, default_widths, model_spec, register_arch
 from ke_tf.models.reducenet import get_deploy_model
-from ke_tf.params import ParamsError, apply_params, load_params, save_params
 from ke_tf.run import run_method
-from ke_tf.slicing import slice_model
+from ke_tf.surgery.flops import complexity, count_macs, count_params
+from ke_tf.surgery.folding import fold_batchnorm
+from ke_tf.surgery.slicing import slice_model
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,7 @@ def guarded(main):
         debug = "--debug" in argv
         from ke_tf.config import ConfigError
         from ke_tf.engine.trainer import NonFiniteLossError, StopRequested
-        from ke_tf.params import ParamsError
+        from ke_tf.io.params import ParamsError
 
         try:
             return main(argv)
@@ -96,8 +96,8 @@ def train_main(default_config, description):
         if args.config is None:
             parser.error("--config is required: a YAML file or a shipped config's name (--list shows them)")
         from ke_tf.config import load_config
+        from ke_tf.io.progress import log_line
         from ke_tf.methods import get_loop
-        from ke_tf.progress import log_line
         from ke_tf.run import run_method
         from ke_tf.shipped_configs import resolve_config
 
@@ -106,7 +106,7 @@ def train_main(default_config, description):
         get_loop(cfg.method)  # an unknown method fails here, before the log line
         log_line(f"config {path}: method {cfg.method}, run_dir {cfg.run_dir}")
         summary = run_method(cfg)
-        from ke_tf.report import vertical_table
+        from ke_tf.io.report import vertical_table
 
         print(vertical_table(summary))
         return summary
@@ -119,9 +119,9 @@ def evaluate_params_file(path, dataset=None, data_dir=None, batch_size=256, clas
     asked)."""
     from ke_tf.data import load_data
     from ke_tf.engine import evaluate, make_strategy
-    from ke_tf.flops import complexity
+    from ke_tf.io.params import ParamsError
     from ke_tf.models.from_params import load_deployable
-    from ke_tf.params import ParamsError
+    from ke_tf.surgery.flops import complexity
 
     strategy = make_strategy("auto")
     with strategy.scope():
@@ -194,7 +194,7 @@ def evaluate_main(argv):
         )
     print(line)
     if args.json:
-        from ke_tf.report import write_json
+        from ke_tf.io.report import write_json
 
         write_json(args.json, result)
     if args.export:

@@ -10,8 +10,8 @@ and BN is folded into the convolutions.
 
 import os
 
+from ke_tf.io.params import atomic_write_bytes
 from ke_tf.models.from_params import load_deployable
-from ke_tf.params import atomic_write_bytes
 
 
 def deployable(model, meta):
@@ -19,7 +19,7 @@ def deployable(model, meta):
     inference mode, fewer memory-bound ops); split (KE dense) nets are exported as trained."""
     if (meta.get("layers") or {}).get("kind", "plain") != "plain":
         return model
-    from ke_tf.folding import fold_batchnorm
+    from ke_tf.surgery.folding import fold_batchnorm
 
     return fold_batchnorm(model, meta["model"])
 

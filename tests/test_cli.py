@@ -17,8 +17,8 @@ import zipfile
 import pytest
 
 from ke_tf.config import ConfigError
-from ke_tf.progress import PlainProgress, log_line, progress_bar
-from ke_tf.report import plot_lines, vertical_table
+from ke_tf.io.progress import PlainProgress, log_line, progress_bar
+from ke_tf.io.report import plot_lines, vertical_table
 from ke_tf.shipped_configs import RENAMED, describe, resolve_config, shipped_configs
 from ke_tf.tf_startup import filter_startup_lines
 
@@ -85,7 +85,7 @@ class _Clock:
 
 def test_plain_progress_writes_one_line_per_interval(monkeypatch, capsys):
     clock = _Clock()
-    monkeypatch.setattr("ke_tf.progress.time.monotonic", clock)
+    monkeypatch.setattr("ke_tf.io.progress.time.monotonic", clock)
     with PlainProgress(total=100, desc="train epoch 1/2", unit="step", interval=30) as bar:
         for _ in range(100):
             clock.now += 1.0
@@ -98,7 +98,7 @@ def test_plain_progress_writes_one_line_per_interval(monkeypatch, capsys):
 
 def test_plain_progress_left_bars_close_with_a_line_and_disabled_bars_are_silent(monkeypatch, capsys):
     clock = _Clock()
-    monkeypatch.setattr("ke_tf.progress.time.monotonic", clock)
+    monkeypatch.setattr("ke_tf.io.progress.time.monotonic", clock)
     bar = PlainProgress(desc="features", unit="img", leave=True)
     clock.now = 4.0
     bar.update(360)
@@ -150,7 +150,7 @@ def test_vertical_table():
 def test_plots_of_generations_get_integer_ticks(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
     figures = []
-    monkeypatch.setattr("ke_tf.report.save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr("ke_tf.io.report.save_figure", lambda fig, path: figures.append(fig) or path)
     plot_lines(str(tmp_path / "g.png"), [1, 2, 3, 4], {"top-1": [0.1, 0.4, 0.8, 0.9]}, "generation", "top-1", "t")
     plot_lines(str(tmp_path / "m.png"), [40.5, 31.2, 20.3], {"loss": [0.2, 0.3, 0.5]}, "MACs (M)", "loss", "t")
     generation_ticks = [t for t in figures[0].axes[0].get_xticks() if 1 <= t <= 4]

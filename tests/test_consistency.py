@@ -20,12 +20,12 @@ import pytest
 import tensorflow as tf
 
 from ke_tf.config import ConfigError, from_dict
+from ke_tf.io.params import load_params, save_params
 from ke_tf.losses import transnet_loss
 from ke_tf.methods.consistency.features import cache_features, fingerprint, load_trained, tail_model, tap_model
 from ke_tf.methods.consistency.loop import variance_report
 from ke_tf.methods.consistency.transnet import TransNet, std_scale, transnet_model
 from ke_tf.models import build_model, model_spec
-from ke_tf.params import load_params, save_params
 from tests.numerics import assert_identical, assert_within_measured_bound, float64
 
 # The cache rounds each float64 feature to float32 (round to nearest: at most 2^-24 = 6.0e-8 of its

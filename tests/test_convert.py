@@ -12,8 +12,8 @@ import tensorflow as tf
 from ke_tf.cli import evaluate_params_file
 from ke_tf.convert import convert_checkpoint
 from ke_tf.convert.__main__ import main as convert_main
+from ke_tf.io.params import ParamsError, load_params
 from ke_tf.layers.factory import PLAIN, padded_conv
-from ke_tf.params import ParamsError, load_params
 from tests.conformance.seeded import seeded_state
 
 

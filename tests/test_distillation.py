@@ -12,10 +12,10 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ke_tf.config import ConfigError  # noqa: E402
+from ke_tf.io.params import load_params  # noqa: E402
 from ke_tf.losses import ban_loss, hinton_loss, kd_loss  # noqa: E402
 from ke_tf.methods.distillation.loop import DistillationConfig, ban_lambdas, inherit_weights  # noqa: E402
 from ke_tf.models import build_model  # noqa: E402
-from ke_tf.params import load_params  # noqa: E402
 
 TEACHER = [[2.0, 0.5, -1.0]]
 STUDENT = [[0.1, 0.2, 0.3]]

@@ -17,7 +17,6 @@ import tensorflow as tf  # noqa: E402
 
 from ke_tf.data import load_data  # noqa: E402
 from ke_tf.engine.bn_statistics import moving_statistics  # noqa: E402
-from ke_tf.flops import complexity  # noqa: E402
 from ke_tf.layers.gates import ChannelGate, GatedLayerFactory, gate_sites, model_gates, set_masks  # noqa: E402
 from ke_tf.losses import cross_entropy, search_objective  # noqa: E402
 from ke_tf.methods.ekg.search import (  # noqa: E402
@@ -30,7 +29,8 @@ from ke_tf.methods.ekg.search import (  # noqa: E402
     trimmed_otsu,
 )
 from ke_tf.models import build_from_spec, model_spec  # noqa: E402
-from ke_tf.slicing import slice_model  # noqa: E402
+from ke_tf.surgery.flops import complexity  # noqa: E402
+from ke_tf.surgery.slicing import slice_model  # noqa: E402
 from tests.numerics import assert_identical, float64  # noqa: E402
 
 SPEC = model_spec("resnet20", 10, (16, 16, 3), shortcut="B")

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from ke_tf.config import ConfigError, from_dict
-from ke_tf.flops import complexity
+from ke_tf.io.params import load_params, model_arrays
 from ke_tf.layers.split import SplitConv2D, SplitDense, SplitLayerFactory, reinitialize_reset_hypothesis, split_layers
 from ke_tf.methods.evolution.loop import EvolutionConfig, extract_slim, fit_keep
 from ke_tf.models import build_model, default_widths, model_spec
-from ke_tf.params import load_params, model_arrays
+from ke_tf.surgery.flops import complexity
 from tests.numerics import assert_identical, float64
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from ke_tf.io.params import save_params
 from ke_tf.models import build_from_spec, model_spec
-from ke_tf.params import save_params
 from tests.numerics import assert_within_measured_bound
 
 # Largest difference measured from the float32 Keras outputs (AVX2 EPYC, oneDNN on): SavedModel

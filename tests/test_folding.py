@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from ke_tf.flops import complexity
-from ke_tf.folding import fold_batchnorm
 from ke_tf.models import build_from_spec, model_spec
+from ke_tf.surgery.flops import complexity
+from ke_tf.surgery.folding import fold_batchnorm
 from tests.numerics import assert_identical, float64
 
 

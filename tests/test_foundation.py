@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from ke_tf.config import ConfigError, apply_overrides, from_dict, load_config
-from ke_tf.flops import complexity
+from ke_tf.io.params import ParamsError, apply_params, load_params, save_params
 from ke_tf.models import build_from_spec, build_model, model_spec
-from ke_tf.params import ParamsError, apply_params, load_params, save_params
+from ke_tf.surgery.flops import complexity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -243,7 +243,7 @@ def test_mac_counter_hand_values_for_conv_depthwise_grouped_and_dense():
 
 
 def test_only_the_chief_process_writes_reports(tmp_path, monkeypatch):
-    from ke_tf.report import plot_lines, write_json, write_table
+    from ke_tf.io.report import plot_lines, write_json, write_table
 
     worker = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(worker))

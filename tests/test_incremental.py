@@ -12,11 +12,11 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ke_tf.config import ConfigError, from_dict  # noqa: E402
+from ke_tf.io.params import load_params  # noqa: E402
 from ke_tf.losses import attention_distillation, lwf_distillation  # noqa: E402
 from ke_tf.methods.incremental import loop as inc  # noqa: E402
 from ke_tf.methods.incremental.gradcam import feature_model, grad_cam, last_block_layer  # noqa: E402
 from ke_tf.models import build_model, model_spec  # noqa: E402
-from ke_tf.params import load_params  # noqa: E402
 from tests.numerics import assert_identical, float64  # noqa: E402
 
 

@@ -11,11 +11,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from ke_tf.flops import complexity  # noqa: E402
 from ke_tf.layers.activations import AnnealedReLU, linear_anneal, set_annealing  # noqa: E402
 from ke_tf.layers.reparam import ReduceConv, fold_bn, pad_kernel  # noqa: E402
 from ke_tf.models import build_from_spec, build_model, model_spec  # noqa: E402
 from ke_tf.models.reducenet import deploy_spec, get_deploy_model, variant_spec  # noqa: E402
+from ke_tf.surgery.flops import complexity  # noqa: E402
 from tests.numerics import assert_identical, float64  # noqa: E402
 
 

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from ke_tf.flops import complexity
 from ke_tf.models import build_model, default_widths, model_spec
-from ke_tf.slicing import layer_groups, slice_model
+from ke_tf.surgery.flops import complexity
+from ke_tf.surgery.slicing import layer_groups, slice_model
 from tests.numerics import assert_identical, float64
 
 

@@ -54,7 +54,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     from benchmarks.common import device_description
-    from ke_tf.report import write_json
+    from ke_tf.io.report import write_json
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="ke_tf_claims_")
     machine = {

@@ -34,8 +34,8 @@ def _untrained_copy(trained_path, path, seed):
     """A params file of a freshly initialised net with `trained_path`'s spec."""
     import keras
 
+    from ke_tf.io.params import load_params, save_params
     from ke_tf.models import build_from_spec
-    from ke_tf.params import load_params, save_params
 
     spec = load_params(trained_path)[1]["model"]
     keras.utils.set_random_seed(seed)

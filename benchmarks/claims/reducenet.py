@@ -25,8 +25,8 @@ def prepare(workdir):
 def fused_gap(summary):
     """Largest |student - deploy| logit on the test split, relative to the largest student logit."""
     from ke_tf.data import load_data
+    from ke_tf.io.params import apply_params, load_params
     from ke_tf.models import build_from_spec
-    from ke_tf.params import apply_params, load_params
 
     x = np.concatenate([x for x, _ in load_data("digits", image_size=16).test(256)])
     logits = []

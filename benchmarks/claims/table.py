@@ -1,6 +1,6 @@
 """The claims results as the README's markdown table and one PNG (arm means +- std per claim)."""
 
-from ke_tf.report import pyplot, save_figure
+from ke_tf.io.report import pyplot, save_figure
 
 ORDER = ("ke", "kd", "ban", "reducenet", "lwm", "ekg", "kc")
 

@@ -17,7 +17,7 @@ from ke_tf.convert.common import load_pickled_arrays, load_torch_state_dict, sta
 from ke_tf.convert.ekg_tf2 import convert_ekg_tf2
 from ke_tf.convert.ke_pytorch import convert_ke_pytorch
 from ke_tf.convert.reducenet_pytorch import convert_reducenet_pytorch
-from ke_tf.params import ParamsError, save_params
+from ke_tf.io.params import ParamsError, save_params
 
 # format: (converter, loader of a source file)
 FORMATS = {

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ke_tf.params import ParamsError, safe_loads
+from ke_tf.io.params import ParamsError, safe_loads
 
 TORCH_LEAVES = {"running_mean": "moving_mean", "running_var": "moving_variance"}
 BN_LEAVES = {"weight": "gamma", "bias": "beta", **TORCH_LEAVES}
@@ -114,9 +114,9 @@ def map_arrays(model, source_arrays, layer_of, leaf_of, source):
 def convert(source, source_arrays, spec, layer_of, leaf_of=torch_leaf, layers_meta=None, extra_meta=None):
     """Build `spec`'s model and map `source_arrays` onto it. Returns (model, arrays, metadata);
     the metadata lets `test.py` rebuild the model from a params file."""
+    from ke_tf.io.params import apply_params
     from ke_tf.models import build_from_spec
     from ke_tf.models.from_params import layer_factory
-    from ke_tf.params import apply_params
 
     meta = {
         "model": spec,

@@ -11,10 +11,10 @@ are stored as [1, 1, 1, C].
 import re
 
 from ke_tf.convert.common import changed_widths, convert
+from ke_tf.io.params import ParamsError
 from ke_tf.models import default_widths, model_spec
 from ke_tf.models.resnet import CONFIGS as IMAGENET
 from ke_tf.models.resnet_cifar import DEPTHS as CIFAR
-from ke_tf.params import ParamsError
 
 _BLOCK = re.compile(r"BasicBlock(\d)\.(\d+)/(conv|bn)(\d)/(\w+):0$")
 _TOP = {"conv": "stem_conv", "bn": "stem_bn", "fc": "classifier"}

@@ -12,9 +12,9 @@ fuse.{2,3} -> `_conv2`/`_bn2`, shortcut.{0,1} -> `_short_conv`/`_short_bn`.
 import re
 
 from ke_tf.convert.common import changed_widths, convert, out_channels
+from ke_tf.io.params import ParamsError
 from ke_tf.models import default_widths, model_spec
 from ke_tf.models.resnet_cifar import DEPTHS
-from ke_tf.params import ParamsError
 
 _BLOCK = re.compile(r"layer(\d)\.(\d+)\.(\w+)\.(\d)\.(\w+)$")
 _MODULES = {

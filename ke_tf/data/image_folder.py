@@ -23,7 +23,7 @@ import tensorflow as tf
 from ke_tf.data.source import Source
 from ke_tf.data.tfds_sources import IMAGENET_MEAN, IMAGENET_STD
 from ke_tf.data.transforms import ResizedCropTransform
-from ke_tf.progress import progress_bar
+from ke_tf.io.progress import progress_bar
 
 COLUMNS = ("file_name", "label")
 TEST_SPLITS = ("tst", "val")

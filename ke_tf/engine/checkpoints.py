@@ -21,8 +21,8 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 
 from ke_tf.config import ConfigError
-from ke_tf.params import atomic_write_bytes
-from ke_tf.progress import log_line
+from ke_tf.io.params import atomic_write_bytes
+from ke_tf.io.progress import log_line
 
 RECORD = "made_from.json"
 PREFIX = "ckpt"

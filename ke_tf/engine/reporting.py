@@ -6,7 +6,7 @@ import os
 
 import tensorflow as tf
 
-from ke_tf.params import atomic_write_bytes
+from ke_tf.io.params import atomic_write_bytes
 
 
 def setup_line(replicas, strategy, sync_bn, jit, steps_per_loop, precision):

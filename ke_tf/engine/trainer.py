@@ -41,7 +41,7 @@ from ke_tf.engine.reporting import HistoryWriter, epoch_line, read_history, setu
 from ke_tf.engine.signals import StopSignals
 from ke_tf.engine.step import ReplicaStep
 from ke_tf.engine.strategy import instance_function, is_chief, is_multi_worker, jit_scope
-from ke_tf.progress import log_line, progress_bar
+from ke_tf.io.progress import log_line, progress_bar
 
 # Automatic loop length: about this many seconds of work per call (the latency of signals and
 # progress), at most MAX_STEPS_PER_LOOP steps.

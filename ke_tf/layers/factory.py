@@ -25,7 +25,7 @@ def dense_initializer():
 
 
 def tag_group(layer, group):
-    """Record which channel group `layer` writes (read by `ke_tf.slicing`); returns the layer."""
+    """Record which channel group `layer` writes (read by `ke_tf.surgery.slicing`); returns the layer."""
     layer.channel_group = group
     return layer
 

@@ -162,7 +162,7 @@ class ReduceConv(keras.layers.Layer):
         return self.conv.compute_output_shape(self._padded_shape(input_shape))
 
     def count_macs(self, input_shape, output_shape):
-        """Conv MACs of the branches this unit executes (the counting convention of ke_tf.flops)."""
+        """Conv MACs of the branches this unit executes (the counting convention of ke_tf.surgery.flops)."""
         c_in = int(input_shape[-1])
         pixels = int(np.prod(output_shape[1:3]))
         macs = pixels * self.filters * 9 * c_in

@@ -8,11 +8,11 @@ from ke_tf.data import load_data
 from ke_tf.engine.evaluate import Evaluator
 from ke_tf.engine.strategy import is_chief
 from ke_tf.engine.trainer import Trainer
-from ke_tf.flops import complexity
+from ke_tf.io.params import ParamsError, save_params
+from ke_tf.io.report import plot_lines
 from ke_tf.losses import classifier_loss
 from ke_tf.models import model_spec
-from ke_tf.params import ParamsError, save_params
-from ke_tf.report import plot_lines
+from ke_tf.surgery.flops import complexity
 
 
 def load_configured_data(cfg, classes=None):

@@ -1,9 +1,9 @@
 """Rebuild the network a params file describes (its metadata's model spec and layer kind) with its
 trained weights: what `ke-tf-test`, the exporter, the feature cache and the converters share."""
 
+from ke_tf.io.params import ParamsError, apply_params, load_params
 from ke_tf.layers.factory import PLAIN
 from ke_tf.models import build_from_spec
-from ke_tf.params import ParamsError, apply_params, load_params
 
 
 def layer_factory(meta):

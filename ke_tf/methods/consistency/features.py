@@ -16,9 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from ke_tf.data.stream import InputShard
+from ke_tf.io.params import atomic_write_bytes, file_sha256
+from ke_tf.io.progress import progress_bar
 from ke_tf.models.from_params import load_deployable
-from ke_tf.params import atomic_write_bytes, file_sha256
-from ke_tf.progress import progress_bar
 
 MANIFEST = "manifest.json"
 

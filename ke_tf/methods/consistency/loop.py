@@ -21,12 +21,12 @@ from ke_tf.config import ConfigError, TrainConfig, register_section
 from ke_tf.engine.evaluate import Evaluator
 from ke_tf.engine.strategy import is_chief
 from ke_tf.engine.trainer import Trainer
+from ke_tf.io.params import load_params, model_arrays, save_params
+from ke_tf.io.report import write_json, write_table
 from ke_tf.losses import cross_entropy, transnet_loss
 from ke_tf.methods.consistency.features import cache_features, fingerprint, load_trained, tail_model, tap_model
 from ke_tf.methods.consistency.transnet import transnet_model
 from ke_tf.methods.stage import check_spec_matches_data, evaluate_model, load_configured_data, run_path
-from ke_tf.params import load_params, model_arrays, save_params
-from ke_tf.report import write_json, write_table
 
 
 @dataclasses.dataclass

@@ -23,7 +23,8 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError, register_section
 from ke_tf.engine.evaluate import Evaluator
-from ke_tf.flops import complexity
+from ke_tf.io.params import ParamsError, apply_params, load_params, model_arrays
+from ke_tf.io.report import plot_lines, write_json, write_table
 from ke_tf.layers.activations import annealed_layers, linear_anneal, set_annealing
 from ke_tf.losses import ban_loss, hinton_loss
 from ke_tf.methods.stage import (
@@ -39,8 +40,7 @@ from ke_tf.methods.stage import (
 )
 from ke_tf.models import build_from_spec, model_spec
 from ke_tf.models.reducenet import deploy_spec, get_deploy_model, is_reducenet, variant_spec
-from ke_tf.params import ParamsError, apply_params, load_params, model_arrays
-from ke_tf.report import plot_lines, write_json, write_table
+from ke_tf.surgery.flops import complexity
 
 MODES = ("kd", "ban", "reducenet")
 

@@ -31,7 +31,8 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError, register_section
 from ke_tf.engine.strategy import is_chief
-from ke_tf.flops import complexity
+from ke_tf.io.params import apply_params, atomic_write_bytes, file_sha256, load_params, model_arrays
+from ke_tf.io.report import plot_lines, write_json
 from ke_tf.layers.gates import GatedLayerFactory
 from ke_tf.losses import bank_distillation
 from ke_tf.methods.ekg.search import CRITERIA, GreedySearch, memory_bank, pick_teachers
@@ -45,9 +46,8 @@ from ke_tf.methods.stage import (
     train_stage,
 )
 from ke_tf.models import build_from_spec
-from ke_tf.params import apply_params, atomic_write_bytes, file_sha256, load_params, model_arrays
-from ke_tf.report import plot_lines, write_json
-from ke_tf.slicing import layer_groups, slice_model
+from ke_tf.surgery.flops import complexity
+from ke_tf.surgery.slicing import layer_groups, slice_model
 
 
 @dataclasses.dataclass

@@ -11,17 +11,17 @@ import numpy as np
 import tensorflow as tf
 
 from ke_tf.engine.bn_statistics import moving_statistics
-from ke_tf.flops import _calls, layer_macs
+from ke_tf.io.progress import progress_bar
 from ke_tf.layers.gates import gate_sites, model_gates, set_masks
 from ke_tf.losses import cross_entropy, search_objective
-from ke_tf.progress import progress_bar
-from ke_tf.slicing import INPUT, LOGITS, layer_groups
+from ke_tf.surgery.flops import _calls, layer_macs
+from ke_tf.surgery.slicing import INPUT, LOGITS, layer_groups
 
 
 class MaskedMacs:
     """MACs of a gated model as a function of its group widths, without building anything: a
     conv/dense layer's MACs are linear in its input and output channel counts, so each layer
-    contributes full_macs * (w_in / C_in) * (w_out / C_out) (equal to `ke_tf.flops.count_macs`
+    contributes full_macs * (w_in / C_in) * (w_out / C_out) (equal to `ke_tf.surgery.flops.count_macs`
     of the physically pruned model)."""
 
     def __init__(self, model):

@@ -15,7 +15,7 @@ are evaluated and saved.
 import dataclasses
 
 from ke_tf.config import ConfigError, register_section
-from ke_tf.flops import complexity
+from ke_tf.io.report import plot_lines, write_json, write_table
 from ke_tf.layers.split import REINIT_RULES, SPLIT_MODES, SplitLayerFactory, fit_count, reinitialize_reset_hypothesis
 from ke_tf.methods.stage import (
     configured_spec,
@@ -27,8 +27,8 @@ from ke_tf.methods.stage import (
     train_stage,
 )
 from ke_tf.models import build_model, spec_widths
-from ke_tf.report import plot_lines, write_json, write_table
-from ke_tf.slicing import layer_groups, slice_model
+from ke_tf.surgery.flops import complexity
+from ke_tf.surgery.slicing import layer_groups, slice_model
 
 
 @dataclasses.dataclass

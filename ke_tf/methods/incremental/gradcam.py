@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ke_tf.report import pyplot, save_figure
+from ke_tf.io.report import pyplot, save_figure
 
 
 def last_block_layer(model):

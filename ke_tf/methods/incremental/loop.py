@@ -18,11 +18,11 @@ import tensorflow as tf
 
 from ke_tf.config import ConfigError, TrainConfig, register_section
 from ke_tf.data import class_order, incremental_tasks
+from ke_tf.io.report import markdown_table, plot_lines, write_json, write_table
 from ke_tf.losses import attention_distillation, cross_entropy, lwf_distillation
 from ke_tf.methods.incremental.gradcam import feature_model, grad_cam, save_overlays
 from ke_tf.methods.stage import configured_spec, load_configured_data, run_path, save_trained, train_stage
 from ke_tf.models import build_from_spec
-from ke_tf.report import markdown_table, plot_lines, write_json, write_table
 
 VARIANTS = ("lwm", "lwf", "finetune")
 

@@ -1,8 +1,8 @@
 """Plain supervised training: the baseline every method is compared with, and the quickstart."""
 
+from ke_tf.io.report import write_json
 from ke_tf.methods.stage import configured_spec, load_configured_data, run_path, save_trained, test_metrics, train_stage
 from ke_tf.models import build_from_spec
-from ke_tf.report import write_json
 
 
 def run(cfg, strategy):

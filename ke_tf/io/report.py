@@ -9,7 +9,7 @@ import os
 import warnings
 
 from ke_tf.engine.strategy import chief_process
-from ke_tf.params import atomic_write_bytes
+from ke_tf.io.params import atomic_write_bytes
 
 
 def _fmt(value):
