@@ -1,6 +1,7 @@
-"""Test configuration: quiet TF logs, the `slow` marker (learning runs), and shared fixtures.
+"""Test configuration: quiet TF logs, the `slow` marker (learning runs and multi-minute end-to-end
+runs), and shared fixtures.
 
-`pytest` runs the fast suite; `pytest -m slow` runs the learning runs (CI runs both).
+`pytest` runs the fast suite (under 15 minutes on 2 cores); `pytest -m slow` the rest (CI runs both).
 """
 
 import os
@@ -13,7 +14,9 @@ import ke_tf  # noqa: E402,F401  first: its host-memory setting acts only before
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: learning runs on real data (run with -m slow)")
+    config.addinivalue_line(
+        "markers", "slow: learning runs on real data and multi-minute end-to-end runs (run with -m slow)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"name", "section", "value", "values", "unit", "ratio", "target", "met", "device", "notes"}
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it with the slow suite
 def test_quick_run_writes_all_sections(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(

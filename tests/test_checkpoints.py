@@ -92,6 +92,7 @@ def test_checkpoints_of_another_model_or_config_are_refused_until_restart(tmp_pa
     assert resume_points[-1] == (1, 0) and trainer.step == 8
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it with the slow suite
 def test_two_workers_skip_a_damaged_checkpoint_and_both_refuse_another_model(tmp_path):
     """Both workers resume from the chief's newest checkpoint that restores (the damaged newest
     one skipped) and end with the weights of the uninterrupted run; checkpoints of another model

@@ -282,6 +282,7 @@ def test_bank_data_pairs_batches_and_distillation_loss():
     assert float(out["loss"][0]) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it with the slow suite
 def test_end_to_end_cli_then_test_py(tmp_path):
     from test import evaluate_params_file
     from train_cifar import main
@@ -327,6 +328,7 @@ def test_end_to_end_cli_then_test_py(tmp_path):
     assert result["params_reduction"] > 0
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it with the slow suite
 def test_end_to_end_on_two_replicas(tmp_path):
     """The whole EKG loop (pre-training, search, memory bank, bank-distilled fine-tuning over the
     sharded stream) on 2 logical CPU replicas, then test.py on its output."""

@@ -527,6 +527,7 @@ def test_multi_worker_matches_single_process_and_shards_input_per_worker(tmp_pat
         np.testing.assert_array_equal(v, worker["w__" + k], err_msg=k)
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it with the slow suite
 def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step_and_resumes(tmp_path):
     """A real SIGTERM to worker 1 mid-epoch: both workers checkpoint at the same step and exit
     130; rerunning both ends with the weights of an uninterrupted run. A worker that cannot see
