@@ -195,23 +195,6 @@ def test_test_cli_refuses_exploit_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and "refusing to load global" in err[0]
 
 
-@pytest.mark.slow
-def test_quickstart_reaches_90_percent(tmp_path):
-    from train_cifar import main
-
-    summary = main(
-        [
-            "--config",
-            os.path.join(ROOT, "configs", "digits_resnet20_supervised.yaml"),
-            "--set",
-            f"run_dir={tmp_path}",
-            "--set",
-            "train.progress=false",
-        ]
-    )
-    assert summary["test_top1"] > 0.90
-
-
 @pytest.mark.parametrize(
     "config,override,message",
     [
