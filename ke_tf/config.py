@@ -18,19 +18,21 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100 | oxford_flowers102 | image_folder
+    name: str = "digits"  # digits | fashion_mnist | cifar10 | cifar100 | oxford_flowers102 | image_folder
     data_dir: typing.Optional[str] = None
     image_size: typing.Optional[int] = None
     classes: typing.Optional[typing.List[int]] = None
     test_split: str = "tst"  # image_folder only: tst | val
     on_bad_file: str = "fail"  # fail | skip
-    split_seed: int = 0
+    split_seed: int = 0  # the digits train/test split and the train_per_class subset
+    train_per_class: typing.Optional[int] = None  # class-balanced training subset (all images if unset)
 
     def validate(self, key):
         _choice(f"{key}.on_bad_file", self.on_bad_file, ("fail", "skip"))
         _choice(f"{key}.test_split", self.test_split, ("tst", "val"))
-        if self.image_size is not None:
-            _positive(f"{key}.image_size", self.image_size)
+        for name in ("image_size", "train_per_class"):
+            if getattr(self, name) is not None:
+                _positive(f"{key}.{name}", getattr(self, name))
 
 
 @dataclasses.dataclass

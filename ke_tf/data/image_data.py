@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from ke_tf.data import stream
+from ke_tf.data.balanced import per_class_indices
 from ke_tf.data.info import DatasetInfo
 from ke_tf.data.source import Source
 
@@ -130,18 +131,10 @@ class ImageData:
         Returns (train_without_holdout, holdout) where `holdout.test()` (and
         `holdout.train_eval()`) iterate the held-out images. The remaining
         train set keeps this object's test split."""
-        if per_class < 1:
-            raise ValueError(f"per_class must be >= 1, got {per_class}")
-        labels = self._train.labels
-        rng = np.random.RandomState(seed)
-        held = []
-        for c in range(self.info.num_classes):
-            idx = np.flatnonzero(labels == c)
-            if len(idx) < per_class:
-                raise ValueError(f"class {c} has only {len(idx)} training images; cannot hold out {per_class}")
-            held.append(rng.choice(idx, per_class, replace=False))
-        held = np.sort(np.concatenate(held))
-        keep = np.setdiff1d(np.arange(len(labels)), held)
+        held = per_class_indices(
+            self._train.labels, self.info.num_classes, per_class, seed, f"split_holdout(per_class={per_class})"
+        )
+        keep = np.setdiff1d(np.arange(len(self._train)), held)
         remain_src, hold_src = self._train.take(keep), self._train.take(held)
         remain = ImageData(
             dataclasses.replace(self.info, train_size=len(keep)), remain_src, self._test, self._transform
