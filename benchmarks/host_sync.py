@@ -71,10 +71,10 @@ def host_work(steps_per_loop, steps):
         strategy, model, train_config(16, False, steps_per_loop=steps_per_loop), random_batch(16, (8, 8, 3), 10), steps
     )
     run()  # trace, and calibrate the automatic loop length
-    loops_before = run.trainer._loops
+    loops_before = run.trainer.loop.calls
     with counting() as counts:
         run()
-    return counts["reads"], counts["calls"], run.trainer._loops - loops_before
+    return counts["reads"], counts["calls"], run.trainer.loop.calls - loops_before
 
 
 def child(replicas, steps_per_loop, steps, repeats):

@@ -131,8 +131,8 @@ def test_loop_length_changes_calls_not_results(tmp_path):
         x, y = _data()
         trainer = Trainer(_cfg(steps_per_loop=3), strategy, model, classifier_loss(model), 4, str(tmp_path / "b"))
         calls = []
-        loop = trainer._loop_fn
-        trainer._loop_fn = lambda it, n, stop: calls.append(int(n)) or loop(it, n, stop)
+        run = trainer.loop.run
+        trainer.loop.run = lambda it, n, stop: calls.append(n) or run(it, n, stop)
         trainer.fit(TensorData(x, y), seed=0)
     assert calls == [3, 1, 3, 1]  # 4 steps per epoch: never across an epoch end
     assert_all_identical(_weights(model), _weights(one))

@@ -1,33 +1,21 @@
-"""The training engine every method loop runs on.
+"""The epoch driver every method loop runs on: one stage of training under the strategy.
 
 A loop supplies `loss_fn(batch, training) -> {"loss": per-example loss [B], "logits": [B, K]}` and
 a data source with `stream(batch_size, seed, first_epoch, last_epoch, skip_steps, shard)` (see
-`ke_tf.data.stream`). The Trainer runs one stage of it under the strategy:
+`ke_tf.data.stream`); the Trainer builds ONE distributed dataset for the stage (each input pipeline
+decoding only its replicas' rows, from the resume point to the last epoch) and runs it epoch by
+epoch: loops of steps, evaluation, reporting, checkpoints, and SIGINT/SIGTERM stops agreed by
+every worker. Between loops (at epoch ends and step checkpoints) is where the host acts.
 
-- input: ONE distributed dataset per stage (`distribute_datasets_from_function`), each input
-  pipeline decoding only its replicas' rows, from the resume point to the last epoch;
-- steps: one `tf.function` call runs a loop of up to `steps_per_loop` steps over the distributed
-  iterator (forward, gradients, micro-batch accumulation, all-reduce, update) and returns the
-  loop's loss/accuracy sums as one tensor, read once per loop; loops stop at epoch ends and step
-  checkpoints, where evaluation, checkpoints, signals and progress happen;
-- per replica: loss + gradients over `accum_steps` micro-batches, ONE all-reduce of gradients and
-  metrics, then decisions every replica takes identically on the reduced values: a non-finite loss
-  (`on_nan`: stop before applying, or skip), an fp16 overflow (skip, halve the loss scale), coupled
-  L2 added to the unscaled global gradients, the optimizer update in replica context; BN moving
-  statistics are averaged across replicas after every step, or BN uses global batch statistics
-  (`sync_bn`), so every replica holds the same model;
-- checkpoints, exact resume, SIGINT/SIGTERM stops agreed by every worker, tqdm, TensorBoard, a
-  metrics dict and one log line per epoch.
-
-This module drives the stage (loops of steps, epochs, stops); the replica step is `step.py`,
-checkpoints `checkpoints.py`, signals `signals.py`, the lines and history `reporting.py`.
+The replica step (gradients, accumulation, all-reduce, NaN/overflow decisions, BN statistics) is
+`step.py`, the loop of steps and its length `loop.py`, checkpoints `checkpoints.py`, signals
+`signals.py`, the lines and history `reporting.py`.
 """
 
 import os
 import shutil
 import time
 
-import numpy as np
 import tensorflow as tf
 
 from ke_tf.config import ConfigError
@@ -35,25 +23,20 @@ from ke_tf.data.stream import InputShard
 from ke_tf.engine.bn_statistics import batch_norm_layers, synchronise_bn
 from ke_tf.engine.checkpoints import CheckpointError, StageCheckpoints, made_from, settle
 from ke_tf.engine.iterators import release_in_background
+from ke_tf.engine.loop import RESULTS, StepLoop
 from ke_tf.engine.loss_scale import LossScale
 from ke_tf.engine.optim import make_optimizer
 from ke_tf.engine.reporting import HistoryWriter, epoch_line, read_history, setup_line
 from ke_tf.engine.signals import StopSignals
 from ke_tf.engine.step import ReplicaStep
-from ke_tf.engine.strategy import instance_function, is_chief, is_multi_worker, jit_scope
+from ke_tf.engine.strategy import is_chief, is_multi_worker, jit_scope
 from ke_tf.io.progress import log_line, progress_bar
-
-# Automatic loop length: about this many seconds of work per call (the latency of signals and
-# progress), at most MAX_STEPS_PER_LOOP steps.
-AUTO_LOOP_SECONDS = 2.0
-MAX_STEPS_PER_LOOP = 100
-_RESULTS = ("loss", "correct", "applied", "skipped", "overflows", "steps", "nan_stop", "stopped")
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a step's loss is NaN/Inf and `on_nan` is `stop`. The weights and optimizer
     state are those before the bad step; BN moving statistics have seen its batch (keeping a copy
-    would cost every step ~4% at the dispatch floor), so continue from the last checkpoint."""
+    would slow every step), so continue from the last checkpoint."""
 
 
 class StopRequested(RuntimeError):
@@ -130,73 +113,9 @@ class Trainer:
             self.sync_bn,
             self.jit,
         )
-        self._loop_fn = instance_function(self._loop)
-        self._mean_fn = instance_function(self._replica_mean)
-        self._steps_per_loop = train_cfg.steps_per_loop or None  # None: calibrated on the second loop
-        self._loops = 0
+        self.loop = StepLoop(train_cfg, strategy, self.replica_step, self.optimizer, self.loss_scale)
         self.signals = StopSignals()
         self.step = 0
-
-    # ---- a loop of steps (cross-replica context, one tf.function call) ----------------------
-    def _loop(self, iterator, num_steps, stop_requested):
-        """Up to `num_steps` steps; returns the `_RESULTS` sums as one float64 vector. Ends early
-        before applying a non-finite step (`on_nan: stop`); under MultiWorkerMirroredStrategy a
-        stop requested on any worker makes every worker run zero steps (agreed by an all-reduce).
-        The stop is the loop's condition and the sums one loop-carried vector: an autograph
-        `break` would wrap the rest of every step in a conditional (measured ~2% of a dispatch-bound
-        step on a CPU)."""
-        stopped = tf.constant(False)
-        if self.multi_worker:
-            votes = self.strategy.run(lambda: tf.cast(stop_requested, tf.float32))
-            stopped = self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None) > 0
-            num_steps = tf.where(stopped, 0, num_steps)
-        fp16 = self.loss_scale is not None
-        i = tf.constant(0)
-        nan_stop = tf.constant(False)
-        sums = tf.zeros([6], tf.float64)  # loss, correct, applied, skipped, overflows, steps
-        while tf.logical_and(i < num_steps, tf.logical_not(nan_stop)):
-            out = self.strategy.run(self.replica_step.step, args=(next(iterator),))
-            loss, n_correct, loss_ok, grads_ok = [self.strategy.experimental_local_results(o)[0] for o in out]
-            ok = loss_ok & grads_ok
-            bad = ~loss_ok if fp16 else ~ok  # fp16: non-finite gradients alone are an overflow
-            nan_stop = bad & (self.train_cfg.on_nan == "stop")  # this step was not applied: leave it uncounted
-            counted = ~nan_stop
-            # Skipped steps count: epochs stay aligned with the data.
-            self.optimizer.iterations.assign_add(tf.cast(counted, self.optimizer.iterations.dtype))
-            if fp16:
-                self.loss_scale.update(grads_ok | ~loss_ok, active=counted)
-            kept = tf.where(ok, tf.cast(tf.stack([loss, n_correct]), tf.float64), tf.zeros([2], tf.float64))
-            flags = tf.cast(tf.stack([ok, bad & counted, ~bad & ~ok, counted]), tf.float64)
-            sums += tf.concat([kept, flags], 0)
-            i += 1
-        return tf.concat([sums, tf.cast(tf.stack([nan_stop, stopped]), tf.float64)], 0)
-
-    def _loop_length(self):
-        """Steps of the next loop: calibrated (or configured) length, never past an epoch end
-        or a step checkpoint."""
-        limit = self.steps_per_epoch - self.step % self.steps_per_epoch
-        every = self.train_cfg.checkpoint_every_steps
-        if every:
-            limit = min(limit, every - self.step % every)
-        return min(limit, self._steps_per_loop or 1)
-
-    def _calibrate(self, seconds_per_step):
-        """Fix the automatic loop length from a timed loop; workers agree on the mean time (the
-        loop length must be the same everywhere: its steps contain collectives)."""
-        if self.multi_worker:
-            seconds_per_step = self._cluster_mean(seconds_per_step)
-        self._steps_per_loop = int(
-            np.clip(round(AUTO_LOOP_SECONDS / max(seconds_per_step, 1e-6)), 1, MAX_STEPS_PER_LOOP)
-        )
-
-    def _cluster_mean(self, value):
-        """Mean of a host value over every replica of the cluster (a collective: all workers call it)."""
-        return float(self._mean_fn(tf.constant(float(value), tf.float64)))
-
-    def _replica_mean(self, value):
-        return self.strategy.reduce(
-            tf.distribute.ReduceOp.MEAN, self.strategy.run(tf.identity, args=(value,)), axis=None
-        )
 
     # ---- checkpoints and signals ------------------------------------------------------------
     def restore(self):
@@ -208,7 +127,7 @@ class Trainer:
         except CheckpointError as e:
             latest, failure = None, e
         self.step = int(self.optimizer.iterations.numpy())
-        settle(self.name, failure, self.step, latest, self._cluster_mean if self.multi_worker else None)
+        settle(self.name, failure, self.step, latest, self.loop.cluster_mean if self.multi_worker else None)
         if latest is not None:
             self.history = read_history(self.run_dir, self.name, self.step // self.steps_per_epoch)
         return latest is not None
@@ -233,7 +152,12 @@ class Trainer:
             return self.history
         stage_input = [self._input(data, seed, epochs)]  # released in the background at the end
         setup = setup_line(
-            self.replicas, self.strategy, self.sync_bn, self.jit, self._steps_per_loop, self.train_cfg.mixed_precision
+            self.replicas,
+            self.strategy,
+            self.sync_bn,
+            self.jit,
+            self.loop.steps_per_loop,
+            self.train_cfg.mixed_precision,
         )
         self._log(f"{self.name}: {setup}" + (f", resumed at step {self.step}" if self.step else ""))
         history = HistoryWriter(self.run_dir, self.name, self.chief)
@@ -276,7 +200,7 @@ class Trainer:
     def _run_epoch(self, iterator, epoch, epochs):
         """Loops until the end of `epoch` (of `epochs`); returns its training metrics."""
         end = (epoch + 1) * self.steps_per_epoch
-        sums = dict.fromkeys(_RESULTS, 0.0)
+        sums = dict.fromkeys(RESULTS, 0.0)
         bar = progress_bar(
             total=self.steps_per_epoch,
             initial=self.step - epoch * self.steps_per_epoch,
@@ -287,21 +211,8 @@ class Trainer:
         start = time.time()
         with bar:
             while self.step < end:
-                n = self._loop_length()
-                began = time.time()
-                result = dict(
-                    zip(
-                        _RESULTS,
-                        self._loop_fn(
-                            iterator, tf.constant(n, tf.int32), tf.constant(self.signals.received is not None)
-                        )
-                        .numpy()
-                        .tolist(),
-                    )
-                )
-                self._loops += 1
-                if self._loops == 2 and self._steps_per_loop is None:
-                    self._calibrate((time.time() - began) / max(result["steps"], 1.0))
+                stop_requested = self.signals.received is not None
+                result = self.loop.run(iterator, self.loop.length(self.step, self.steps_per_epoch), stop_requested)
                 for key in sums:
                     sums[key] += result[key]
                 self.step += int(result["steps"])
