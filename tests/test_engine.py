@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from ke_tf.config import TrainConfig
 from ke_tf.data.stream import TensorData
-from ke_tf.engine import NonFiniteLossError, Trainer, WarmupSchedule, make_strategy
+from ke_tf.engine import Hook, NonFiniteLossError, Trainer, WarmupSchedule, make_strategy
 from ke_tf.losses import classifier_loss, cross_entropy
 from tests.numerics import assert_all_identical, assert_identical, assert_within_measured_bound, float64
 
@@ -243,6 +243,29 @@ def test_on_epoch_begin_runs_before_each_epoch_including_a_resumed_one(tmp_path)
         trainer = Trainer(cfg, strategy, model, classifier_loss(model), 4, str(tmp_path))
         trainer.fit(TensorData(x, y), seed=0, epochs=epochs, on_epoch_begin=seen.append)
     assert seen == [0, 1, 2]
+
+
+def test_a_user_hook_gets_each_epochs_metrics_after_the_stage_reporting(tmp_path):
+    """`fit(hooks=[...])`: each hook's on_epoch_end gets the epoch, its metrics (with the
+    evaluation's) and the history so far, after the history file is written; on_train_end once."""
+    calls = []
+
+    class Recorder(Hook):
+        def on_epoch_end(self, epoch, metrics, history):
+            on_disk = json.loads((tmp_path / "train_history.json").read_text())
+            calls.append((epoch, dict(metrics), len(history), on_disk[-1]["epoch"]))
+
+        def on_train_end(self, history):
+            calls.append(("end", len(history)))
+
+    strategy = make_strategy("one_device")
+    with strategy.scope():
+        model = _model()
+    x, y = _data()
+    trainer = Trainer(_cfg(epochs=2), strategy, model, classifier_loss(model), 4, str(tmp_path))
+    history = trainer.fit(TensorData(x, y), seed=0, eval_fn=lambda epoch: {"test_top1": 0.5}, hooks=[Recorder()])
+    assert calls == [(0, history[0], 1, 0), (1, history[1], 2, 1), ("end", 2)]
+    assert history[1]["test_top1"] == 0.5 and math.isfinite(history[1]["train_loss"])
 
 
 def _poisoned(model, label_smoothing=0.0):

@@ -1,5 +1,5 @@
-"""What a stage reports: its set-up line, one line per epoch, and (chief only) TensorBoard
-scalars and `run_dir/<stage>_history.json`, rewritten atomically after every epoch."""
+"""What a stage reports: its set-up line, and hooks the epoch driver calls after every epoch
+(chief only: TensorBoard scalars, `run_dir/<stage>_history.json`, one log line)."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import os
 import tensorflow as tf
 
 from ke_tf.io.params import atomic_write_bytes
+from ke_tf.io.progress import log_line
 
 
 def setup_line(replicas, strategy, sync_bn, jit, steps_per_loop, precision):
@@ -47,23 +48,62 @@ def read_history(run_dir, name, before_epoch):
         return [h for h in json.load(f) if h["epoch"] < before_epoch]
 
 
-class HistoryWriter:
-    """TensorBoard scalars under `run_dir/tensorboard/<name>` and the history JSON, on the chief;
-    other workers write nothing."""
+class Hook:
+    """What the epoch driver calls, as Keras's callbacks: override either method. `history` is the
+    stage's list of epoch metrics dicts (a resumed stage's earlier epochs included), `metrics`
+    its last entry. Pass your own to `Trainer.fit(hooks=...)`; they run on every worker."""
 
-    def __init__(self, run_dir, name, chief):
-        self.run_dir, self.name = run_dir, name
-        self.writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard", name)) if chief else None
+    def on_epoch_end(self, epoch, metrics, history):
+        pass
 
-    def write(self, history):
-        """Record the last epoch of `history` (its scalars) and the whole history (JSON)."""
-        if self.writer is None:
-            return
-        metrics = history[-1]
+    def on_train_end(self, history):
+        pass
+
+
+class TensorBoardScalars(Hook):
+    """The epoch's numeric metrics as scalars `<name>/<key>` under `run_dir/tensorboard/<name>`."""
+
+    def __init__(self, run_dir, name):
+        self.name = name
+        self.writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard", name))
+
+    def on_epoch_end(self, epoch, metrics, history):
         with self.writer.as_default():
             for key, value in metrics.items():
                 if key != "epoch" and isinstance(value, (int, float)):
-                    tf.summary.scalar(f"{self.name}/{key}", value, step=metrics["epoch"] + 1)
+                    tf.summary.scalar(f"{self.name}/{key}", value, step=epoch + 1)
         self.writer.flush()
-        data = json.dumps(history, indent=1, default=float).encode()
-        atomic_write_bytes(history_path(self.run_dir, self.name), data)
+
+    def on_train_end(self, history):
+        self.writer.close()
+
+
+class HistoryFile(Hook):
+    """The whole history as `run_dir/<name>_history.json`, rewritten atomically after every epoch
+    (a resumed stage reads it back with `read_history`)."""
+
+    def __init__(self, run_dir, name):
+        self.path = history_path(run_dir, name)
+
+    def on_epoch_end(self, epoch, metrics, history):
+        atomic_write_bytes(self.path, json.dumps(history, indent=1, default=float).encode())
+
+
+class EpochLine(Hook):
+    """One log line per epoch (`epoch_line`)."""
+
+    def __init__(self, name, epochs):
+        self.name, self.epochs = name, epochs
+
+    def on_epoch_end(self, epoch, metrics, history):
+        log_line(epoch_line(self.name, metrics, self.epochs))
+
+
+def stage_hooks(run_dir, name, epochs, chief, progress):
+    """The reporting of a stage of `epochs` epochs: on the chief, TensorBoard, the history file and
+    (with `progress`) the epoch line; other workers report nothing."""
+    if not chief:
+        return []
+    return [TensorBoardScalars(run_dir, name), HistoryFile(run_dir, name)] + (
+        [EpochLine(name, epochs)] if progress else []
+    )

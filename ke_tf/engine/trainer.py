@@ -4,12 +4,12 @@ A loop supplies `loss_fn(batch, training) -> {"loss": per-example loss [B], "log
 a data source with `stream(batch_size, seed, first_epoch, last_epoch, skip_steps, shard)` (see
 `ke_tf.data.stream`); the Trainer builds ONE distributed dataset for the stage (each input pipeline
 decoding only its replicas' rows, from the resume point to the last epoch) and runs it epoch by
-epoch: loops of steps, evaluation, reporting, checkpoints, and SIGINT/SIGTERM stops agreed by
+epoch: loops of steps, evaluation, reporting hooks, checkpoints, and SIGINT/SIGTERM stops agreed by
 every worker. Between loops (at epoch ends and step checkpoints) is where the host acts.
 
 The replica step (gradients, accumulation, all-reduce, NaN/overflow decisions, BN statistics) is
 `step.py`, the loop of steps and its length `loop.py`, checkpoints `checkpoints.py`, signals
-`signals.py`, the lines and history `reporting.py`.
+`signals.py`, the set-up line and the reporting hooks `reporting.py`.
 """
 
 import os
@@ -26,7 +26,7 @@ from ke_tf.engine.iterators import release_in_background
 from ke_tf.engine.loop import RESULTS, StepLoop
 from ke_tf.engine.loss_scale import LossScale
 from ke_tf.engine.optim import make_optimizer
-from ke_tf.engine.reporting import HistoryWriter, epoch_line, read_history, setup_line
+from ke_tf.engine.reporting import read_history, setup_line, stage_hooks
 from ke_tf.engine.signals import StopSignals
 from ke_tf.engine.step import ReplicaStep
 from ke_tf.engine.strategy import is_chief, is_multi_worker, jit_scope
@@ -136,12 +136,12 @@ class Trainer:
         self.checkpoints.save(self.manager, self.step)
 
     # ---- the stage --------------------------------------------------------------------------
-    def fit(self, data, seed, epochs=None, eval_fn=None, resume=True, on_epoch_begin=None):
+    def fit(self, data, seed, epochs=None, eval_fn=None, resume=True, on_epoch_begin=None, hooks=()):
         """Train until `epochs` (default train_cfg.epochs) on `data.stream(...)` seeded by `seed`
         (order and augmentation depend only on (seed, epoch), so resuming mid-epoch skips exactly
         the finished steps). `eval_fn(epoch)` returns a metrics dict; `on_epoch_begin(epoch)` sets
-        per-epoch state such as annealing factors (also when resuming mid-epoch). Returns the
-        epoch history."""
+        per-epoch state such as annealing factors (also when resuming mid-epoch); `hooks`
+        (`reporting.Hook`s) run after the stage's own reporting. Returns the epoch history."""
         epochs = epochs or self.train_cfg.epochs
         if resume:
             self.restore()
@@ -160,18 +160,20 @@ class Trainer:
             self.train_cfg.mixed_precision,
         )
         self._log(f"{self.name}: {setup}" + (f", resumed at step {self.step}" if self.step else ""))
-        history = HistoryWriter(self.run_dir, self.name, self.chief)
+        hooks = stage_hooks(self.run_dir, self.name, epochs, self.chief, self.train_cfg.progress) + list(hooks)
         try:
             with self.signals:
-                self._run_epochs(stage_input[0], epochs, total, eval_fn, on_epoch_begin, history)
+                self._run_epochs(stage_input[0], epochs, total, eval_fn, on_epoch_begin, hooks)
+            for hook in hooks:
+                hook.on_train_end(self.history)
         finally:
             release_in_background(stage_input)
             if not self.chief:
                 shutil.rmtree(self.manager.directory, ignore_errors=True)
         return self.history
 
-    def _run_epochs(self, iterator, epochs, total, eval_fn, on_epoch_begin, history):
-        """Epochs until step `total`: train, evaluate, record, checkpoint."""
+    def _run_epochs(self, iterator, epochs, total, eval_fn, on_epoch_begin, hooks):
+        """Epochs until step `total`: train, evaluate, report, checkpoint."""
         while self.step < total:
             epoch = self.step // self.steps_per_epoch
             if on_epoch_begin is not None:
@@ -180,8 +182,8 @@ class Trainer:
             if eval_fn is not None and ((epoch + 1) % self.train_cfg.eval_every_epochs == 0 or epoch + 1 == epochs):
                 metrics.update(eval_fn(epoch))
             self.history.append(metrics)
-            history.write(self.history)
-            self._log(epoch_line(self.name, metrics, epochs))
+            for hook in hooks:
+                hook.on_epoch_end(epoch, metrics, self.history)
             if self.train_cfg.checkpoint_every_epochs and (
                 (epoch + 1) % self.train_cfg.checkpoint_every_epochs == 0 or epoch + 1 == epochs
             ):
