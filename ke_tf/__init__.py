@@ -17,8 +17,9 @@ The public API, by what you would use it for:
   `grad_cam` (differentiable Grad-CAM).
 - Measuring: `complexity`, `count_macs`, `count_params` (MACs, paper convention).
 - Params files: `save_params`, `load_params` (restricted unpickler), `apply_params`, `ParamsError`.
-- Training: `Trainer`, `Evaluator`, `make_strategy`; `load_data`; `load_config`, `run_method`
-  (the loop entry points: supervised, evolution, distillation, incremental, ekg, consistency).
+- Training: `Trainer`, `Evaluator`, `make_strategy`; `load_data`; `load_config`, `run` (the entry
+  point of every loop: supervised, evolution, distillation, incremental, ekg, consistency;
+  `run_method` is its alias).
 """
 
 from ke_tf.tf_startup import import_tensorflow
@@ -55,7 +56,7 @@ from ke_tf.methods.consistency.transnet import TransNet
 from ke_tf.methods.incremental.gradcam import grad_cam
 from ke_tf.models import build_from_spec, build_model, default_widths, model_spec, register_arch
 from ke_tf.models.reducenet import get_deploy_model
-from ke_tf.run import run_method
+from ke_tf.runner import run, run_method
 from ke_tf.surgery.flops import complexity, count_macs, count_params
 from ke_tf.surgery.folding import fold_batchnorm
 from ke_tf.surgery.slicing import slice_model
@@ -103,6 +104,7 @@ __all__ = [
     "make_strategy",
     "model_spec",
     "register_arch",
+    "run",
     "run_method",
     "save_params",
     "slice_model",

@@ -98,14 +98,14 @@ def train_main(default_config, description):
         from ke_tf.config import load_config
         from ke_tf.io.progress import log_line
         from ke_tf.methods import get_loop
-        from ke_tf.run import run_method
+        from ke_tf.runner import run
         from ke_tf.shipped_configs import resolve_config
 
         path = resolve_config(args.config)
         cfg = load_config(path, args.set)
         get_loop(cfg.method)  # an unknown method fails here, before the log line
         log_line(f"config {path}: method {cfg.method}, run_dir {cfg.run_dir}")
-        summary = run_method(cfg)
+        summary = run(cfg)
         from ke_tf.io.report import vertical_table
 
         print(vertical_table(summary))

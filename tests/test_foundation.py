@@ -239,8 +239,8 @@ def test_only_the_chief_process_writes_reports(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.json", "t.md"]
 
 
-def test_run_method_builds_and_trains_under_the_configured_precision(monkeypatch):
-    """`ke_tf.run_method` applies `train.mixed_precision` while the loop runs and restores the
+def test_run_builds_and_trains_under_the_configured_precision(monkeypatch):
+    """`ke_tf.run` (alias `run_method`) applies `train.mixed_precision` while the loop runs and restores the
     caller's policy afterwards (the CLI is not the only entry point)."""
     import keras
 
@@ -252,13 +252,13 @@ def test_run_method_builds_and_trains_under_the_configured_precision(monkeypatch
     monkeypatch.setattr(
         supervised, "run", lambda cfg, strategy: seen.append(keras.mixed_precision.global_policy().name)
     )
-    ke_tf.run_method(from_dict({"train": {"mixed_precision": "bf16"}}), make_strategy("one_device"))
-    assert seen == ["mixed_bfloat16"]
+    ke_tf.run(from_dict({"train": {"mixed_precision": "bf16"}}), make_strategy("one_device"))
+    assert seen == ["mixed_bfloat16"] and ke_tf.run_method is ke_tf.run
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_run_method_is_reproducible_from_its_seed(tmp_path):
-    """Two `run_method` calls of one config in one process train the same first epoch (the same
+def test_run_is_reproducible_from_its_seed(tmp_path):
+    """Two `ke_tf.run` calls of one config in one process train the same first epoch (the same
     initial weights, order and augmentation); another seed gives another first epoch."""
     import ke_tf
     from ke_tf.engine import make_strategy
@@ -280,7 +280,7 @@ def test_run_method_is_reproducible_from_its_seed(tmp_path):
                 "train.checkpoint_every_epochs=0",
             ],
         )
-        ke_tf.run_method(cfg, strategy)
+        ke_tf.run(cfg, strategy)
         with open(tmp_path / tag / "results.json") as f:
             return json.load(f)["history"][0]["train_loss"]
 

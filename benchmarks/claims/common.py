@@ -17,10 +17,10 @@ def config(name, run_dir, seed, *overrides):
 
 def run(name, run_dir, seed, *overrides):
     """Run the loop of shipped config `name` with `overrides`; returns its summary."""
-    from ke_tf import run_method
+    import ke_tf
 
     os.makedirs(run_dir, exist_ok=True)
-    return run_method(config(name, run_dir, seed, *overrides))
+    return ke_tf.run(config(name, run_dir, seed, *overrides))
 
 
 class MoreTestImages:

@@ -1,6 +1,6 @@
-"""The one entry point of a training run, shared by `ke-tf-train` and `ke_tf.run_method`: strategy
-first (MultiWorkerMirroredStrategy must exist before any TensorFlow op), then the precision policy
-and the seed, then the method's loop."""
+"""The one entry point of a training run, `ke_tf.run`, shared by `ke-tf-train`: strategy first
+(MultiWorkerMirroredStrategy must exist before any TensorFlow op), then the precision policy and
+the seed, then the method's loop."""
 
 import keras
 
@@ -8,7 +8,7 @@ from ke_tf.engine import make_strategy, set_precision
 from ke_tf.methods import get_loop
 
 
-def run_method(cfg, strategy=None):
+def run(cfg, strategy=None):
     """Run the loop `cfg.method` names and return its summary dict. `cfg` is a
     `ke_tf.config.Config` (see `load_config`). Python, NumPy, TensorFlow and Keras are seeded with
     `cfg.seed`, so two runs of one config start from the same weights; the config's
@@ -22,3 +22,6 @@ def run_method(cfg, strategy=None):
         return loop.run(cfg, strategy)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+run_method = run  # the entry point's earlier name, kept as an alias
