@@ -33,7 +33,8 @@ setup(
     extras_require={
         # setuptools, wheel: the test that builds a wheel; ruff pinned: its formatter's style changes
         # between releases, and `ruff format --check` in .ci/run must mean the same on every machine.
-        "test": ["pytest", "setuptools", "wheel", "ruff==0.17.6"],
+        # ai-edge-litert: the LiteRT interpreter that runs deployed models' TFLite files in tests/test_deploy.py.
+        "test": ["pytest", "setuptools", "wheel", "ruff==0.17.6", "ai-edge-litert"],
         "demo": ["scikit-learn"],
         "plot": ["matplotlib"],
         # ke_tf.convert reading PyTorch checkpoints (KE, ReduceNet); never needed by the core or tests.

@@ -57,6 +57,7 @@ from ke_tf.methods.incremental.gradcam import grad_cam
 from ke_tf.models import build_from_spec, build_model, default_widths, model_spec, register_arch
 from ke_tf.models.reducenet import get_deploy_model
 from ke_tf.runner import run, run_method
+from ke_tf.surgery.deploy import deploy_model
 from ke_tf.surgery.flops import complexity, count_macs, count_params
 from ke_tf.surgery.folding import fold_batchnorm
 from ke_tf.surgery.slicing import slice_model
@@ -88,6 +89,7 @@ __all__ = [
     "count_params",
     "cross_entropy",
     "default_widths",
+    "deploy_model",
     "fold_batchnorm",
     "get_deploy_model",
     "grad_cam",

@@ -18,15 +18,17 @@ def _np(value):
     return np.asarray(value.numpy() if hasattr(value, "numpy") else value, np.float64)
 
 
-def fold_bn(kernel, bias, bn):
-    """Fold inference-mode `bn` into a conv (kernel HWIO, bias or None): W*s, beta + (b - mean)*s
-    with s = gamma / sqrt(var + eps). Returns float64 (kernel, bias)."""
+def fold_bn(kernel, bias, bn, depthwise=False):
+    """Fold inference-mode `bn` into the layer before it (kernel [..., in, out], bias or None):
+    W*s, beta + (b - mean)*s with s = gamma / sqrt(var + eps). A `depthwise` kernel is
+    [..., in, multiplier]: output channel c*multiplier + j is [..., c, j]. Returns float64 (kernel, bias)."""
     mean, var = _np(bn.moving_mean), _np(bn.moving_variance)
     gamma = _np(bn.gamma) if bn.gamma is not None else 1.0  # BN(scale=False) / BN(center=False)
     beta = _np(bn.beta) if bn.beta is not None else 0.0
     scale = gamma / np.sqrt(var + bn.epsilon)
     bias = np.zeros_like(mean) if bias is None else _np(bias)
-    return _np(kernel) * scale, beta + (bias - mean) * scale
+    kernel = _np(kernel)
+    return kernel * scale.reshape(kernel.shape[-2:] if depthwise else kernel.shape[-1:]), beta + (bias - mean) * scale
 
 
 def pad_kernel(kernel, size):

@@ -13,12 +13,12 @@ Channel groups are those of the CIFAR ResNets ("stage{s}", "s{s}b{j}").
 """
 
 import keras
-import numpy as np
 
 from ke_tf.layers.factory import PLAIN, padded_conv
-from ke_tf.layers.reparam import ReduceConv, fold_bn
+from ke_tf.layers.reparam import ReduceConv
 from ke_tf.models import build_from_spec, model_spec, register_arch
 from ke_tf.models.resnet_cifar import DEPTHS, cifar_default_widths
+from ke_tf.surgery.deploy import deploy_model, transfer_weights
 
 VARIANTS = ("teacher", "student", "deploy")
 REDUCE_DEPTHS = (20, 56)
@@ -119,11 +119,6 @@ def deploy_spec(spec):
     return variant_spec(spec, "deploy")
 
 
-def _set(layer, kernel, bias):
-    layer.kernel.assign(np.asarray(kernel, layer.kernel.dtype))
-    layer.bias.assign(np.asarray(bias, layer.bias.dtype))
-
-
 def student_spec_of(model):
     """The spec of a ReduceNet student, read from its layers (depth, channel widths, classes)."""
     units = [layer for layer in model.layers if isinstance(layer, ReduceConv)]
@@ -141,19 +136,14 @@ def student_spec_of(model):
 
 def get_deploy_model(model, spec=None):
     """Fold a trained ReduceNet student `model` into its deploy model (built from
-    `deploy_spec(spec)`; `spec` defaults to `student_spec_of(model)`): every BN folded into the
-    conv before it, each block's branches merged into one 3x3 conv with bias. Equal to `model` in
-    inference mode up to the round-off of its dtype."""
+    `deploy_spec(spec)`; `spec` defaults to `student_spec_of(model)`): `deploy_model`'s weights,
+    every BN folded into the conv before it and each block's `_rep` unit fused into its `_conv1`.
+    Equal to `model` in inference mode up to the round-off of its dtype."""
     deploy = build_from_spec(deploy_spec(spec or student_spec_of(model)))
-    src = {layer.name: layer for layer in model.layers}
-    for layer in deploy.layers:
-        if isinstance(layer, keras.layers.Dense):
-            layer.set_weights(src[layer.name].get_weights())
-        elif isinstance(layer, keras.layers.Conv2D):
-            if layer.name.endswith("_conv1") and layer.name[:-6] + "_rep" in src:
-                _set(layer, *src[layer.name[:-6] + "_rep"].fuse())
-            else:
-                # The student's BN after each other conv: stem_conv -> stem_bn, s1b0_conv2 -> s1b0_bn2,
-                # s2b0_short_conv -> s2b0_short_bn.
-                _set(layer, *fold_bn(src[layer.name].kernel, None, src[layer.name.replace("conv", "bn")]))
+    transfer_weights(deploy_model(model), deploy, source_name=_student_name)
     return deploy
+
+
+def _student_name(name):
+    """The student layer whose deployed weights the deploy layer `name` takes: s1b0_conv1 <- s1b0_rep."""
+    return name[: -len("_conv1")] + "_rep" if name.endswith("_conv1") else name
