@@ -33,7 +33,7 @@ def ke_pair(arch, classes, side):
     keras.utils.set_random_seed(0)
     dense = build_model(arch, classes, (side, side, 3), layers=SplitLayerFactory(0.5, "kels"))
     spec = model_spec(arch, classes, (side, side, 3))
-    slim, slim_spec = slice_model(dense, spec, fit_keep(spec, 0.5))
+    slim, slim_spec = slice_model(dense, spec, fit_keep(dense, 0.5))
     return fold_batchnorm(dense, spec), fold_batchnorm(slim, slim_spec)
 
 

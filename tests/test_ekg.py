@@ -30,6 +30,7 @@ from ke_tf.methods.ekg.search import (  # noqa: E402
 )
 from ke_tf.models import build_from_spec, model_spec  # noqa: E402
 from ke_tf.surgery.flops import complexity  # noqa: E402
+from ke_tf.surgery.graph import ChannelGraph  # noqa: E402
 from ke_tf.surgery.slicing import slice_model  # noqa: E402
 from tests.numerics import assert_identical, float64  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_importance_is_abs_derivative_of_loss_wrt_shared_gate(gated, images):
     forward = batch_stat_forward(gated)
     labels = tf.constant(np.arange(8) % 10, tf.int32)
     ensemble = tf.random.stateless_normal([8, 10], seed=[3, 4])
-    scores = dict(zip(gates, importance_fn(gated, forward)(images, labels, ensemble)))
+    scores = dict(zip(gates, importance_fn(gates, forward)(images, labels, ensemble)))
     assert {g: tuple(s.shape) for g, s in scores.items()} == {
         g: (int(gate.gate.shape[0]),) for g, gate in gates.items()
     }
@@ -169,7 +170,7 @@ def test_masked_macs_and_pruned_equals_masked(gated, images):
     set_masks(gates, keep)
     with float64():
         narrow, spec = slice_model(gated, SPEC, keep)
-    counter = MaskedMacs(gated)
+    counter = MaskedMacs(ChannelGraph(gated), gates)
     assert counter.full == complexity(build_from_spec(SPEC))["macs"]
     assert complexity(narrow)["macs"] == counter({g: len(k) for g, k in keep.items()})
     assert spec["widths"] == {g: len(k) for g, k in keep.items()}
@@ -202,7 +203,7 @@ def test_search_stops_at_first_step_under_target(gated, holdout, criterion):
 def test_l1_criterion_cuts_least_l1_filters_uniformly(gated, holdout):
     """Li et al.'s baseline: each group loses its smallest-L1 filters (summed over the convs that
     write the group) and all groups keep about the same fraction."""
-    norms = filter_l1(gated)
+    norms = filter_l1(ChannelGraph(gated), model_gates(gated))
     stage3 = sum(
         np.abs(gated.get_layer(n).kernel.numpy()).sum(axis=(0, 1, 2))
         for n in ("s3b0_conv2", "s3b0_short_conv", "s3b1_conv2", "s3b2_conv2")

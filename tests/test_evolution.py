@@ -15,8 +15,9 @@ from ke_tf.config import ConfigError, from_dict
 from ke_tf.io.params import load_params, model_arrays
 from ke_tf.layers.split import SplitConv2D, SplitDense, SplitLayerFactory, reinitialize_reset_hypothesis, split_layers
 from ke_tf.methods.evolution.loop import EvolutionConfig, extract_slim, fit_keep
-from ke_tf.models import build_model, default_widths, model_spec
+from ke_tf.models import build_model, model_spec
 from ke_tf.surgery.flops import complexity
+from ke_tf.surgery.graph import ChannelGraph
 from tests.numerics import assert_identical, float64
 
 
@@ -171,8 +172,10 @@ def test_slim_equals_dense_with_reset_weights_zeroed(arch, shape, options, rate)
         dense = build_model(arch, 10, shape, layers=SplitLayerFactory(rate), **options)
         _randomise(dense, rng)
         slim, slim_spec = extract_slim(_strategy(), dense, spec, rate)
-        widths = default_widths(arch)
-        assert slim_spec["widths"] == {g: math.ceil(rate * c) for g, c in widths.items()}
+        groups = ChannelGraph(dense).prunable()  # ResNet-18's "stem" width is an alias of stage1
+        assert {g: slim_spec["widths"][g] for g in groups} == {
+            g: math.ceil(rate * c.channels) for g, c in groups.items()
+        }
         x = rng.normal(size=(3,) + shape)
         unmasked = dense(x, training=False).numpy()
         for layer in split_layers(dense):
@@ -194,8 +197,9 @@ def test_resnet18_slim_cuts_73_percent_of_macs(resnet18_224):
 
 
 def test_fit_keep_is_the_first_ceil_channels():
-    keep = fit_keep(model_spec("resnet20", 10, (8, 8, 3), widths={"s1b0": 5}), 0.5)
+    keep = fit_keep(build_model("resnet20", 10, (8, 8, 3), widths={"s1b0": 5}, shortcut="B"), 0.5)
     assert keep["s1b0"] == [0, 1, 2] and keep["stage3"] == list(range(32))
+    assert "image" not in keep and "classifier" not in keep  # the input and the classes stay whole
 
 
 # ---- serialization -------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 
 from ke_tf.models import build_model, default_widths, model_spec
 from ke_tf.surgery.flops import complexity
-from ke_tf.surgery.slicing import layer_groups, slice_model
+from ke_tf.surgery.graph import ChannelGraph
+from ke_tf.surgery.slicing import slice_model
 from tests.numerics import assert_identical, float64
 
 
@@ -26,10 +27,10 @@ def _randomise_bn(model, rng):
 def _zero_dropped_channels(model, keep, widths):
     """Silence dropped channels by zeroing their BN affine parameters (then ReLU/residual keep
     them at exactly zero), which is what removing them must reproduce."""
-    groups = layer_groups(model)
+    graph = ChannelGraph(model)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            group = groups[layer.name][1]
+            (group,) = graph.groups_of(layer.gamma)[0]
             mask = np.zeros(widths[group])
             mask[keep[group]] = 1.0
             layer.gamma.assign(layer.gamma.numpy() * mask)
@@ -58,10 +59,15 @@ def test_sliced_network_equals_masked_network(arch, shape, options):
     assert complexity(narrow)["macs"] < 0.4 * complexity(model)["macs"]
 
 
-def test_option_a_shortcuts_are_refused():
+def test_option_a_shortcuts_keep_the_residual_streams_whole():
+    """Zero-pad shortcuts are boundaries: inner block widths still slice, the streams they pad are
+    refused naming the shortcut."""
     model = build_model("resnet20", 10, (16, 16, 3))
-    with pytest.raises(ValueError, match="option-A"):
-        slice_model(model, model_spec("resnet20", 10, (16, 16, 3)), {"s1b0": [0, 1]})
+    spec = model_spec("resnet20", 10, (16, 16, 3))
+    narrow, _ = slice_model(model, spec, {"s1b0": [0, 1]})
+    assert narrow.get_layer("s1b0_conv1").kernel.shape[-1] == 2
+    with pytest.raises(ValueError, match="stage2.*s2b0_short_pad"):
+        slice_model(model, spec, {"stage2": [0, 1]})
 
 
 def test_empty_group_is_refused():

@@ -46,6 +46,8 @@ def _shortcut(x, out_channels, strides, name, layers, shortcut, group):
 class ZeroPadShortcut(keras.layers.Layer):
     """Option-A shortcut: spatial subsampling by `strides` and zero channels appended."""
 
+    channel_boundary = "option-A zero-pad shortcut: residual streams cannot be pruned (build with shortcut='B')"
+
     def __init__(self, pad_channels, strides, **kwargs):
         super().__init__(**kwargs)
         self.pad_channels = pad_channels

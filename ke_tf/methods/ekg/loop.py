@@ -45,9 +45,9 @@ from ke_tf.methods.stage import (
     test_metrics,
     train_stage,
 )
-from ke_tf.models import build_from_spec
+from ke_tf.models import build_from_spec, spec_widths
 from ke_tf.surgery.flops import complexity
-from ke_tf.surgery.slicing import layer_groups, slice_model
+from ke_tf.surgery.slicing import require_prunable, slice_model
 
 
 @dataclasses.dataclass
@@ -145,7 +145,7 @@ def dense_model(cfg, strategy, data, spec):
     e = cfg.section("ekg")
     with strategy.scope():
         model = build_from_spec(spec)
-    layer_groups(model)  # fails now, not after pre-training, if the net cannot be sliced (option A)
+    require_prunable(model, spec_widths(spec))  # fails now, not after pre-training (option-A shortcuts)
     if e.trained_param:
         arrays, _ = load_params(e.trained_param)
         apply_params(model, arrays, source=e.trained_param)

@@ -7,51 +7,40 @@ Weights never change during the search.
 
 import math
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from ke_tf.engine.bn_statistics import moving_statistics
 from ke_tf.io.progress import progress_bar
-from ke_tf.layers.gates import gate_sites, model_gates, set_masks
+from ke_tf.layers.gates import model_gates, set_masks
 from ke_tf.losses import cross_entropy, search_objective
-from ke_tf.surgery.flops import _calls, layer_macs
-from ke_tf.surgery.slicing import INPUT, LOGITS, layer_groups
+from ke_tf.surgery.graph import MODEL_OUTPUT, ChannelGraph
 
 
 class MaskedMacs:
-    """MACs of a gated model as a function of its group widths, without building anything: a
-    conv/dense layer's MACs are linear in its input and output channel counts, so each layer
-    contributes full_macs * (w_in / C_in) * (w_out / C_out) (equal to `ke_tf.surgery.flops.count_macs`
-    of the physically pruned model)."""
+    """MACs of a gated model as a function of its group widths, without building anything (equal to
+    `ke_tf.surgery.flops.count_macs` of the physically pruned model: `ChannelGraph.macs`)."""
 
-    def __init__(self, model):
-        import keras
-
-        groups = layer_groups(model)
-        self.full_widths = {g: int(layer.gate.shape[0]) for g, layer in model_gates(model).items()}
-        self.terms = []
-        for layer in model.layers:
-            if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) or layer.name not in groups:
-                continue
-            if getattr(layer, "groups", 1) != 1 or isinstance(layer, keras.layers.DepthwiseConv2D):
-                raise ValueError(f"{layer.name}: grouped/depthwise convolutions are not supported by EKG")
-            in_g, out_g = groups[layer.name]
-            macs = sum(layer_macs(layer, i, o) for i, o in _calls(layer))
-            self.terms.append((macs, self._group(in_g), self._group(out_g)))
+    def __init__(self, graph, gates):
+        self.graph = graph
+        self.full_widths = {g: int(layer.gate.shape[0]) for g, layer in gates.items()}
         self.full = self(self.full_widths)
 
-    def _group(self, g):
-        return None if g in (INPUT, LOGITS) else g
-
     def __call__(self, widths):
-        total = 0.0
-        for macs, in_g, out_g in self.terms:
-            scale = 1.0
-            for g in (in_g, out_g):
-                if g is not None:
-                    scale *= widths[g] / self.full_widths[g]
-            total += macs * scale
-        return int(round(total))
+        return self.graph.macs({**self.graph.widths(), **widths})
+
+
+def classifier_input(graph):
+    """(name of the Dense layer writing the model's output, the group it reads), or (None, None)
+    when the output is not written by a Dense reading one prunable group."""
+    for op, _, (x,), out in reversed(graph.layer_calls):
+        group = graph.groups[graph.group_of(out.segments[0].dim)]
+        if isinstance(op, keras.layers.Dense) and MODEL_OUTPUT in group.kept_by:
+            names = [graph.group_of(s.dim) for s in x.segments]
+            if len(names) == 1 and graph.groups[names[0]].prunable:
+                return op.name, names[0]
+    return None, None
 
 
 class ClassifierRescale:
@@ -61,13 +50,13 @@ class ClassifierRescale:
     whose batch statistics, used by the search and by fine-tuning, cancel a per-layer scale; the
     classifier's rescale is not cancelled: it sharpens the pruned net's softmax.)"""
 
-    def __init__(self, model):
-        import keras
-
-        classifier = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1]
-        self.layer, self.group = classifier, layer_groups(model)[classifier.name][0]
-        self.row_norms = np.square(classifier.kernel.numpy()).sum(axis=1)
-        self.scale = tf.Variable(1.0, trainable=False, dtype=classifier.kernel.dtype)
+    def __init__(self, model, graph):
+        name, self.group = classifier_input(graph)
+        if name is None:
+            raise ValueError(f"{model.name}: no Dense classifier reads one prunable group (set ekg.rescale: false)")
+        self.layer = model.get_layer(name)
+        self.row_norms = np.square(self.layer.kernel.numpy()).sum(axis=1)
+        self.scale = tf.Variable(1.0, trainable=False, dtype=self.layer.kernel.dtype)
 
     def factor(self, keep):
         """s for the kept channels `keep` ({group: indices}); 1 when the input group is unpruned."""
@@ -109,11 +98,11 @@ def batch_stat_forward(model, rescale=None):
     return forward
 
 
-def importance_fn(model, forward):
+def importance_fn(gates, forward):
     """Compiled `(x, y, ensemble) -> [|dL/dgate_g|]` per group: with a 0/1 gate shared by all sites
     of a group, dL/dgate_c = sum over sites, batch and positions of a_c * dL/da_c, the first-order
     (Taylor) loss change of removing channel c from the whole group."""
-    gates = list(model_gates(model).values())
+    gates = list(gates.values())
 
     @tf.function(reduce_retracing=True)
     def score(x, y, ensemble):
@@ -147,17 +136,17 @@ def trimmed_otsu(costs, trim=0.2):
 CRITERIA = ("ekg", "l1", "random")
 
 
-def filter_l1(model):
-    """{group: per-channel L1 norm of every conv kernel writing that group} (Li et al. 2017's
-    filter score, summed over a residual stage's convs since they are pruned together)."""
-    import keras
-
-    groups = layer_groups(model)
-    gates = model_gates(model)
+def filter_l1(graph, gates):
+    """{group: per-channel L1 norm of every kernel writing that group} (Li et al. 2017's filter
+    score, summed over a residual stage's convs since they are pruned together)."""
     norms = {g: np.zeros(int(layer.gate.shape[0])) for g, layer in gates.items()}
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D) and groups.get(layer.name, (None, None))[1] in norms:
-            norms[groups[layer.name][1]] += np.abs(layer.kernel.numpy()).sum(axis=(0, 1, 2))
+    for name in norms:
+        group = graph.groups[name]
+        for slot in group.slots:
+            kernel = getattr(slot.layer, "kernel", None)
+            if slot.layer in group.producers and slot.variable is kernel and slot.axis == len(kernel.shape) - 1:
+                other = tuple(range(len(kernel.shape) - 1))
+                norms[name] += np.abs(kernel.numpy()).sum(axis=other)
     return norms
 
 
@@ -165,20 +154,34 @@ class GreedySearch:
     """EKG's greedy search. `holdout` is a list of (images, labels) batches of the held-out
     split; `criterion` "ekg" (importance + scored candidates), "l1" (least-L1 filters, every
     group cut to the same kept fraction: Li et al.'s uniform L1-norm pruning) or "random" (random
-    group and random filters); the baselines reach the same MACs target step by step."""
+    group and random filters); the baselines reach the same MACs target step by step. A model
+    gated by `ke_tf.surgery.gating.insert_gates` passes its `gates` and the `graph` of the model it
+    was gated from; a model built with gates (`GatedLayerFactory`) needs neither."""
 
     def __init__(
-        self, model, holdout, target_rate, step=0.2, trim=0.2, criterion="ekg", seed=0, progress=True, rescale=True
+        self,
+        model,
+        holdout,
+        target_rate,
+        step=0.2,
+        trim=0.2,
+        criterion="ekg",
+        seed=0,
+        progress=True,
+        rescale=True,
+        graph=None,
+        gates=None,
     ):
         self.model = model
-        self.gates = model_gates(model)
-        self.macs = MaskedMacs(model)
+        self.gates = gates or model_gates(model)
+        graph = graph or ChannelGraph(model)
+        self.macs = MaskedMacs(graph, self.gates)
         self.target = target_rate * self.macs.full
         self.holdout = [(tf.convert_to_tensor(x), tf.convert_to_tensor(y)) for x, y in holdout]
-        self.rescale = ClassifierRescale(model) if rescale else None
+        self.rescale = ClassifierRescale(model, graph) if rescale else None
         self.forward = batch_stat_forward(model, self.rescale)
-        self.score_fn = importance_fn(model, self.forward)
-        sites = gate_sites(model)
+        self.score_fn = importance_fn(self.gates, self.forward)
+        sites = {g: len(layer._inbound_nodes) for g, layer in self.gates.items()}
         full = self.macs.full_widths
         # Reference: step = max(1/C, search_step/num_sites) of the width; a residual stage's gate
         # is applied after every block, so it moves by about one channel per step.
@@ -187,7 +190,7 @@ class GreedySearch:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
         self.criterion = criterion
-        self.l1 = filter_l1(model) if criterion == "l1" else None
+        self.l1 = filter_l1(graph, self.gates) if criterion == "l1" else None
         self.rng = np.random.RandomState(seed)
         self.progress = progress
         self.keep = {g: np.arange(c) for g, c in full.items()}

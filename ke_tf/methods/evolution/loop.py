@@ -28,7 +28,8 @@ from ke_tf.methods.stage import (
 )
 from ke_tf.models import build_model, spec_widths
 from ke_tf.surgery.flops import complexity
-from ke_tf.surgery.slicing import layer_groups, slice_model
+from ke_tf.surgery.graph import ChannelGraph
+from ke_tf.surgery.slicing import require_prunable, slice_model
 
 
 @dataclasses.dataclass
@@ -59,15 +60,18 @@ NO_REINIT = "none"
 register_section("evolution", EvolutionConfig)
 
 
-def fit_keep(spec, split_rate):
-    """kels fit hypothesis as channels to keep: the first ceil(sr*C) of every channel group."""
-    return {g: list(range(fit_count(c, split_rate))) for g, c in spec_widths(spec).items()}
+def fit_keep(model, split_rate):
+    """kels fit hypothesis as channels to keep: the first ceil(sr*C) of every prunable channel
+    group of `model` (the image's channels and the classes stay whole, as KE's kels masks)."""
+    return {
+        g: list(range(fit_count(group.channels, split_rate))) for g, group in ChannelGraph(model).prunable().items()
+    }
 
 
 def extract_slim(strategy, model, spec, split_rate):
     """The physically narrower plain network of the kels fit hypothesis and its spec."""
     with strategy.scope():
-        return slice_model(model, spec, fit_keep(spec, split_rate))
+        return slice_model(model, spec, fit_keep(model, split_rate))
 
 
 def _generation_seed(seed, generation):
@@ -81,11 +85,11 @@ def generation_data_seed(seed, generation):
     return int(seed) + 7919 * (int(generation) - 1)
 
 
-def check_sliceable(model, cfg):
+def check_sliceable(model, spec):
     """Refuse, before any training, a kels network whose slim net cannot be extracted (option-A
     zero-pad shortcuts, grouped convs), naming the layer and the config key to change."""
     try:
-        layer_groups(model)
+        require_prunable(model, spec_widths(spec))
     except ValueError as e:
         raise ConfigError(
             f"evolution.split_mode=kels needs a sliceable network: {e} (model.options.shortcut: B)"
@@ -102,7 +106,7 @@ def run(cfg, strategy):
     with strategy.scope():
         model = build_model(spec["arch"], spec["num_classes"], spec["input_shape"], layers=factory, **spec["options"])
     if ev.split_mode == "kels":
-        check_sliceable(model, cfg)
+        check_sliceable(model, spec)
     dense_cx = complexity(model)
     slim_cx = None
     rows = []
