@@ -129,6 +129,14 @@ def test_config_key_and_shipped_config():
         from_dict({"data": {"train_per_class": 0}})
 
 
+def test_every_method_gets_the_configured_subset(idx_dir):
+    """`data.train_per_class` reaches the data the method loops load (load_configured_data)."""
+    from ke_tf.methods.stage import load_configured_data
+
+    cfg = from_dict({"data": {"name": "fashion_mnist", "data_dir": str(idx_dir), "train_per_class": 2}})
+    assert load_configured_data(cfg).info.train_size == 2 * 10
+
+
 def test_tfds_prepared_copy_is_used_without_idx_files(tmp_path):
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.AUTO, data_dir=str(tmp_path)):
         data = load_data("fashion_mnist", data_dir=str(tmp_path))

@@ -24,6 +24,7 @@ def load_configured_data(cfg, classes=None):
         image_size=d.image_size,
         classes=classes if classes is not None else d.classes,
         split_seed=d.split_seed,
+        train_per_class=d.train_per_class,
         on_bad_file=d.on_bad_file,
         **({"test_split": d.test_split} if d.name == "image_folder" else {}),
     )

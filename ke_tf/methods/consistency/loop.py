@@ -217,7 +217,12 @@ def run(cfg, strategy):
     for path, spec in ((path_a, spec_a), (path_b, spec_b)):
         check_spec_matches_data(spec, data, path)
     taps = tap_model(net_a, kc.layer), tap_model(net_b, kc.layer)
-    data_id = {"name": cfg.data.name, "classes": cfg.data.classes, "split_seed": cfg.data.split_seed}
+    data_id = {
+        "name": cfg.data.name,
+        "classes": cfg.data.classes,
+        "split_seed": cfg.data.split_seed,
+        "train_per_class": cfg.data.train_per_class,
+    }
     caches, reused = {}, {}
     chief = is_chief(strategy)
     for split, ds in (("train", data.train_eval), ("test", data.test)):
