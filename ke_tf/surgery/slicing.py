@@ -103,7 +103,8 @@ class _Rebuilder:
         op = node.operation
         if id(op) not in self.clones:
             if is_functional(op):
-                tensors = keras.tree.flatten((args, kwargs))
+                # The call's symbolic tensors (a recorded `mask=None` argument is no input).
+                tensors = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
                 inner = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors]
                 self.clones[id(op)] = (op, self.model(op, inner))
             elif isinstance(op, keras.layers.Layer):
