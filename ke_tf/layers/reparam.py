@@ -75,6 +75,8 @@ class ReduceConv(keras.layers.Layer):
     every side as PyTorch does (converted checkpoints); "same" is Keras' bottom/right padding.
     """
 
+    channel_boundary = "ReduceNet unit: its channels are kept (deploy it first with ke_tf.deploy_model to prune)"
+
     def __init__(
         self,
         filters,

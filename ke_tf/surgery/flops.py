@@ -23,6 +23,9 @@ def layer_macs(layer, input_shape, output_shape):
     """MACs of one call of `layer` (batch dimension excluded)."""
     if hasattr(layer, "count_macs"):
         return int(layer.count_macs(input_shape, output_shape))
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        depthwise = input_shape[-1] * layer.depth_multiplier
+        return _prod(output_shape[1:-1]) * depthwise * (_prod(layer.kernel_size) + output_shape[-1])
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         kh, kw = layer.kernel_size
         return _prod(output_shape[1:]) * kh * kw

@@ -246,7 +246,10 @@ class ChannelGraph:
         self.boundaries.append((op.name, reason))
         for layout in ins:
             self._keep_layout(layout, f"boundary {op.name}")
-        return [self._fresh(t, f"boundary {op.name}") for t in node.output_tensors]
+        outs = [self._fresh(t, f"boundary {op.name}") for t in node.output_tensors]
+        for layout in outs:
+            self._producers[layout.segments[0].dim] = op
+        return outs
 
     def _rule(self, op, node, ins):
         """The layouts `op` outputs (recording slots), a reason string for a boundary, or None."""
@@ -460,6 +463,13 @@ class ChannelGraph:
             else:
                 total += positions * kernel * c_in * c_out
         return total
+
+    def params(self, widths):
+        """Learnable parameters (as `ke_tf.surgery.flops.count_params`) of the model narrowed to `widths`."""
+        from ke_tf.surgery.flops import NON_PARAMETER_NAMES
+
+        shapes = [self.variable_shape(v, widths) for v in self.model.weights if v.name not in NON_PARAMETER_NAMES]
+        return sum(int(np.prod(shape)) for shape in shapes)
 
     def variable_shape(self, variable, widths):
         """Shape `variable` takes in the model narrowed to `widths`."""
