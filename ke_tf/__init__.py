@@ -9,7 +9,8 @@ The public API, by what you would use it for:
   `SyncBatchNormalization` (Keras BN with numerically stable cross-replica statistics).
 - Layer factories for the model builders: `LayerFactory`, `SplitLayerFactory`, `GatedLayerFactory`.
 - Models: `build_model`, `build_from_spec`, `model_spec`, `default_widths`, `register_arch`,
-  `slice_model` (physically narrower network), `get_deploy_model` (fused ReduceNet),
+  `slice_model` (physically narrower network), `split_model` / `slim_model` (KE's split and slim
+  networks of any functional Keras model), `get_deploy_model` (fused ReduceNet),
   `fold_batchnorm` (BN folded into convs for deployment).
 - Losses (`ke_tf/losses.py`, each with its formula and temperature power): `cross_entropy`,
   `soft_cross_entropy`, `kd_loss`, `hinton_loss`, `ban_loss`, `lwf_distillation`,
@@ -61,6 +62,7 @@ from ke_tf.surgery.deploy import deploy_model
 from ke_tf.surgery.flops import complexity, count_macs, count_params
 from ke_tf.surgery.folding import fold_batchnorm
 from ke_tf.surgery.slicing import slice_model
+from ke_tf.surgery.split_model import slim_model, split_model
 
 __version__ = "0.1.0"
 
@@ -110,5 +112,7 @@ __all__ = [
     "run_method",
     "save_params",
     "slice_model",
+    "slim_model",
+    "split_model",
     "soft_cross_entropy",
 ]
