@@ -12,6 +12,7 @@ The public API, by what you would use it for:
   `slice_model` (physically narrower network), `split_model` / `slim_model` (KE's split and slim
   networks of any functional Keras model), `get_deploy_model` (fused ReduceNet),
   `fold_batchnorm` (BN folded into convs for deployment).
+- Pruning any functional Keras model: `prune` (EKG search, L1 or random, then slicing).
 - Losses (`ke_tf/losses.py`, each with its formula and temperature power): `cross_entropy`,
   `soft_cross_entropy`, `kd_loss`, `hinton_loss`, `ban_loss`, `lwf_distillation`,
   `attention_distillation`, `search_objective`, `bank_distillation`, `transnet_loss`;
@@ -54,6 +55,7 @@ from ke_tf.losses import (
     transnet_loss,
 )
 from ke_tf.methods.consistency.transnet import TransNet
+from ke_tf.methods.ekg.prune import prune
 from ke_tf.methods.incremental.gradcam import grad_cam
 from ke_tf.models import build_from_spec, build_model, default_widths, model_spec, register_arch
 from ke_tf.models.reducenet import get_deploy_model
@@ -107,6 +109,7 @@ __all__ = [
     "load_params",
     "make_strategy",
     "model_spec",
+    "prune",
     "register_arch",
     "run",
     "run_method",
