@@ -24,6 +24,7 @@ from benchmarks import (  # noqa: E402
     host_sync,
     inference,
     pipeline,
+    pruning,
     scaling,
     split_overhead,
     throughput,
@@ -36,6 +37,7 @@ SECTIONS = {
     "split_overhead": split_overhead,
     "accumulation": accumulation,
     "inference": inference,
+    "pruning": pruning,
     "pipeline": pipeline,
     "scaling": scaling,
 }
