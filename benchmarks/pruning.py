@@ -18,14 +18,17 @@ ROUND_TO = 8  # kept widths in multiples of 8: CPU conv kernels vectorise over 8
 
 
 def _apps(quick):
+    """(input side, {name: builder}); the quick run times MobileNetV2 only, small."""
     side = 32 if quick else 224
     alpha = 0.35 if quick else 1.0
-    return side, {
-        "ResNet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(side, side, 3), classes=10),
+    apps = {
         "MobileNetV2": lambda: keras.applications.MobileNetV2(
             weights=None, input_shape=(side, side, 3), alpha=alpha, classes=10
-        ),
+        )
     }
+    if not quick:
+        apps["ResNet50"] = lambda: keras.applications.ResNet50(weights=None, input_shape=(side, side, 3), classes=10)
+    return side, apps
 
 
 def uniform_keep(graph, target, round_to=1):
@@ -104,7 +107,7 @@ def _models(quick):
     yield "ResNet-20", build_model("resnet20", 10, (side, side, 3), shortcut="B"), side
     if not quick:
         yield "ResNet-56", build_model("resnet56", 10, (side, side, 3), shortcut="B"), side
-    yield "ResNet50", keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10), 32
+        yield "ResNet50", keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10), 32
 
 
 def cost_rows(quick):
