@@ -1,9 +1,9 @@
 """`ke_tf.prune` on a `keras.applications.MobileNetV2` (alpha 0.35, 32x32, untrained: the mechanics,
 not the learning): every criterion reaches the MACs target, the pruned model's MACs are the graph's
 prediction, its outputs equal the auto-gated model masked to the kept channels (float64 policy,
-tests/numerics.py), the report is JSON, `.keras` round-trips; the README example runs (EKG).
-Whether EKG's sub-network beats random pruning after training is measured by
-`benchmarks/prune_claim.py` (minutes on 2 cores)."""
+tests/numerics.py), the report is JSON, `.keras` round-trips; the README example runs (EKG); a
+subclassed model, softmax outputs and a target outside (0, 1) are refused. Whether EKG's sub-network
+beats random pruning after training is measured by `benchmarks/prune_claim.py` (minutes on 2 cores)."""
 
 import json
 import os
@@ -97,17 +97,32 @@ def test_pruned_equals_masked_gated_model_and_keras_roundtrip(model, pruned, hol
     assert_identical(restored(images, training=False).numpy(), expected)
 
 
-def test_subclassed_model_is_refused(holdout):
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = keras.layers.Dense(10)
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(10)
 
-        def call(self, x):
-            return self.dense(keras.ops.mean(x, axis=(1, 2)))
+    def call(self, x):
+        return self.dense(keras.ops.mean(x, axis=(1, 2)))
 
-    with pytest.raises(ValueError, match="build it functionally"):
-        prune(Net(), holdout, TARGET, progress=False)
+
+def tiny_cnn(activation=None):
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(inputs))
+    return keras.Model(inputs, keras.layers.Dense(10, activation=activation)(x))
+
+
+@pytest.mark.parametrize(
+    "make, target, message",
+    [
+        (Subclassed, 0.5, "build it functionally"),
+        (lambda: tiny_cnn("softmax"), 0.5, "outputs logits"),
+        (tiny_cnn, 1.5, r"in \(0, 1\)"),
+    ],
+)
+def test_refuses_what_it_cannot_prune(holdout, make, target, message):
+    with pytest.raises(ValueError, match=message):
+        prune(make(), holdout, target, progress=False)
 
 
 def test_readme_prune_example_runs_ekg(tmp_path, monkeypatch):

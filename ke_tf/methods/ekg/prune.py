@@ -7,6 +7,8 @@ does for ke_tf's own builders (here without their specs, and without training: f
 yourself, e.g. with `ke_tf.bank_distillation` on the memory bank `bank_data` asks for).
 """
 
+import keras
+
 from ke_tf.methods.ekg.search import GreedySearch, classifier_input, memory_bank, pick_teachers
 from ke_tf.surgery.flops import complexity
 from ke_tf.surgery.gating import insert_gates
@@ -14,15 +16,30 @@ from ke_tf.surgery.graph import ChannelGraph
 from ke_tf.surgery.slicing import slice_channels
 
 
-def _searcher(model, graph, holdout, target_macs, criterion, step, trim, seed, rescale, progress):
-    """A `GreedySearch` over an auto-gated copy of `model` (the gates are the graph's prunable groups)."""
+def _check(model, graph, target_macs, rescale):
+    """Refuse, before any work, what the search cannot do: a target outside (0, 1), nothing prunable,
+    probabilities out instead of logits (the search's cross-entropies take logits), a rescale without
+    a classifier."""
+    if not 0 < target_macs < 1:
+        raise ValueError(f"target_macs is the fraction of the MACs kept, in (0, 1); got {target_macs}")
     if not graph.prunable():
         raise ValueError(f"{model.name}: no channel group can be pruned (boundaries: {graph.boundaries})")
-    if rescale and classifier_input(graph)[0] is None:
+    classifier = classifier_input(graph)[0]
+    if classifier is not None and model.get_layer(classifier).activation is not keras.activations.linear:
+        raise ValueError(
+            f"{model.name}: its classifier {classifier!r} applies an activation; prune the model that outputs logits "
+            "(keras.applications: classifier_activation=None)"
+        )
+    if rescale and classifier is None:
         raise ValueError(
             f"{model.name}: rescale=True needs a Dense layer writing the model's output (logits) from one prunable "
             "channel group; pass rescale=False"
         )
+
+
+def _searcher(model, graph, holdout, target_macs, criterion, step, trim, seed, rescale, progress):
+    """A `GreedySearch` over an auto-gated copy of `model` (the gates are the graph's prunable groups)."""
+    _check(model, graph, target_macs, rescale)
     gated, gates = insert_gates(model, graph)
     batches = list(holdout)
     return GreedySearch(
