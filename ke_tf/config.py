@@ -6,6 +6,7 @@ loops are imported on demand, the first time a config names a section not yet re
 """
 
 import dataclasses
+import os
 import sys
 import typing
 
@@ -35,15 +36,53 @@ class DataConfig:
                 _positive(f"{key}.{name}", getattr(self, name))
 
 
+USER_MODEL_METHODS = ("supervised", "evolution", "ekg")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     arch: str = "resnet20"
-    options: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
+    options: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)  # arch/application keywords
+    # A user's own functional model instead of `arch` (which is then ignored), for the methods in
+    # USER_MODEL_METHODS: a saved .keras file (loaded in safe mode), or a keras.applications name built
+    # with weights=None, the data's input shape and classes, logits out and `options` (e.g. alpha).
+    keras_file: typing.Optional[str] = None
+    application: typing.Optional[str] = None
 
     def validate(self, key):
-        from ke_tf.models import available_archs
+        if self.keras_file is not None and self.application is not None:
+            raise ConfigError(f"{key}.keras_file and {key}.application are exclusive; set one")
+        if self.keras_file is not None:
+            self._validate_keras_file(key)
+        elif self.application is not None:
+            from ke_tf.models.user import check_application, check_application_options
 
-        _choice(f"{key}.arch", self.arch, tuple(available_archs()))
+            check_application(self.application, f"{key}.application")
+            check_application_options(self.options, f"{key}.options")
+        else:
+            from ke_tf.models import available_archs
+
+            _choice(f"{key}.arch", self.arch, tuple(available_archs()))
+
+    def _validate_keras_file(self, key):
+        if not self.keras_file.endswith(".keras"):
+            raise ConfigError(f"{key}.keras_file must be a saved Keras model (.keras), got {self.keras_file!r}")
+        if not os.path.isfile(self.keras_file):
+            raise ConfigError(f"{key}.keras_file {self.keras_file}: no such file")
+        if self.options:
+            raise ConfigError(f"{key}.options does not apply to {key}.keras_file (the file holds the model)")
+
+    @property
+    def user_key(self):
+        """`keras_file` or `application` when the config names a user's model, else None."""
+        return "keras_file" if self.keras_file is not None else "application" if self.application is not None else None
+
+    def check_method(self, key, method):
+        """Refuse a user's model for a method that only builds ke_tf's own archs."""
+        if self.user_key and method not in USER_MODEL_METHODS:
+            raise ConfigError(
+                f"{key}.{self.user_key} is supported by method {', '.join(USER_MODEL_METHODS)}, not {method!r}"
+            )
 
 
 @dataclasses.dataclass
@@ -247,6 +286,7 @@ def from_dict(raw):
     cfg = _build(Config, raw, "")
     cfg.sections = sections
     _check_type("method", cfg.method, str)
+    cfg.model.check_method("model", cfg.method)
     return cfg
 
 

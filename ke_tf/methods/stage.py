@@ -12,6 +12,7 @@ from ke_tf.io.params import ParamsError, save_params
 from ke_tf.io.report import plot_lines
 from ke_tf.losses import classifier_loss
 from ke_tf.models import model_spec
+from ke_tf.models.user import user_model_spec
 from ke_tf.surgery.flops import complexity
 
 
@@ -34,10 +35,15 @@ _EVALUATORS = weakref.WeakKeyDictionary()
 
 
 def configured_spec(cfg, data, num_classes=None):
-    """The model spec of `cfg.model` (arch and options) for `data`'s image shape and its number of
-    classes (or `num_classes`: an incremental task's seen classes)."""
+    """The model spec of `cfg.model` (arch and options, or the user's `keras_file` / `application`)
+    for `data`'s image shape and its number of classes (or `num_classes`: an incremental task's seen
+    classes)."""
+    m = cfg.model
     classes = data.info.num_classes if num_classes is None else num_classes
-    return model_spec(cfg.model.arch, classes, tuple(data.info.image_shape), **cfg.model.options)
+    shape = tuple(data.info.image_shape)
+    if m.user_key:
+        return user_model_spec(classes, shape, m.keras_file, m.application, m.options)
+    return model_spec(m.arch, classes, shape, **m.options)
 
 
 def check_spec_matches_data(spec, data, source):

@@ -1,11 +1,13 @@
 """Model registry: `build_model(arch, ...)` builds any ke_tf architecture by name, and
-`model_spec` records what is needed to rebuild it from a params file."""
+`model_spec` records what is needed to rebuild it from a params file. A spec can also name a user's
+own functional model (`ke_tf.models.user`: a `.keras` file or a `keras.applications` model)."""
 
 from ke_tf.layers.factory import PLAIN
 from ke_tf.models.resnet import CONFIGS as IMAGENET_DEPTHS
 from ke_tf.models.resnet import imagenet_default_widths, resnet
 from ke_tf.models.resnet_cifar import DEPTHS as CIFAR_DEPTHS
 from ke_tf.models.resnet_cifar import cifar_default_widths, resnet_cifar
+from ke_tf.models.user import build_user_model, is_user_spec, user_widths
 
 _BUILDERS = {}
 _DEFAULT_WIDTHS = {}
@@ -79,12 +81,16 @@ def model_spec(arch, num_classes, input_shape, widths=None, **options):
 def spec_widths(spec):
     """Every channel-group width of `spec`: the arch's defaults, overridden by the spec's own
     `widths` (a slim or pruned net)."""
+    if is_user_spec(spec):
+        return user_widths(spec)
     defaults = default_widths(spec["arch"], **_width_options(spec.get("options", {})))
     return {**defaults, **(spec.get("widths") or {})}
 
 
 def build_from_spec(spec, layers=PLAIN):
-    """Inverse of `model_spec`."""
+    """Inverse of `model_spec` (and of `ke_tf.models.user.user_model_spec`)."""
+    if is_user_spec(spec):
+        return build_user_model(spec, layers)
     return build_model(
         spec["arch"], spec["num_classes"], spec["input_shape"], spec.get("widths"), layers, **spec.get("options", {})
     )

@@ -1,5 +1,9 @@
 """Rebuild the network a params file describes (its metadata's model spec and layer kind) with its
-trained weights: what `ke-tf-test`, the exporter, the feature cache and the converters share."""
+trained weights: what `ke-tf-test`, the exporter, the feature cache and the converters share.
+
+A spec of a user's model (`ke_tf.models.user`) rebuilds from the `.keras` file it names, loaded in
+safe mode and refused if changed since training, or from a `keras.applications` constructor: a
+params file holds plain data only, so nothing in it is executed."""
 
 from ke_tf.io.params import ParamsError, apply_params, load_params
 from ke_tf.layers.factory import PLAIN

@@ -35,7 +35,7 @@ from ke_tf.io.params import apply_params, atomic_write_bytes, file_sha256, load_
 from ke_tf.io.report import plot_lines, write_json
 from ke_tf.layers.gates import GatedLayerFactory
 from ke_tf.losses import bank_distillation
-from ke_tf.methods.ekg.search import CRITERIA, GreedySearch, memory_bank, pick_teachers
+from ke_tf.methods.ekg.search import CRITERIA, GreedySearch, classifier_input, memory_bank, pick_teachers
 from ke_tf.methods.stage import (
     configured_spec,
     evaluate_model,
@@ -46,8 +46,11 @@ from ke_tf.methods.stage import (
     train_stage,
 )
 from ke_tf.models import build_from_spec, spec_widths
+from ke_tf.models.user import is_user_spec
 from ke_tf.surgery.flops import complexity
-from ke_tf.surgery.slicing import require_prunable, slice_model
+from ke_tf.surgery.gating import insert_gates
+from ke_tf.surgery.graph import ChannelGraph
+from ke_tf.surgery.slicing import require_prunable, slice_channels, slice_model
 
 
 @dataclasses.dataclass
@@ -145,7 +148,7 @@ def dense_model(cfg, strategy, data, spec):
     e = cfg.section("ekg")
     with strategy.scope():
         model = build_from_spec(spec)
-    require_prunable(model, spec_widths(spec))  # fails now, not after pre-training (option-A shortcuts)
+    check_prunable(model, spec, e.rescale)  # fails now, not after pre-training
     if e.trained_param:
         arrays, _ = load_params(e.trained_param)
         apply_params(model, arrays, source=e.trained_param)
@@ -157,8 +160,24 @@ def dense_model(cfg, strategy, data, spec):
     return model, {"pretrain_epochs": len(history)}
 
 
+def check_prunable(model, spec, rescale):
+    """Refuse a dense net the search cannot prune (option-A shortcuts of ke_tf's ResNets; a user's
+    model without a prunable channel group, or without the Dense classifier `ekg.rescale` needs)."""
+    if not is_user_spec(spec):
+        require_prunable(model, spec_widths(spec))
+        return
+    graph = ChannelGraph(model)
+    if not graph.prunable():
+        raise ConfigError(f"model {spec['arch']}: no channel group can be pruned (boundaries: {graph.boundaries})")
+    if rescale and classifier_input(graph)[0] is None:
+        raise ConfigError(
+            f"model {spec['arch']}: ekg.rescale needs a Dense classifier reading one prunable channel group; "
+            "set ekg.rescale: false"
+        )
+
+
 def gated_copy(strategy, dense, spec):
-    """The gated version of `dense` with the same weights (all gates open)."""
+    """The gated version of `dense` (a ke_tf arch) with the same weights (all gates open)."""
     with strategy.scope():
         gated = build_from_spec(spec, GatedLayerFactory())
     arrays = model_arrays(dense)
@@ -168,12 +187,35 @@ def gated_copy(strategy, dense, spec):
     return gated
 
 
+class Gated:
+    """What the search masks: the gated copy of a dense net (same weights, all gates open) and, for
+    a user's model, the dense net's `graph` and the `gates` `insert_gates` put on its groups."""
+
+    def __init__(self, strategy, dense, spec):
+        self.dense, self.spec = dense, spec
+        self.graph = self.gates = None
+        if not is_user_spec(spec):
+            self.model = gated_copy(strategy, dense, spec)
+            return
+        self.graph = ChannelGraph(dense)
+        with strategy.scope():
+            self.model, self.gates = insert_gates(dense, self.graph)
+
+    def sliced(self, strategy, keep):
+        """(the dense net narrowed to `keep` with its weights, its spec)."""
+        with strategy.scope():
+            if self.graph is None:
+                return slice_model(self.model, self.spec, keep)
+            widths = {g: len(ix) for g, ix in keep.items()}
+            return slice_channels(self.dense, keep, self.graph), {**self.spec, "widths": widths}
+
+
 def search(cfg, strategy, data, gated):
-    """Greedy search on a held-out split; returns (keep, searcher)."""
+    """Greedy search on a held-out split of the `Gated` net; returns (keep, searcher)."""
     e = cfg.section("ekg")
     _, holdout = data.split_holdout(e.holdout_per_class, e.holdout_seed)
     searcher = GreedySearch(
-        gated,
+        gated.model,
         list(holdout.test(e.search_batch_size)),
         e.target_rate,
         e.search_step,
@@ -182,6 +224,8 @@ def search(cfg, strategy, data, gated):
         seed=cfg.seed,
         progress=cfg.train.progress,
         rescale=e.rescale,
+        graph=gated.graph,
+        gates=gated.gates,
     )
     keep = searcher.run()
     return {g: [int(c) for c in ix] for g, ix in keep.items()}, searcher
@@ -208,7 +252,7 @@ def slim(cfg, strategy, data, dense_spec):
             shutil.rmtree(run_path(cfg, "checkpoints", "finetune"), ignore_errors=True)
     dense, info = dense_model(cfg, strategy, data, dense_spec)
     dense_metrics = evaluate_model(strategy, dense, data, cfg.train.eval_batch_size)
-    gated = gated_copy(strategy, dense, dense_spec)
+    gated = Gated(strategy, dense, dense_spec)
     keep, searcher = search(cfg, strategy, data, gated)
     teachers = pick_teachers(searcher.history, e.num_teacher)
     bank = memory_bank(searcher, teachers, data.train_eval(e.search_batch_size))
@@ -216,8 +260,7 @@ def slim(cfg, strategy, data, dense_spec):
         buffer = io.BytesIO()
         np.save(buffer, bank)
         atomic_write_bytes(bank_path, buffer.getvalue())
-    with strategy.scope():
-        model, spec = slice_model(gated, dense_spec, keep)
+    model, spec = gated.sliced(strategy, keep)
     if searcher.rescale is not None:
         searcher.rescale.rescale_kernel(model, keep)
     # Inference mode with the dense net's BN statistics (uncalibrated for the pruned net: low).
@@ -262,7 +305,7 @@ def slim(cfg, strategy, data, dense_spec):
 
 
 def run(cfg, strategy):
-    """EKG pruning of `cfg.model.arch` (shortcut B) on `cfg.data`."""
+    """EKG pruning of `cfg.model.arch` (shortcut B), or of the user's model, on `cfg.data`."""
     e = cfg.section("ekg")
     data = load_configured_data(cfg)
     dense_spec = configured_spec(cfg, data)

@@ -26,10 +26,12 @@ from ke_tf.methods.stage import (
     test_metrics,
     train_stage,
 )
-from ke_tf.models import build_model, spec_widths
+from ke_tf.models import build_from_spec, spec_widths
+from ke_tf.models.user import is_user_spec
 from ke_tf.surgery.flops import complexity
 from ke_tf.surgery.graph import ChannelGraph
 from ke_tf.surgery.slicing import require_prunable, slice_model
+from ke_tf.surgery.split_model import slim_model
 
 
 @dataclasses.dataclass
@@ -69,9 +71,13 @@ def fit_keep(model, split_rate):
 
 
 def extract_slim(strategy, model, spec, split_rate):
-    """The physically narrower plain network of the kels fit hypothesis and its spec."""
+    """The physically narrower plain network of the kels fit hypothesis and its spec (a user's model
+    is sliced through its graph; its spec records the fit widths, the first channels of each group)."""
+    keep = fit_keep(model, split_rate)
     with strategy.scope():
-        return slice_model(model, spec, fit_keep(model, split_rate))
+        if is_user_spec(spec):
+            return slim_model(model), {**spec, "widths": {g: len(ix) for g, ix in keep.items()}}
+        return slice_model(model, spec, keep)
 
 
 def _generation_seed(seed, generation):
@@ -104,8 +110,8 @@ def run(cfg, strategy):
     spec = configured_spec(cfg, data)
     factory = SplitLayerFactory(ev.split_rate, ev.split_mode, seed=cfg.seed)
     with strategy.scope():
-        model = build_model(spec["arch"], spec["num_classes"], spec["input_shape"], layers=factory, **spec["options"])
-    if ev.split_mode == "kels":
+        model = build_from_spec(spec, factory)  # a user's model: ke_tf.split_model of it
+    if ev.split_mode == "kels" and not is_user_spec(spec):
         check_sliceable(model, spec)
     dense_cx = complexity(model)
     slim_cx = None
@@ -150,7 +156,7 @@ def run(cfg, strategy):
             slim_cx = meta["complexity"]
             row.update(slim_top1=slim_metrics["top1"], slim_top5=slim_metrics["top5"], slim_loss=slim_metrics["loss"])
         rows.append(row)
-        _report(cfg, rows)
+        _report(cfg, rows, spec["arch"])
     summary = {
         "method": "evolution",
         "arch": spec["arch"],
@@ -176,7 +182,7 @@ def run(cfg, strategy):
     return summary
 
 
-def _report(cfg, rows):
+def _report(cfg, rows, arch):
     """Per-generation table (md/csv/json) and the dense/slim top-1 curves (PNG)."""
     write_table(run_path(cfg, "evolution"), rows)
     gens = [r["generation"] for r in rows]
@@ -189,5 +195,5 @@ def _report(cfg, rows):
         series,
         "generation",
         "test top-1 (%)",
-        f"Knowledge Evolution: {cfg.model.arch} on {cfg.data.name}",
+        f"Knowledge Evolution: {arch} on {cfg.data.name}",
     )
