@@ -116,6 +116,8 @@ class ReduceConv(keras.layers.Layer):
             self.lora_conv = _conv(self.filters, 1, 1, "lora_conv")
             self.lora_bn = batch_norm("lora_bn", zero_gamma=True)
             self.lora_activation = AnnealedReLU(name="lora_act") if lora_act == "annealed" else None
+        for layer in self._flatten_layers(include_self=False, recursive=False):
+            layer.dtype_policy = self.dtype_policy  # a float16 ReduceConv computes in float16 throughout
 
     def _padded_shape(self, input_shape):
         if not self._pad:
