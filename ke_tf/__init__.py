@@ -32,6 +32,7 @@ from ke_tf.engine.host_memory import keep_freed_host_memory
 
 keep_freed_host_memory()  # before TensorFlow's thread pools first allocate (see the module)
 
+import ke_tf.keras  # noqa: E402,F401  the methods with model.fit, as the ke_tf.keras namespace
 from ke_tf.config import ConfigError, load_config
 from ke_tf.data import load_data
 from ke_tf.engine import Evaluator, Trainer, make_strategy

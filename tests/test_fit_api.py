@@ -254,3 +254,13 @@ def test_knowledge_evolution_refuses_what_it_cannot_drive(reinit):
         KnowledgeEvolution(convnet(4, 0))
     with pytest.raises(ValueError, match="reinit"):
         KnowledgeEvolution(ke_tf.split_model(convnet(4, 0)), reinit=reinit)
+
+
+def test_readme_fit_example_runs(tmp_path, monkeypatch, capsys):
+    from tests.test_readme import _section_code
+
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_section_code("Using the methods with model.fit"), "README.md", "exec"), {})
+    assert (tmp_path / "student.keras").is_file()
+    rows = capsys.readouterr().out.strip().splitlines()[-2]
+    assert "slim_accuracy" in rows and "'generation': 2" in rows
