@@ -103,7 +103,7 @@ def test_distiller_with_hinton_kd_equals_hinton_loss_in_a_tape_loop():
     assert keras.saving.deserialize_keras_object(config).temperature == 3.0
 
 
-def test_bank_distillation_over_a_teacher_bank_equals_the_tape_loop():
+def test_bank_distillation_over_a_teacher_bank_equals_the_tape_loop(tmp_path):
     with float64_keras():
         members = [convnet(6, seed, bn=False) for seed in (3, 4, 5)]
         student, reference = convnet(4, 2), convnet(4, 2)
@@ -112,6 +112,9 @@ def test_bank_distillation_over_a_teacher_bank_equals_the_tape_loop():
         objective = lambda s, b, labels: ke_tf.bank_distillation(s, labels, b, T)  # noqa: E731
         losses = fit_steps(LabelDistiller(student, bank, objective), x, y)
         expected = tape_sgd(reference, bank, objective, x, y)
+        bank.save(tmp_path / "bank.keras")
+        loaded = keras.models.load_model(tmp_path / "bank.keras")
+        assert_identical(loaded(x).numpy(), bank(x).numpy())
     assert_identical(losses, expected)
     assert_all_identical([w.numpy() for w in student.weights], [w.numpy() for w in reference.weights])
 
