@@ -44,9 +44,6 @@ CASES = {
         (2, 2),
     ),
 }
-# TransNet under a float16 policy mixes a float32 tensor into a float16 Mul in its call
-# (ke_tf/methods/consistency/transnet.py); its other harness checks pass.
-HALF_PRECISION_GAPS = ("TransNet",)
 LAYERS = {name: functools.partial(case[0], **case[1]) for name, case in CASES.items()}
 
 
@@ -125,5 +122,5 @@ def test_layer_passes_keras_layer_test_harness(name):
         expected_num_trainable_weights=trainable,
         expected_num_non_trainable_weights=non_trainable,
         run_training_check=trainable > 0,
-        run_mixed_precision_check=name not in HALF_PRECISION_GAPS,
+        run_mixed_precision_check=True,
     )

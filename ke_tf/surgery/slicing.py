@@ -162,9 +162,13 @@ def slice_model(model, spec, keep, layers=None):
     params files reload it (variables the narrow net lacks, such as masks and gates, are dropped).
     Returns (narrow_model, narrow_spec)."""
     from ke_tf.layers.factory import PLAIN
-    from ke_tf.models import build_from_spec
+    from ke_tf.models import build_from_spec, spec_widths
 
-    arrays = sliced_arrays(model, keep)
+    graph = ChannelGraph(model)
+    # A width name of the spec that no group carries is an alias the builder ignores (ResNet-18/34's
+    # "stem" is stage1's width): it narrows nothing.
+    aliases = set(spec_widths(spec)) - set(graph.groups)
+    arrays = sliced_arrays(model, {g: ix for g, ix in keep.items() if g not in aliases}, graph)
     new_spec = narrow_spec(spec, keep)
     narrow = build_from_spec(new_spec, layers or PLAIN)
     for v in narrow.weights:

@@ -54,6 +54,7 @@ class TransNet(keras.layers.Layer):
                 use_bias=False,
                 kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
                 name=f"conv{i}",
+                dtype=self.dtype_policy,
             )
             for i in range(self.depth)
         ]
@@ -75,7 +76,7 @@ class TransNet(keras.layers.Layer):
 
     def call(self, x):
         x, _ = std_scale(x)
-        p = self.p
+        p = keras.ops.cast(self.p, x.dtype)  # beta is float32 under a mixed policy
         h = self.convs[0](x)
         for i in range(1, self.depth):
             h = self.convs[i](x + p[i - 1] * tf.nn.relu(std_scale(h)[0]))
@@ -84,8 +85,8 @@ class TransNet(keras.layers.Layer):
     def orders(self, x):
         """[Y_0, ..., Y_{depth-1}]: g(x) decomposed with the forward pass's ReLU gates and std
         scalings frozen, so the list sums to `call(x)`. Y_k passes through k gated ReLUs."""
-        x, _ = std_scale(x)
-        p = self.p
+        x, _ = std_scale(keras.ops.cast(x, self.compute_dtype))
+        p = keras.ops.cast(self.p, x.dtype)  # beta is float32 under a mixed policy
         h = self.convs[0](x)
         parts = [h]  # order components of h_i
         for i in range(1, self.depth):
