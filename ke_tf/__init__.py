@@ -12,7 +12,12 @@ The public API, by what you would use it for:
   `slice_model` (physically narrower network), `split_model` / `slim_model` (KE's split and slim
   networks of any functional Keras model), `get_deploy_model` (fused ReduceNet),
   `fold_batchnorm` (BN folded into convs for deployment).
-- Pruning any functional Keras model: `prune` (EKG search, L1 or random, then slicing).
+- Any functional Keras model: `ChannelGraph` (its channel dependency groups and boundaries),
+  `slice_channels` (keep given channels of each group: a physically narrower model), `prune`
+  (EKG search, L1 or random, then slicing), `deploy_model` (reparameterized branches fused, BN
+  folded, gates and split masks dropped).
+- `ke_tf.keras`: the methods inside Keras's `fit` (`HintonKD` for `keras.distillation`,
+  `born_again`, the `AnnealReLU` callback, `KnowledgeEvolution`).
 - Losses (`ke_tf/losses.py`, each with its formula and temperature power): `cross_entropy`,
   `soft_cross_entropy`, `kd_loss`, `hinton_loss`, `ban_loss`, `lwf_distillation`,
   `attention_distillation`, `search_objective`, `bank_distillation`, `transnet_loss`;
@@ -64,7 +69,8 @@ from ke_tf.runner import run, run_method
 from ke_tf.surgery.deploy import deploy_model
 from ke_tf.surgery.flops import complexity, count_macs, count_params
 from ke_tf.surgery.folding import fold_batchnorm
-from ke_tf.surgery.slicing import slice_model
+from ke_tf.surgery.graph import ChannelGraph
+from ke_tf.surgery.slicing import slice_channels, slice_model
 from ke_tf.surgery.split_model import slim_model, split_model
 
 __version__ = "0.1.0"
@@ -72,6 +78,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnnealedReLU",
+    "ChannelGraph",
     "ChannelGate",
     "ConfigError",
     "Evaluator",
@@ -115,6 +122,7 @@ __all__ = [
     "run",
     "run_method",
     "save_params",
+    "slice_channels",
     "slice_model",
     "slim_model",
     "split_model",
