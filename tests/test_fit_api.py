@@ -21,7 +21,7 @@ import ke_tf
 from ke_tf.keras import AnnealReLU, HintonKD, KnowledgeEvolution, LabelDistiller, TeacherBank, born_again
 from ke_tf.layers.activations import annealed_layers
 from ke_tf.layers.split import reinitialize_reset_hypothesis, split_layers
-from ke_tf.methods.evolution.loop import _generation_seed
+from ke_tf.methods.evolution.loop import generation_seed
 from tests.numerics import assert_all_identical, assert_identical, float64
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,7 +235,7 @@ def test_knowledge_evolution_generations_with_fit():
     before = [layer.kernel.numpy() for layer in split_layers(model)]
     expected = keras.models.clone_model(model)
     expected.set_weights(model.get_weights())
-    reinitialize_reset_hypothesis(expected, _generation_seed(3, 2))  # what the evolution loop does
+    reinitialize_reset_hypothesis(expected, generation_seed(3, 2))  # what the evolution loop does
     ke.next_generation()
     assert int(model.optimizer.iterations.numpy()) == 0
     assert all(not np.any(v.numpy()) for v in model.optimizer.variables if "momentum" in v.path)

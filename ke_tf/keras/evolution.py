@@ -4,7 +4,7 @@ hypothesis re-drawn and the optimizer restarted in between; the fit hypothesis i
 import numpy as np
 
 from ke_tf.layers.split import REINIT_RULES, reinitialize_reset_hypothesis, split_layers
-from ke_tf.methods.evolution.loop import _generation_seed
+from ke_tf.methods.evolution.loop import generation_seed
 from ke_tf.surgery.split_model import slim_model
 
 
@@ -37,7 +37,7 @@ class KnowledgeEvolution:
         if not self.model.compiled:
             raise ValueError("compile the model before training it with KnowledgeEvolution")
         self.generation += 1
-        reinitialize_reset_hypothesis(self.model, _generation_seed(self.seed, self.generation), self.reinit)
+        reinitialize_reset_hypothesis(self.model, generation_seed(self.seed, self.generation), self.reinit)
         self.model.compile_from_config(self.model.get_compile_config())
         self.trained = False
 

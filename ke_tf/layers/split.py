@@ -161,10 +161,10 @@ def reinitialize_reset_hypothesis(model, seed, rule="kaiming_uniform"):
     """KE's between-generation step: re-draw every split layer's reset weights (seeded per layer
     from `seed`); BN parameters/statistics and biases (the classifier bias) are kept, as in KE."""
     for layer in split_layers(model):
-        layer.reinitialize(_derive_seed(seed, layer.name), rule)
+        layer.reinitialize(layer_seed(seed, layer.name), rule)
 
 
-def _derive_seed(seed, name):
+def layer_seed(seed, name):
     """A stable per-layer seed (same layers get different, reproducible streams)."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
 
@@ -181,7 +181,7 @@ class SplitLayerFactory(LayerFactory):
 
     def _layer_seed(self, name):
         self._count += 1
-        return _derive_seed(self.seed, name or f"layer{self._count}")
+        return layer_seed(self.seed, name or f"layer{self._count}")
 
     def conv(
         self,

@@ -7,7 +7,7 @@ import keras
 
 from ke_tf.layers.gates import ChannelGate
 from ke_tf.surgery.graph import ChannelGraph
-from ke_tf.surgery.slicing import _Rebuilder, copy_weights
+from ke_tf.surgery.slicing import GraphRebuilder, copy_weights
 
 _L = keras.layers
 _READERS = (_L.Conv1D, _L.Conv2D, _L.Conv3D, _L.Dense, _L.SeparableConv1D, _L.SeparableConv2D)
@@ -62,7 +62,7 @@ def insert_gates(model, graph=None):
     """(gated copy of `model` with the same weights, {group: ChannelGate}); gates start open."""
     graph = graph or ChannelGraph(model)
     inserter = _GateInserter(graph)
-    rebuild = _Rebuilder(lambda layer, node: type(layer).from_config(layer.get_config()), call=inserter)
+    rebuild = GraphRebuilder(lambda layer, node: type(layer).from_config(layer.get_config()), call=inserter)
     gated = rebuild.model(model)
     copy_weights(rebuild.layer_pairs(), lambda v: v.numpy())
     return gated, inserter.gates

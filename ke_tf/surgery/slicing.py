@@ -65,7 +65,7 @@ def sliced_arrays(model, keep, graph=None):
     return {v.path: sliced_value(graph, v, keep) for v in model.weights}
 
 
-def _narrow_config(layer, node, graph, widths):
+def narrow_config(layer, node, graph, widths):
     """`layer`'s config for the narrower model: writers get their group's width, a channel-keeping
     Reshape its new last axis."""
     config = layer.get_config()
@@ -81,7 +81,7 @@ def _narrow_config(layer, node, graph, widths):
     return config
 
 
-class _Rebuilder:
+class GraphRebuilder:
     """Re-runs a functional graph with each layer replaced by `make(layer, node)` (called once per
     layer, so shared layers stay shared) and nested functional models rebuilt on their new inputs."""
 
@@ -143,7 +143,7 @@ def slice_channels(model, keep, graph=None):
     graph = graph or ChannelGraph(model)
     keep = checked_keep(graph, keep)
     widths = graph.widths(keep)
-    rebuild = _Rebuilder(lambda layer, node: type(layer).from_config(_narrow_config(layer, node, graph, widths)))
+    rebuild = GraphRebuilder(lambda layer, node: type(layer).from_config(narrow_config(layer, node, graph, widths)))
     narrow = rebuild.model(model)
     copy_weights(rebuild.layer_pairs(), lambda v: sliced_value(graph, v, keep))
     return narrow

@@ -15,10 +15,10 @@ a group slices them with it, and their reset channels are kept, as KE keeps BN p
 
 import numpy as np
 
-from ke_tf.layers.split import SplitConv2D, SplitDense, _derive_seed, fit_count, split_layers
+from ke_tf.layers.split import SplitConv2D, SplitDense, fit_count, layer_seed, split_layers
 from ke_tf.surgery.deploy import PLAIN_OF_SPLIT
 from ke_tf.surgery.graph import ChannelGraph
-from ke_tf.surgery.slicing import _narrow_config, _Rebuilder, checked_keep, copy_weights, sliced_value
+from ke_tf.surgery.slicing import GraphRebuilder, checked_keep, copy_weights, narrow_config, sliced_value
 from ke_tf.surgery.walk import is_functional
 
 SPLIT_OF_PLAIN = {plain: split for split, plain in PLAIN_OF_SPLIT}
@@ -88,10 +88,10 @@ def split_model(model, split_rate=0.5, split_mode="kels", seed=0):
                 f"layer {layer.name!r} is a grouped convolution (groups={layer.groups}): kels has no fit hypothesis "
                 "for it; use split_mode='wels'"
             )
-        options = {"split_rate": split_rate, "split_mode": split_mode, "seed": _derive_seed(seed, layer.name)}
+        options = {"split_rate": split_rate, "split_mode": split_mode, "seed": layer_seed(seed, layer.name)}
         return split.from_config({**layer.get_config(), **options, "role": _role(graph, layer.kernel)})
 
-    rebuild = _Rebuilder(make)
+    rebuild = GraphRebuilder(make)
     split = rebuild.model(model)
     pairs = rebuild.layer_pairs()
     _copy_forward_weights(pairs, lambda v: np.asarray(v.numpy()))
@@ -138,7 +138,7 @@ def slim_model(model):
     keep = checked_keep(graph, fit_channels(graph, _kels_rate(model)))
     _check_masks(graph, model, keep)
     widths = graph.widths(keep)
-    rebuild = _Rebuilder(lambda layer, node: _plain(layer, _narrow_config(layer, node, graph, widths)))
+    rebuild = GraphRebuilder(lambda layer, node: _plain(layer, narrow_config(layer, node, graph, widths)))
     slim = rebuild.model(model)
     _copy_forward_weights(rebuild.layer_pairs(), lambda v: sliced_value(graph, v, keep))
     return slim

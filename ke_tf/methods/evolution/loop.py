@@ -80,7 +80,7 @@ def extract_slim(strategy, model, spec, split_rate):
         return slice_model(model, spec, keep)
 
 
-def _generation_seed(seed, generation):
+def generation_seed(seed, generation):
     """Seed of generation g's reset weights."""
     return int(seed) * 1000 + int(generation)
 
@@ -118,7 +118,7 @@ def run(cfg, strategy):
     rows = []
     for g in range(1, ev.generations + 1):
         if g > 1 and ev.reinit != NO_REINIT:
-            reinitialize_reset_hypothesis(model, _generation_seed(cfg.seed, g), ev.reinit)
+            reinitialize_reset_hypothesis(model, generation_seed(cfg.seed, g), ev.reinit)
         _, history, dense = train_stage(
             cfg, strategy, model, data, cfg.run_dir, name=f"gen_{g}", seed=generation_data_seed(cfg.seed, g)
         )
