@@ -7,10 +7,12 @@ step, the loss read at each epoch end), and the achieved model FLOP/s as a fract
 device's measured dense matmul/conv peak. Each contender trains 3-epoch stages of N steps per
 epoch; epochs 2-3 are timed (steady state: set-up and tracing left out). Rows report the median
 over interleaved repeats and the spread of the per-repeat ratios. XLA is timed where
-`jit_compile: auto` turns it on (GPUs; on GPUs also off, for comparison): on CPUs it measured
-1.5-3x slower and is off."""
+`jit_compile: auto` turns it on (GPUs; on GPUs also off, for comparison). On CPUs `auto` times the
+stage's step with and without XLA and keeps the faster: its rows compare the engine under `auto`
+(measuring afresh, as a long stage does) with XLA forced off and forced on (the whole step)."""
 
 import contextlib
+import os
 import tempfile
 import time
 
@@ -37,6 +39,9 @@ SECTION = "throughput"
 # (arch, build options, image side, batch, steps per timed call (= N per loop/execution), dataset)
 FULL = [("resnet56", {"shortcut": "B"}, 32, 128, 8, "cifar10"), ("resnet18", {}, 224, 32, 4, "oxford_flowers102")]
 QUICK = [("resnet20", {}, 32, 16, 4, "cifar10")]
+# The `jit_compile: auto` rows (CPUs): the same fields as FULL/QUICK.
+AUTO_FULL = [("resnet56", {"shortcut": "B"}, 32, 128, 8, "cifar10")]
+AUTO_QUICK = [("resnet20", {}, 8, 16, 4, "cifar10")]
 
 
 def measure_peak(quick=False, repeats=5):
@@ -131,6 +136,87 @@ def _contenders(arch, options, data, side, batch_size, steps, jit):
     }
 
 
+def _resized(data, side):
+    """`data` with its training images resized to `side` x `side` (the quick rows' tiny inputs)."""
+
+    class Resized:
+        info = data.info
+
+        def stream(self, *args, **kwargs):
+            return data.stream(*args, **kwargs).map(lambda x, *rest: (tf.image.resize(x, (side, side)), *rest))
+
+    return Resized() if side != 32 else data
+
+
+def xla_auto_rows(quick=False, repeats=3):
+    """Entries (CPUs): the engine under `jit_compile: auto` vs XLA forced off and forced on, with
+    the decision `auto` took (measured afresh in a private cache, however short the stage) and
+    auto / the faster forced setting (medians over interleaved repeats)."""
+    from ke_tf.engine import make_strategy, xla_choice
+
+    rows = []
+    for arch, options, side, batch_size, steps, dataset in AUTO_QUICK if quick else AUTO_FULL:
+        with contextlib.ExitStack() as stack:
+            data = _load(dataset, batch_size * steps, stack.enter_context(tempfile.TemporaryDirectory()))
+            data = _resized(data, side)
+            stack.enter_context(_private_xla_cache(stack.enter_context(tempfile.TemporaryDirectory())))
+            runs = {}
+            for setting in ("auto", "off", "on"):
+                strategy = make_strategy("one_device")
+                with strategy.scope():
+                    model = _model(arch, options, data.info.num_classes, side)
+                cfg = train_config(batch_size, False, jit_compile=setting, steps_per_loop=steps)
+                runs[setting] = EngineRun(strategy, model, cfg, None, steps, data=data, epochs_per_call=STEADY_EPOCHS)
+            samples = compare_steady(runs, repeats=repeats)
+        rates = {k: steps * batch_size / float(np.median(t)) for k, t in samples.items()}
+        best = max(("off", "on"), key=rates.get)
+        trainer = runs["auto"].trainer
+        cpu = xla_choice.describe(xla_choice.machine())
+        rows.append(
+            entry(
+                f"train {arch} {side}x{side} b{batch_size} jit_compile=auto",
+                SECTION,
+                rates["auto"],
+                "images/s",
+                ratio=rates["auto"] / rates[best],
+                target="auto >= 0.95 x the faster of XLA off / on",
+                met=bool(rates["auto"] >= 0.95 * rates[best]),
+                notes=(
+                    f"{cpu}; auto chose XLA {trainer.jit} ({trainer.xla_note}); img/s auto {rates['auto']:.1f}, "
+                    f"off {rates['off']:.1f}, on (whole step) {rates['on']:.1f}; on/off "
+                    f"{rates['on'] / rates['off']:.2f}; {len(samples['auto'])} interleaved repeats of 2 timed "
+                    f"epochs of {steps} steps"
+                ),
+                cpu=cpu,
+                decision=trainer.jit,
+                reason=trainer.xla_note,
+                auto=rates["auto"],
+                off=rates["off"],
+                on=rates["on"],
+                auto_vs_best=[min(o, x) / a for a, o, x in zip(samples["auto"], samples["off"], samples["on"])],
+            )
+        )
+    return rows
+
+
+@contextlib.contextmanager
+def _private_xla_cache(folder):
+    """`auto` measures afresh (an empty cache in `folder`), whatever the stage's length."""
+    from ke_tf.engine import xla_choice
+
+    saved = os.environ.get(xla_choice.CACHE_ENV), xla_choice.MEASURE_MIN_SECONDS
+    os.environ[xla_choice.CACHE_ENV] = folder
+    xla_choice.MEASURE_MIN_SECONDS = 0.0
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop(xla_choice.CACHE_ENV)
+        else:
+            os.environ[xla_choice.CACHE_ENV] = saved[0]
+        xla_choice.MEASURE_MIN_SECONDS = saved[1]
+
+
 def run(quick=False, repeats=5, **_):
     """Entries: per model and XLA setting, engine / fit / plain-step images/s and their ratios."""
     repeats = 1 if quick else max(3, repeats)
@@ -187,4 +273,6 @@ def run(quick=False, repeats=5, **_):
                     peak_fraction=flops / peak,
                 )
             )
+    if not gpu:
+        rows += xla_auto_rows(quick, repeats)
     return rows

@@ -109,7 +109,9 @@ class TrainConfig:
     # device computes) or per replica with the moving statistics averaged every step ("off").
     # "auto": on when a replica's micro-batch is below 32 images (README: Clusters; engine.trainer).
     sync_bn: str = "auto"
-    jit_compile: str = "auto"  # auto (GPU on, CPU off) | on | off
+    # auto: on for GPUs; on CPUs timed both ways on the stage's own step, the faster kept and
+    # cached per model and machine (engine.xla_choice) | on | off
+    jit_compile: str = "auto"
     mixed_precision: str = "none"  # none | bf16 | fp16
     checkpoint_every_epochs: int = 1
     checkpoint_every_steps: int = 0

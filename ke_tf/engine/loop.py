@@ -41,6 +41,14 @@ class StepLoop:
             self._calibrate((time.time() - began) / max(result["steps"], 1.0))
         return result
 
+    def call(self, iterator, num_steps):
+        """One loop of `num_steps` steps outside the stage's accounting (the XLA trial's timing)."""
+        self._loop_fn(iterator, tf.constant(num_steps, tf.int32), tf.constant(False)).numpy()
+
+    def variables(self, iterator):
+        """Every variable a loop over `iterator` reads or writes (traced here if not yet)."""
+        return self._loop_fn.get_concrete_function(iterator, tf.constant(1, tf.int32), tf.constant(False)).variables
+
     def length(self, step, steps_per_epoch):
         """Steps of the loop starting at `step`: the calibrated (or configured) length, never past
         an epoch end or a step checkpoint."""

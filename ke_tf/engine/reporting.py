@@ -10,10 +10,12 @@ from ke_tf.io.params import atomic_write_bytes
 from ke_tf.io.progress import log_line
 
 
-def setup_line(replicas, strategy, sync_bn, jit, steps_per_loop, precision):
-    """`N replica(s) (Strategy, BN mode), XLA ..., steps per loop ..., precision ...`."""
+def setup_line(replicas, strategy, sync_bn, jit, steps_per_loop, precision, xla_note=None):
+    """`N replica(s) (Strategy, BN mode), XLA ..., steps per loop ..., precision ...`; `xla_note`:
+    why `jit_compile: auto` chose as it did on a CPU (`XLA auto: whole step (measured ...)`)."""
     bn = ("synchronised BN" if sync_bn else "BN statistics averaged") if replicas > 1 else "one replica"
     xla = {"off": "off", "gradients": "loss+gradients", "step": "whole step"}[jit]
+    xla = f"auto: {xla} ({xla_note})" if xla_note else xla
     return (
         f"{replicas} replica(s) ({type(strategy).__name__}, {bn}), XLA {xla}, "
         f"steps per loop {steps_per_loop or 'auto'}, precision {precision}"

@@ -63,6 +63,7 @@ class ReplicaStep:
         self.moving_stats = moving_stats
         self.replicas = replicas
         self.sync_bn = sync_bn
+        self.jit = jit
         self._gradients_fn = tf.function(self.gradients, jit_compile=True) if jit == "gradients" else self.gradients
         self.step = tf.function(self._step, jit_compile=True) if jit == "step" else self._step
 

@@ -62,8 +62,8 @@ def instance_function(method):
 
 def jit_scope(setting, strategy, sync_bn=False):
     """What XLA compiles: "off", "gradients" (loss + gradients; all-reduce and update outside) or
-    "step" (the whole replica step including the update). `auto` = on for GPUs, off for CPUs, where
-    XLA measured 1.5-3x slower than oneDNN on an AVX-512 EPYC (README: Benchmarks). With one replica
+    "step" (the whole replica step including the update). `auto` = on for GPUs; off here for CPUs,
+    where the Trainer times the stage's step both ways and may turn it on (`xla_choice`). With one replica
     the whole step compiles; with several, jit-compiling the update fails under MirroredStrategy
     (TF 2.21, 2 logical CPUs), so only loss + gradients are compiled,
     and nothing when synchronised BN puts all-reduces inside the forward pass (they do not compile

@@ -29,7 +29,8 @@ from ke_tf.engine.optim import make_optimizer
 from ke_tf.engine.reporting import read_history, setup_line, stage_hooks
 from ke_tf.engine.signals import StopSignals
 from ke_tf.engine.step import ReplicaStep
-from ke_tf.engine.strategy import is_chief, is_multi_worker, jit_scope
+from ke_tf.engine.strategy import is_chief, is_multi_worker, jit_scope, uses_gpu
+from ke_tf.engine.xla_choice import choose
 from ke_tf.io.progress import log_line, progress_bar
 
 
@@ -84,6 +85,10 @@ class Trainer:
             layer.synchronized = self.sync_bn
         self.moving_stats = [v for layer in batch_norms for v in (layer.moving_mean, layer.moving_variance)]
         self.jit = jit_scope(train_cfg.jit_compile, strategy, self.sync_bn)
+        # What `auto` would compile on a CPU if measured faster (decided once, by the first `fit`).
+        auto_cpu = train_cfg.jit_compile == "auto" and not uses_gpu(strategy)
+        self.xla_candidate = jit_scope("on", strategy, self.sync_bn) if auto_cpu else "off"
+        self.xla_note = None  # why auto chose as it did, for the set-up line
         self.history = []
         with strategy.scope():
             self.variables = list(variables if variables is not None else model.trainable_variables)
@@ -101,9 +106,16 @@ class Trainer:
             self.ckpt_dir, self.chief, made_from(model, train_cfg, self.steps_per_epoch), train_cfg.resume
         )
         self.manager = self.checkpoints.open_manager(self.checkpoint, train_cfg.keep_checkpoints)
-        self.replica_step = ReplicaStep(
-            train_cfg,
-            loss_fn,
+        self.loop = self._make_loop(self.jit)
+        self.replica_step = self.loop.replica_step
+        self.signals = StopSignals()
+        self.step = 0
+
+    def _make_loop(self, jit):
+        """The StepLoop of this stage's replica step with XLA scope `jit`."""
+        replica_step = ReplicaStep(
+            self.train_cfg,
+            self.loss_fn,
             self.variables,
             self.decay_variables,
             self.optimizer,
@@ -111,11 +123,27 @@ class Trainer:
             self.moving_stats,
             self.replicas,
             self.sync_bn,
-            self.jit,
+            jit,
         )
-        self.loop = StepLoop(train_cfg, strategy, self.replica_step, self.optimizer, self.loss_scale)
-        self.signals = StopSignals()
-        self.step = 0
+        return StepLoop(self.train_cfg, self.strategy, replica_step, self.optimizer, self.loss_scale)
+
+    def _choose_xla(self, data, seed, epochs, remaining_steps):
+        """`jit_compile: auto` on a CPU: keep XLA off or switch the stage to `xla_candidate`, as
+        measured or cached (`xla_choice.choose`); the trial leaves every variable as it was."""
+        use, xla_loop, self.xla_note = choose(
+            self.xla_candidate,
+            (self.model, self.variables, self.loss_fn, self.train_cfg, self.replicas, self.sync_bn),
+            self.loop,
+            lambda: self._make_loop(self.xla_candidate),
+            lambda: self._input(data, seed, epochs, trial=True),
+            remaining_steps,
+            self.chief,
+            self.loop.cluster_mean if self.multi_worker else None,
+        )
+        if use:
+            self.jit = self.xla_candidate
+            self.loop = xla_loop or self._make_loop(self.jit)
+            self.replica_step = self.loop.replica_step
 
     # ---- checkpoints and signals ------------------------------------------------------------
     def restore(self):
@@ -150,6 +178,8 @@ class Trainer:
         total = epochs * self.steps_per_epoch
         if self.step >= total:
             return self.history
+        if self.xla_candidate != "off" and self.xla_note is None:
+            self._choose_xla(data, seed, epochs, total - self.step)
         stage_input = [self._input(data, seed, epochs)]  # released in the background at the end
         setup = setup_line(
             self.replicas,
@@ -158,6 +188,7 @@ class Trainer:
             self.jit,
             self.loop.steps_per_loop,
             self.train_cfg.mixed_precision,
+            self.xla_note,
         )
         self._log(f"{self.name}: {setup}" + (f", resumed at step {self.step}" if self.step else ""))
         hooks = stage_hooks(self.run_dir, self.name, epochs, self.chief, self.train_cfg.progress) + list(hooks)
@@ -189,13 +220,15 @@ class Trainer:
             ):
                 self.save_checkpoint()
 
-    def _input(self, data, seed, epochs):
-        """The stage's distributed iterator, from the current step to the last epoch."""
+    def _input(self, data, seed, epochs, trial=False):
+        """The stage's distributed iterator, from the current step to the last epoch (`trial`: its
+        first batch, repeated without end)."""
         epoch, offset = divmod(self.step, self.steps_per_epoch)
         batch = self.train_cfg.batch_size
 
         def pipeline(context):
-            return data.stream(batch, seed, epoch, epochs, offset, InputShard.from_context(context))
+            stream = data.stream(batch, seed, epoch, epochs, offset, InputShard.from_context(context))
+            return stream.take(1).cache().repeat() if trial else stream
 
         return iter(self.strategy.distribute_datasets_from_function(pipeline))
 
