@@ -41,7 +41,6 @@ FULL = [("resnet56", {"shortcut": "B"}, 32, 128, 8, "cifar10"), ("resnet18", {},
 QUICK = [("resnet20", {}, 32, 16, 4, "cifar10")]
 # The `jit_compile: auto` rows (CPUs): the same fields as FULL/QUICK.
 AUTO_FULL = [("resnet56", {"shortcut": "B"}, 32, 128, 8, "cifar10")]
-AUTO_QUICK = [("resnet20", {}, 8, 16, 4, "cifar10")]
 
 
 def measure_peak(quick=False, repeats=5):
@@ -148,14 +147,14 @@ def _resized(data, side):
     return Resized() if side != 32 else data
 
 
-def xla_auto_rows(quick=False, repeats=3):
+def xla_auto_rows(repeats=3):
     """Entries (CPUs): the engine under `jit_compile: auto` vs XLA forced off and forced on, with
     the decision `auto` took (measured afresh in a private cache, however short the stage) and
     auto / the faster forced setting (medians over interleaved repeats)."""
     from ke_tf.engine import make_strategy, xla_choice
 
     rows = []
-    for arch, options, side, batch_size, steps, dataset in AUTO_QUICK if quick else AUTO_FULL:
+    for arch, options, side, batch_size, steps, dataset in AUTO_FULL:
         with contextlib.ExitStack() as stack:
             data = _load(dataset, batch_size * steps, stack.enter_context(tempfile.TemporaryDirectory()))
             data = _resized(data, side)
@@ -273,6 +272,6 @@ def run(quick=False, repeats=5, **_):
                     peak_fraction=flops / peak,
                 )
             )
-    if not gpu:
-        rows += xla_auto_rows(quick, repeats)
+    if not gpu and not quick:  # two XLA compiles: minutes on 2 cores (tests/test_xla_auto.py checks auto)
+        rows += xla_auto_rows(repeats)
     return rows
