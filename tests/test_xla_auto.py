@@ -102,9 +102,18 @@ def test_cached_speedup_that_cannot_repay_the_compile_keeps_xla_off(tmp_path, ca
 
 
 def test_short_stage_is_not_measured(tmp_path, monkeypatch):
+    """Short by its MACs: no trial step at all; short by a trial's timing: no XLA compile."""
     monkeypatch.setenv(xla_choice.CACHE_ENV, str(tmp_path / "cache"))
+    trials = []
+    run = xla_choice._Trial.seconds_per_step
+    monkeypatch.setattr(xla_choice._Trial, "seconds_per_step", lambda *a: trials.append(a) or run(*a))
     trainer = _fit(_trainer(tmp_path / "run", _cfg()))
-    assert trainer.jit == "off" and trainer.xla_note.endswith("too short to measure it")
+    assert trainer.jit == "off" and trainer.xla_note.endswith("by its MACs: too short to measure it")
+    assert trials == []
+    monkeypatch.setattr(xla_choice, "ASSUMED_TRAIN_FLOPS", 1.0)  # estimated long: the trial times it
+    trainer = _fit(_trainer(tmp_path / "run2", _cfg()))
+    assert trainer.jit == "off" and trainer.xla_note.endswith("s without XLA: too short to measure it")
+    assert len(trials) == 2  # the traced step and one timed round without XLA, no XLA loop
     assert not (tmp_path / "cache").exists()
 
 

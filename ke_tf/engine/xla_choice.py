@@ -27,6 +27,9 @@ CACHE_VERSION = 1
 # A stage shorter than this without XLA is not measured (XLA stays off): an XLA compile of a
 # ResNet train step takes tens of seconds on 2 cores, more than such a stage could win back.
 MEASURE_MIN_SECONDS = 120.0
+# Training FLOP/s assumed before any trial step: a stage whose MACs would take less than
+# MEASURE_MIN_SECONDS even at this pessimistic rate skips the trial (and its input pipeline) too.
+ASSUMED_TRAIN_FLOPS = 5e9
 ROUND_SECONDS = 1.0  # work per timed trial round
 MAX_ROUND_STEPS = 50
 TIMINGS = ("off_seconds_per_step", "xla_seconds_per_step", "compile_seconds")
@@ -167,6 +170,17 @@ def _cached(entry, remaining_steps):
     return True, f"cached: {t_off / t_xla:.2f}x faster on {entry.get('cpu', 'this CPU')}"
 
 
+def estimated_seconds(model, batch_size, steps):
+    """Seconds `steps` train steps take at ASSUMED_TRAIN_FLOPS (2 FLOPs per MAC forward, twice that
+    backward); None when the model's MACs cannot be counted (unknown spatial sizes)."""
+    from ke_tf.surgery.flops import count_macs
+
+    try:
+        return 6.0 * count_macs(model) * batch_size * steps / ASSUMED_TRAIN_FLOPS
+    except (TypeError, ValueError):
+        return None
+
+
 def choose(jit, key_parts, off_loop, make_loop, trial_input, remaining_steps, chief, cluster_mean):
     """(use XLA, the StepLoop compiled with `jit` if one was built, the reason for the log line)
     for a CPU stage of `remaining_steps`. `off_loop` is the stage's loop without XLA, `make_loop()`
@@ -180,6 +194,9 @@ def choose(jit, key_parts, off_loop, make_loop, trial_input, remaining_steps, ch
     if _agree(entry is not None, chief, cluster_mean):
         use, why = _cached(entry, remaining_steps) if chief else (False, "")
         return _agree(use, chief, cluster_mean), None, why
+    estimate = estimated_seconds(key_parts[0], key_parts[3].batch_size, remaining_steps)
+    if estimate is not None and estimate < MEASURE_MIN_SECONDS:
+        return False, None, f"stage of ~{estimate:.0f} s by its MACs: too short to measure it"
     holder = [trial_input()]
     trial = _Trial(holder)
     mean = cluster_mean or float
