@@ -1,5 +1,5 @@
-"""Benchmarks: `--quick` runs every section end to end and writes valid results JSON (timings
-themselves are not asserted: they depend on the machine and its load)."""
+"""Benchmarks: `--quick` runs the in-process sections end to end and writes valid results JSON
+(timings themselves are not asserted: they depend on the machine and its load)."""
 
 import os
 
@@ -20,11 +20,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"name", "section", "value", "values", "unit", "ratio", "target", "met", "device", "notes"}
 
 
+# Sections that time fresh TensorFlow processes (about 4 of the quick run's 5.5 minutes on 2 cores):
+# left out of CI's smoke run for its 90-minute budget; `benchmarks/run.py --quick` runs them all.
+PROCESS_SECTIONS = ("host_sync", "host_memory", "scaling")
+IN_PROCESS = [name for name in SECTIONS if name not in PROCESS_SECTIONS]
+
+
 @pytest.mark.slow  # minutes on 2 cores: CI runs it with the slow suite
-def test_quick_run_writes_all_sections(tmp_path):
+def test_quick_run_writes_valid_sections(tmp_path):
     out = tmp_path / "results.json"
+    only = [arg for name in IN_PROCESS for arg in ("--only", name)]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--quick", "--out", str(out)],
+        [sys.executable, "benchmarks/run.py", "--quick", *only, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -33,7 +40,7 @@ def test_quick_run_writes_all_sections(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = result["benchmarks"]
-    assert {r["section"] for r in rows} == set(SECTIONS)
+    assert {r["section"] for r in rows} == set(IN_PROCESS)
     failed = [r["notes"] for r in rows if r["name"].endswith("failed")]
     assert not failed, failed
     for r in rows:
