@@ -76,3 +76,17 @@ def assert_within_measured_bound(actual, expected, bound, measured):
         atol=bound * max(1.0, float(np.abs(expected).max(initial=0.0))),
         err_msg=f"bound {bound:g} ({measured})",
     )
+
+
+def randomise_statistics(model, seed=0, spread=0.3):
+    """Seeded non-trivial BN statistics, gamma, beta and biases (nested models included), so that
+    an identity which folds, slices or masks them is really exercised."""
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        shape = tuple(v.shape)
+        if v.name == "moving_variance":
+            v.assign(rng.uniform(0.5, 2.0, shape))
+        elif v.name == "gamma":
+            v.assign(rng.uniform(0.5, 1.5, shape))
+        elif v.name in ("moving_mean", "beta", "bias"):
+            v.assign(rng.normal(0, spread, shape))

@@ -20,26 +20,13 @@ from ke_tf.layers.split import SplitConv2D, SplitDense
 from ke_tf.models import build_model
 from ke_tf.models.reducenet import get_deploy_model
 from ke_tf.surgery.deploy import deploy_model
-from tests.numerics import assert_identical, assert_within_measured_bound, float64
+from tests.numerics import assert_identical, assert_within_measured_bound, float64, randomise_statistics
 
 # Largest difference measured from the float32 Keras deployed model (random BN statistics, 3 seeds;
 # AVX2 EPYC, oneDNN on): SavedModel 0 (own model and MobileNetV2), LiteRT (XNNPACK) 7.5e-7 of the
 # logits' scale (MobileNetV2 alpha 0.35, 32x32). 10x the largest, as tests/test_export.py.
 EXPORT_BOUND = 7.5e-6
 EXPORT_MEASURED = "exported vs float32 Keras deployed model: max 7.5e-7 of the scale (LiteRT), x10"
-
-
-def randomize_bn(model, seed=0):
-    """Seeded random BN statistics, gamma and beta, and conv/dense biases (nested models included)."""
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        shape = tuple(v.shape)
-        if v.name == "moving_variance":
-            v.assign(rng.uniform(0.5, 2.0, shape))
-        elif v.name in ("moving_mean", "beta", "bias"):
-            v.assign(rng.normal(0, 0.3, shape))
-        elif v.name == "gamma":
-            v.assign(rng.uniform(0.5, 1.5, shape))
 
 
 def all_layers(model):
@@ -82,7 +69,7 @@ def own_model():
 
 def assert_deploys_exactly(model, seed=0):
     """Deploy `model` (a float64 model) after randomising its BNs; deployed == original. Returns it."""
-    randomize_bn(model, seed)
+    randomise_statistics(model, seed)
     deployed = deploy_model(model)
     x = np.random.default_rng(seed + 1).normal(size=(2, *model.input_shape[1:]))
     assert_identical(deployed(x).numpy(), model(x, training=False).numpy())
@@ -173,7 +160,7 @@ def test_deployed_model_round_trips_through_keras_file(tmp_path):
 
 def test_deployed_model_exports_to_savedmodel(tmp_path):
     model = own_model()
-    randomize_bn(model, seed=12)
+    randomise_statistics(model, seed=12)
     deployed = deploy_model(model)
     deployed.export(str(tmp_path / "saved"), verbose=False)
     loaded = tf.saved_model.load(str(tmp_path / "saved"))  # keep a reference: it owns the variables
@@ -187,7 +174,7 @@ def test_deployed_mobilenet_v2_runs_in_litert():
     model = keras.applications.MobileNetV2(
         weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10, classifier_activation=None
     )
-    randomize_bn(model, seed=14)
+    randomise_statistics(model, seed=14)
     deployed = deploy_model(model)
     interpreter = Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(deployed).convert())
     interpreter.allocate_tensors()

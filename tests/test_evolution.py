@@ -18,7 +18,7 @@ from ke_tf.methods.evolution.loop import EvolutionConfig, extract_slim, fit_keep
 from ke_tf.models import build_model, model_spec
 from ke_tf.surgery.flops import complexity
 from ke_tf.surgery.graph import ChannelGraph
-from tests.numerics import assert_identical, float64
+from tests.numerics import assert_identical, float64, randomise_statistics
 
 
 def _strategy():
@@ -149,14 +149,6 @@ def test_reinit_changes_exactly_the_reset_weights(rule, std):
 
 
 # ---- slim network --------------------------------------------------------------------------
-def _randomise(model, rng):
-    for v in model.weights:
-        if v.name == "moving_variance":
-            v.assign(rng.uniform(0.5, 2.0, v.shape))
-        elif v.name in ("moving_mean", "beta", "gamma", "bias"):
-            v.assign(rng.normal(0, 0.5, v.shape))
-
-
 @pytest.mark.parametrize(
     "arch,shape,options,rate",
     [
@@ -170,7 +162,7 @@ def test_slim_equals_dense_with_reset_weights_zeroed(arch, shape, options, rate)
     spec = model_spec(arch, 10, shape, **options)
     with float64():
         dense = build_model(arch, 10, shape, layers=SplitLayerFactory(rate), **options)
-        _randomise(dense, rng)
+        randomise_statistics(dense, seed=int(rng.integers(1 << 30)))
         slim, slim_spec = extract_slim(_strategy(), dense, spec, rate)
         groups = ChannelGraph(dense).prunable()  # ResNet-18's "stem" width is an alias of stage1
         assert {g: slim_spec["widths"][g] for g in groups} == {

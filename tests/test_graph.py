@@ -19,7 +19,7 @@ from ke_tf.surgery.flops import complexity  # noqa: E402
 from ke_tf.surgery.gating import insert_gates  # noqa: E402
 from ke_tf.surgery.graph import ChannelGraph, UnsupportedLayerError  # noqa: E402
 from ke_tf.surgery.slicing import slice_channels  # noqa: E402
-from tests.numerics import assert_identical, float64  # noqa: E402
+from tests.numerics import assert_identical, float64, randomise_statistics  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "depgraph_torchvision.json")
 L = keras.layers
@@ -52,15 +52,6 @@ def own_model():
     return keras.Model(inputs, L.Dense(5, name="head")(x), name="own")
 
 
-def _randomise(model, rng):
-    """Non-trivial BN statistics and biases, so a wrongly sliced channel shows in the outputs."""
-    for v in model.weights:
-        if v.name in ("moving_variance", "gamma"):
-            v.assign(rng.uniform(0.5, 1.5, v.shape))
-        elif v.name in ("moving_mean", "beta", "bias"):
-            v.assign(rng.normal(0, 0.3, v.shape))
-
-
 def _half(graph, rng):
     return {n: rng.choice(g.channels, max(1, g.channels // 2), replace=False) for n, g in graph.prunable().items()}
 
@@ -81,7 +72,7 @@ def test_half_of_every_group_sliced_equals_masked(name):
     rng = np.random.default_rng(0)
     with float64():
         model = CASES[name]()
-        _randomise(model, rng)
+        randomise_statistics(model, seed=int(rng.integers(1 << 30)))
         graph = ChannelGraph(model)
         keep = _half(graph, rng)
         narrow = slice_channels(model, keep, graph)

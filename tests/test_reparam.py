@@ -16,20 +16,7 @@ from ke_tf.layers.reparam import ReduceConv, fold_bn, pad_kernel  # noqa: E402
 from ke_tf.models import build_from_spec, build_model, model_spec  # noqa: E402
 from ke_tf.models.reducenet import deploy_spec, get_deploy_model, variant_spec  # noqa: E402
 from ke_tf.surgery.flops import complexity  # noqa: E402
-from tests.numerics import assert_identical, float64  # noqa: E402
-
-
-def randomize(model, seed=0):
-    """Random weights and random BN statistics/affine parameters (so folding is really tested)."""
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        shape = tuple(v.shape)
-        if v.name == "moving_variance":
-            v.assign(rng.uniform(0.5, 2.0, shape))
-        elif v.name in ("moving_mean", "beta", "bias"):
-            v.assign(rng.normal(0, 0.2, shape))
-        elif v.name == "gamma":
-            v.assign(rng.uniform(0.5, 1.5, shape))
+from tests.numerics import assert_identical, float64, randomise_statistics  # noqa: E402
 
 
 def test_annealed_relu_blends_relu_into_identity():
@@ -51,7 +38,7 @@ def test_fold_bn_and_pad_match_keras():
         conv = keras.layers.Conv2D(4, 1, strides=2, padding="same", use_bias=False)
         bn = keras.layers.BatchNormalization(epsilon=1e-5)
         bn(conv(x), training=False)  # builds both layers
-        randomize(keras.Sequential([conv, bn]), seed=2)
+        randomise_statistics(keras.Sequential([conv, bn]), seed=2, spread=0.2)
         ref = bn(conv(x), training=False).numpy()
         k, b = fold_bn(conv.kernel, None, bn)
         fused = keras.layers.Conv2D(4, 3, strides=2, padding="same")
@@ -70,7 +57,7 @@ def test_reduce_conv_fuses_exactly(size, strides, lora, lora_act):
     with float64():
         unit = ReduceConv(5, strides, lora=lora, lora_act=lora_act)
         unit(x)
-        randomize(keras.Sequential([unit]), seed=4)
+        randomise_statistics(keras.Sequential([unit]), seed=4, spread=0.2)
         set_annealing(keras.Sequential([unit]), 1.0)
         kernel, bias = unit.fuse()
         fused = keras.layers.Conv2D(5, 3, strides=strides, padding="same")
@@ -116,7 +103,7 @@ def test_deploy_model_equals_student(lora_act):
     spec = model_spec("reduce20", 10, (16, 16, 3), variant="student", width_mult=0.5, lora=True, lora_act=lora_act)
     with float64():
         student = build_from_spec(spec)
-        randomize(student, seed=5)
+        randomise_statistics(student, seed=5, spread=0.2)
         set_annealing(student, 1.0)
         deploy = get_deploy_model(student)  # spec read from the layers
     assert deploy.count_params() == build_from_spec(deploy_spec(spec)).count_params()
@@ -137,7 +124,7 @@ def test_keras_round_trip(tmp_path):
         z = ReduceConv(4, 1, lora=True, lora_act="annealed", name="rep_s")(y)
         z = AnnealedReLU(initial_lambda=0.5, name="act")(z)
         model = keras.Model(inputs, z)
-        randomize(model, seed=7)
+        randomise_statistics(model, seed=7, spread=0.2)
         set_annealing(model, 0.3)
         model.save(path)
         loaded = keras.models.load_model(path)

@@ -7,7 +7,7 @@ import pytest
 from ke_tf.layers.split import SplitConv2D, SplitDense, kels_mask, reinitialize_reset_hypothesis, split_layers
 from ke_tf.surgery.graph import ChannelGraph
 from ke_tf.surgery.split_model import slim_model, split_model
-from tests.numerics import assert_identical, float64
+from tests.numerics import assert_identical, float64, randomise_statistics
 
 L = keras.layers
 
@@ -42,14 +42,6 @@ def _layers(model):
     return found
 
 
-def _randomise(model, rng):
-    for v in model.weights:
-        if v.name == "moving_variance":
-            v.assign(rng.uniform(0.5, 2.0, v.shape))
-        elif v.name in ("moving_mean", "beta", "gamma", "bias"):
-            v.assign(rng.normal(0, 0.5, v.shape))
-
-
 def test_split_copies_every_conv_and_dense_with_its_weights():
     model = _own_cnn()
     split = split_model(model, 0.5)
@@ -79,7 +71,7 @@ def test_slim_equals_dense_with_reset_weights_zeroed(build, shape, rate):
     rng = np.random.default_rng(0)
     with float64():
         dense = split_model(build(), rate)
-        _randomise(dense, rng)
+        randomise_statistics(dense, seed=int(rng.integers(1 << 30)))
         slim = slim_model(dense)
         groups = ChannelGraph(dense).prunable()
         widths = ChannelGraph(slim).widths()
