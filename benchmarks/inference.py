@@ -65,6 +65,28 @@ def _predictor(model, x):
     return lambda: fn(x).numpy()
 
 
+def speedup_row(name, section, big, small, x, mac_ratio, repeats, notes=""):
+    """Entry: inference latency of `big` over `small` on `x` (interleaved, median), as a fraction
+    of their MAC ratio (target >= 0.8)."""
+    times = compare({"big": _predictor(big, x), "small": _predictor(small, x)}, warmup=2, repeats=repeats)
+    speedup = times["big"] / times["small"]
+    ratio = speedup / mac_ratio
+    return entry(
+        name,
+        section,
+        speedup,
+        "x speed-up",
+        ratio=ratio,
+        target=">= 0.8 x MAC ratio",
+        met=bool(ratio >= 0.8),
+        notes=f"batch {len(x)} latency {times['big'] * 1e3:.1f} -> {times['small'] * 1e3:.1f} ms; "
+        f"MAC ratio {mac_ratio:.2f}; ratio = speed-up / MAC ratio" + (f"; {notes}" if notes else ""),
+        latency_dense_ms=times["big"] * 1e3,
+        latency_small_ms=times["small"] * 1e3,
+        mac_ratio=mac_ratio,
+    )
+
+
 def run(quick=False, repeats=5, **_):
     (ke_arch, ke_classes, ke_side), cifar_side, depth, batch = _sizes(quick)
     pairs = {
@@ -78,24 +100,5 @@ def run(quick=False, repeats=5, **_):
     rows = []
     for name, ((big, small), side) in pairs.items():
         x = tf.constant(np.random.default_rng(0).normal(size=(batch, side, side, 3)).astype("float32"))
-        times = compare({"big": _predictor(big, x), "small": _predictor(small, x)}, warmup=2, repeats=repeats)
-        speedup = times["big"] / times["small"]
-        mac_ratio = model_macs(big) / model_macs(small)
-        ratio = speedup / mac_ratio
-        rows.append(
-            entry(
-                name,
-                SECTION,
-                speedup,
-                "x speed-up",
-                ratio=ratio,
-                target=">= 0.8 x MAC ratio",
-                met=bool(ratio >= 0.8),
-                notes=f"batch {batch} latency {times['big'] * 1e3:.1f} -> {times['small'] * 1e3:.1f} ms; "
-                f"MAC ratio {mac_ratio:.2f}; ratio = speed-up / MAC ratio",
-                latency_dense_ms=times["big"] * 1e3,
-                latency_small_ms=times["small"] * 1e3,
-                mac_ratio=mac_ratio,
-            )
-        )
+        rows.append(speedup_row(name, SECTION, big, small, x, model_macs(big) / model_macs(small), repeats))
     return rows

@@ -10,7 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.common import compare, entry, uses_gpu
+from benchmarks.common import entry
+from benchmarks.inference import speedup_row
 
 SECTION = "pruning"
 TARGET_MACS = 0.5
@@ -53,11 +54,6 @@ def uniform_keep(graph, target, round_to=1):
     return keep_at(low)
 
 
-def _predictor(model, x):
-    fn = tf.function(lambda t: model(t, training=False), jit_compile=uses_gpu())
-    return lambda: fn(x).numpy()
-
-
 def speedup_rows(quick, repeats):
     from ke_tf.surgery.deploy import deploy_model
     from ke_tf.surgery.graph import ChannelGraph
@@ -74,29 +70,9 @@ def speedup_rows(quick, repeats):
         pruned = slice_channels(dense, keep, graph)
         mac_ratio = graph.macs(graph.widths()) / graph.macs(graph.widths(keep))
         x = tf.constant(np.random.default_rng(0).normal(size=(batch, side, side, 3)).astype("float32"))
-        times = compare(
-            {"dense": _predictor(deploy_model(dense), x), "pruned": _predictor(deploy_model(pruned), x)},
-            warmup=2,
-            repeats=repeats,
-        )
-        speedup = times["dense"] / times["pruned"]
-        ratio = speedup / mac_ratio
-        rows.append(
-            entry(
-                f"{name} pruned to ~{TARGET_MACS:.0%} MACs vs dense ({side}x{side}, batch {batch}, BN folded)",
-                SECTION,
-                speedup,
-                "x speed-up",
-                ratio=ratio,
-                target=">= 0.8 x MAC ratio",
-                met=bool(ratio >= 0.8),
-                notes=f"latency {times['dense'] * 1e3:.1f} -> {times['pruned'] * 1e3:.1f} ms; MAC ratio {mac_ratio:.2f}"
-                f"; widths rounded to {ROUND_TO}",
-                latency_dense_ms=times["dense"] * 1e3,
-                latency_pruned_ms=times["pruned"] * 1e3,
-                mac_ratio=mac_ratio,
-            )
-        )
+        name = f"{name} pruned to ~{TARGET_MACS:.0%} MACs vs dense ({side}x{side}, BN folded)"
+        notes = f"widths rounded to {ROUND_TO}"
+        rows.append(speedup_row(name, SECTION, deploy_model(dense), deploy_model(pruned), x, mac_ratio, repeats, notes))
     return rows
 
 
