@@ -437,10 +437,6 @@ class ChannelGraph:
         """{name: Group} of the groups that can lose channels."""
         return {n: g for n, g in self.groups.items() if g.prunable}
 
-    def full_keep(self):
-        """{group: every channel} for the prunable groups (the unpruned model)."""
-        return {n: np.arange(g.channels) for n, g in self.prunable().items()}
-
     def widths(self, keep=None):
         """{group: channel count} of every group, with `keep`'s groups narrowed to their kept sets."""
         keep = keep or {}
