@@ -21,8 +21,7 @@ from ke_tf.methods.ekg.search import ClassifierRescale  # noqa: E402
 from ke_tf.surgery.flops import complexity  # noqa: E402
 from ke_tf.surgery.gating import insert_gates  # noqa: E402
 from ke_tf.surgery.graph import ChannelGraph  # noqa: E402
-from tests.numerics import assert_identical, float64  # noqa: E402
-from tests.test_deploy import randomize_bn  # noqa: E402
+from tests.numerics import assert_identical, float64, randomise_statistics  # noqa: E402
 from tests.test_readme import _section_code  # noqa: E402
 
 TARGET = 0.8  # few search steps: these tests check mechanics
@@ -46,7 +45,7 @@ def model():
     keras.utils.set_random_seed(0)
     with float64():
         net = mobilenet()
-    randomize_bn(net)
+    randomise_statistics(net)
     return net
 
 
