@@ -426,6 +426,12 @@ def _worker(out, *args, env=None, wait=True):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _finish(proc):
+    """(returncode, stderr) of a `_worker(..., wait=False)` process once it ends."""
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
 def _load(path):
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
@@ -444,21 +450,16 @@ def test_two_replicas_with_sync_bn_equal_one_device_and_without_it_replicas_agre
     """A BN ResNet-20 on batches whose two halves have different statistics: with sync_bn, 2
     replicas train the same weights and BN statistics as 1 device; without it each replica
     normalises with its own half, but the moving statistics stay identical on both replicas."""
+    args = ["--model", "resnet20", "--data", "noise", "--float64"]
+    # The three runs at once: each is mostly single-threaded tracing, so on 2 cores this halves the wall time.
+    procs = {
+        name: _worker(tmp_path / f"{name}.npz", "--replicas", replicas, "--sync-bn", sync, *args, wait=False)
+        for name, replicas, sync in (("one", 1, 1), ("sync", 2, 1), ("local", 2, 0))
+    }
     results = {}
-    for name, replicas, sync in (("one", 1, 1), ("sync", 2, 1), ("local", 2, 0)):
-        proc = _worker(
-            tmp_path / f"{name}.npz",
-            "--replicas",
-            replicas,
-            "--sync-bn",
-            sync,
-            "--model",
-            "resnet20",
-            "--data",
-            "noise",
-            "--float64",
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, proc in procs.items():
+        code, err = _finish(proc)
+        assert code == 0, err[-3000:]
         results[name] = _load(tmp_path / f"{name}.npz")
     assert int(results["sync"]["replicas"]) == 2 and int(results["sync"]["step"]) == 4
     _assert_close(_weights_of(results["one"]), _weights_of(results["sync"]))
@@ -499,8 +500,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_workers(tmp_path, tag, args_by_worker, run_dirs=None):
-    """Run two localhost MultiWorkerMirroredStrategy workers; returns their (returncode, stderr)."""
+def _two_workers(tmp_path, tag, args_by_worker, run_dirs=None, beside=None):
+    """Run two localhost MultiWorkerMirroredStrategy workers; returns their (returncode, stderr).
+    `beside` (a started `_worker` process, e.g. the single-process reference) runs meanwhile and
+    its outcome is appended."""
     ports = [_free_port(), _free_port()]
     procs = []
     for i in range(2):
@@ -516,19 +519,14 @@ def _two_workers(tmp_path, tag, args_by_worker, run_dirs=None):
                 tmp_path / f"{tag}.npz", "--multi-worker", "--run-dir", run_dir, *args_by_worker[i], env=env, wait=False
             )
         )
-    outcome = []
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        outcome.append((p.returncode, err))
-    return outcome
+    return [_finish(p) for p in procs + ([beside] if beside else [])]
 
 
 def test_multi_worker_matches_single_process_and_shards_input_per_worker(tmp_path):
     """Two localhost workers end with identical weights equal to one process with the same
     global batch; only the chief writes outputs; each worker decodes half of the images."""
-    single = _worker(tmp_path / "single.npz", "--replicas", 1, "--data", "noise", "--float64")
-    assert single.returncode == 0, single.stderr[-3000:]
-    for code, err in _two_workers(tmp_path, "mw", [["--data", "noise", "--float64"]] * 2):
+    single = _worker(tmp_path / "single.npz", "--replicas", 1, "--data", "noise", "--float64", wait=False)
+    for code, err in _two_workers(tmp_path, "mw", [["--data", "noise", "--float64"]] * 2, beside=single):
         assert code == 0, err[-3000:]
     chief, worker = _load(tmp_path / "mw.npz"), _load(str(tmp_path / "mw.npz") + ".worker1.npz")
     assert not (tmp_path / "mw.npz.worker0.npz").exists()
@@ -538,9 +536,8 @@ def test_multi_worker_matches_single_process_and_shards_input_per_worker(tmp_pat
     _assert_close(_weights_of(_load(tmp_path / "single.npz")), _weights_of(chief))
     # Input sharding: on digits (real decode + augment), each worker maps half the images. With
     # per-worker BN statistics (sync_bn off) the workers still hold identical BN moving statistics.
-    one = _worker(tmp_path / "count1.npz", "--replicas", 1, "--epochs", 1)
-    assert one.returncode == 0, one.stderr[-3000:]
-    for code, err in _two_workers(tmp_path, "count", [["--epochs", 1, "--sync-bn", 0]] * 2):
+    one = _worker(tmp_path / "count1.npz", "--replicas", 1, "--epochs", 1, wait=False)
+    for code, err in _two_workers(tmp_path, "count", [["--epochs", 1, "--sync-bn", 0]] * 2, beside=one):
         assert code == 0, err[-3000:]
     total = int(_load(tmp_path / "count1.npz")["input_count"])
     assert total == int(_load(tmp_path / "count1.npz")["step"]) * 32
