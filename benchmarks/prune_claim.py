@@ -13,7 +13,7 @@ import numpy as np
 import ke_tf
 
 
-def _arrays(dataset):
+def as_arrays(dataset):
     """(images, labels) numpy arrays of a batched (images, labels) dataset."""
     batches = list(dataset)
     return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
@@ -57,7 +57,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     data = ke_tf.load_data("digits", image_size=32)
     rest, held = data.split_holdout(2, 0)
-    train, holdout = _arrays(rest.train_eval(256)), list(held.test(256))
+    train, holdout = as_arrays(rest.train_eval(256)), list(held.test(256))
     rows = []
     for seed in args.seeds:
         rows.append(one_seed(train, holdout, seed, args.epochs, args.target, args.step))

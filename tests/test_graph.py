@@ -179,12 +179,31 @@ def test_unknown_layer_is_a_reported_boundary_and_strict_raises():
         slice_channels(model, {"first": [0]})
 
 
-def test_layer_normalization_over_channels_keeps_its_group():
-    """LayerNormalization's statistics span the channels: sliced != masked, so its group is kept."""
-    inputs = keras.Input((8, 8, 3))
-    x = L.LayerNormalization(name="ln")(L.Conv2D(4, 3, name="conv")(inputs))
-    graph = ChannelGraph(keras.Model(inputs, L.Conv2D(2, 1)(x)))
-    assert not graph.groups["conv"].prunable and graph.boundaries[0][0] == "ln"
+def test_layer_normalization_over_channels_prunes_and_normalises_over_the_kept_channels():
+    """LayerNormalization over the channel axis prunes with the conv before it (gamma and beta
+    sliced) and is listed as inexact: the sliced net normalises over the kept channels only, checked
+    here against numpy (float64). Over more than the channel axis it is a boundary."""
+    rng = np.random.default_rng(3)
+    with float64():
+        inputs = keras.Input((6, 6, 3), dtype="float64")  # the numpy reference reads x unrounded
+        conv, ln, head = L.Conv2D(8, 3, name="conv"), L.LayerNormalization(name="ln"), L.Conv2D(2, 1, name="head")
+        model = keras.Model(inputs, head(ln(conv(inputs))))
+        randomise_statistics(model, seed=4)
+        ln.gamma.assign(rng.uniform(0.5, 1.5, 8))
+        graph = ChannelGraph(model)
+        assert graph.groups["conv"].prunable and [name for name, _ in graph.inexact] == ["ln"]
+        keep = np.array([0, 2, 5, 7])
+        narrow = slice_channels(model, {"conv": keep}, graph)
+        x = rng.normal(size=(2, 6, 6, 3))
+        h = keras.ops.convert_to_numpy(conv(x))[..., keep]
+        normalised = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + ln.epsilon)
+        expected = (normalised * ln.gamma.numpy()[keep] + ln.beta.numpy()[keep]) @ head.kernel.numpy()[0, 0][keep]
+        assert_identical(narrow(x), expected + head.bias.numpy())
+        widths = graph.widths({"conv": keep})
+        assert complexity(narrow) == {"params": graph.params(widths), "macs": graph.macs(widths)}
+        spatial = L.LayerNormalization(axis=(1, 2, 3), name="spatial_ln")(L.Conv2D(4, 3, name="c")(inputs))
+        wide = ChannelGraph(keras.Model(inputs, L.Conv2D(2, 1)(spatial)))
+    assert not wide.groups["c"].prunable and wide.boundaries[0][0] == "spatial_ln"
 
 
 def test_subclassed_model_is_refused_with_how_to_fix():

@@ -2,8 +2,9 @@
 not the learning): every criterion reaches the MACs target, the pruned model's MACs are the graph's
 prediction, its outputs equal the auto-gated model masked to the kept channels (float64 policy,
 tests/numerics.py), the report is JSON, `.keras` round-trips; the README example runs (EKG); a
-subclassed model, softmax outputs and a target outside (0, 1) are refused. Whether EKG's sub-network
-beats random pruning after training is measured by `benchmarks/prune_claim.py` (minutes on 2 cores)."""
+subclassed model, softmax outputs and a target outside (0, 1) are refused. Slow: on a trained net,
+EKG's sub-network has a lower holdout loss than random pruning's over 3 seeds (`benchmarks/prune_claim.py`
+measures it with a net trained per seed)."""
 
 import json
 import os
@@ -132,3 +133,28 @@ def test_readme_prune_example_runs_ekg(tmp_path, monkeypatch):
     assert namespace["report"]["criterion"] == "ekg"
     assert_meets_target(namespace["model"], namespace["pruned"], namespace["report"])
     assert (tmp_path / "pruned.keras").is_file()
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores: CI runs it with the slow suite
+def test_ekg_finds_lower_holdout_loss_than_random_at_the_same_macs_over_seeds():
+    """On a MobileNetV2 trained on digits with `model.fit`, EKG's sub-network at 50% MACs has a lower
+    holdout cross-entropy than random pruning's, judged as the claims are (one-sided 95% lower bound
+    of the paired differences over 3 seeds above zero). One trained net is shared, as in the EKG
+    claim: EKG's search is deterministic for it, the seeds vary random pruning's choices."""
+    from benchmarks.claims import Comparison, paired_verdict
+    from benchmarks.prune_claim import as_arrays, trained_mobilenet
+
+    rest, held = load_data("digits", image_size=32).split_holdout(2, 0)
+    holdout = list(held.test(256))
+    model = trained_mobilenet(as_arrays(rest.train_eval(256)), seed=0, epochs=5)
+    target = 0.5
+    _, ekg = prune(model, holdout, target, "ekg", step=0.5, progress=False)
+    per_seed = {}
+    for seed in range(3):
+        _, rnd = prune(model, holdout, target, "random", step=0.5, seed=seed, progress=False)
+        per_seed[seed] = {name: r["trajectory"][-1] for name, r in (("EKG", ekg), ("random", rnd))}
+    for row in per_seed.values():
+        for name, last in row.items():
+            assert last["macs_rate"] <= target, (name, last)
+    verdict = paired_verdict(Comparison("EKG", "random", "holdout_ce", "", lower_is_better=True), per_seed)
+    assert verdict["holds"], verdict

@@ -185,7 +185,9 @@ class ChannelGraph:
 
     `groups`: {name: Group} in graph order; a group is named after the `channel_group` tag of a
     layer writing it when ke_tf's builders set one (their width names), else after the first layer
-    writing it. `boundaries`: [(layer name, reason)] of layers whose channels are kept.
+    writing it. `boundaries`: [(layer name, reason)] of layers whose channels are kept. `inexact`:
+    [(layer name, reason)] of prunable layers whose sliced output is not the masked one
+    (LayerNormalization over channels), so a search that scores masked sub-networks approximates them.
     `strict=True` raises `UnsupportedLayerError` at the first boundary instead."""
 
     def __init__(self, model, strict=False):
@@ -199,6 +201,7 @@ class ChannelGraph:
         self._dims = _Dims()
         self._slots, self._slot_dims, self._producers, self._out_dim = [], {}, {}, {}
         self.boundaries = []
+        self.inexact = []  # (layer name, why): layers whose sliced output differs from the masked one
         self.layer_calls = []  # (layer, input layouts, output layout) for MAC predictions
         self.layouts, self._input_names = {}, {}
         for x in model.inputs:
@@ -279,6 +282,8 @@ class ChannelGraph:
                 return "BatchNormalization over a non-channel axis"
             self._per_channel(op, x, {"gamma": 0, "beta": 0, "moving_mean": 0, "moving_variance": 0})
             return [x]
+        if isinstance(op, _L.LayerNormalization):
+            return self._layer_norm(op, node, x)
         if isinstance(op, ChannelGate):
             self._per_channel(op, x, {"gate": 0})
             return [x]
@@ -333,6 +338,18 @@ class ChannelGraph:
     def _per_channel(self, op, layout, variables):
         for name, axis in variables.items():
             self._slot(op, name, axis, layout)
+
+    def _layer_norm(self, op, node, x):
+        """LayerNormalization over the channel axis prunes like a per-channel layer (gamma, beta), but
+        its statistics span the channels: the sliced net normalises over the kept channels only, the
+        masked (gated) net over all of them, so it is listed in `inexact`."""
+        rank = len(node.input_tensors[0].shape)
+        axes = op.axis if isinstance(op.axis, (list, tuple)) else [op.axis]
+        if sorted(a % rank for a in axes) != [rank - 1]:
+            return "LayerNormalization over more than the channel axis"
+        self._per_channel(op, x, {"gamma": 0, "beta": 0})
+        self.inexact.append((op.name, "LayerNormalization statistics span the channels: sliced != masked"))
+        return [x]
 
     def _output_dim(self, op, tensor):
         """The one output dimension of `op` (shared layers write the same dimension at every call)."""
@@ -498,4 +515,5 @@ class ChannelGraph:
                 for g in self.groups.values()
             ],
             "boundaries": [{"layer": name, "reason": reason} for name, reason in self.boundaries],
+            "inexact": [{"layer": name, "reason": reason} for name, reason in self.inexact],
         }

@@ -56,6 +56,7 @@ def _report(model, pruned, graph, searcher, criterion, target_macs):
         "target_macs": float(target_macs),
         "widths": {g: {"before": int(group.channels), "after": len(keep[g])} for g, group in graph.prunable().items()},
         "boundaries": graph.report()["boundaries"],
+        "inexact": graph.report()["inexact"],
         "before": complexity(model),
         "after": complexity(pruned),
         "trajectory": [
@@ -85,13 +86,15 @@ def prune(
     `holdout`: (images, labels) batches (a list or a `tf.data.Dataset`) the search scores sub-networks
     on, held out of the training set. `criterion`: "ekg" (Lee & Song 2022), "l1" (least-L1 filters,
     uniform) or "random"; `step`, `trim`, `seed`: as `GreedySearch`. `rescale`: EKG's norm-preserving
-    rescale of the Dense classifier whose inputs lose channels (the model must output its logits).
-    The pruned model keeps the original's weights, BN statistics included (fine-tune it); `model` is
-    not modified. `report`: criterion, per-group widths before/after, boundaries (layers whose
-    channels were kept), params/MACs before/after, the search trajectory (MACs rate and holdout CE per
-    step) and the kept channel indices. `bank_data`: (images, labels) batches in a fixed order (your
-    training set, unshuffled); `bank` [N, classes, teachers] holds the logits of `num_teachers` interim
-    sub-networks on them, best first: the memory bank of `ke_tf.bank_distillation`, row i for example i.
+    rescale of the Dense classifier whose inputs lose channels (the model must output its logits). The
+    pruned model keeps the original's weights, BN statistics included (fine-tune it); `model` is not
+    modified. `report`: criterion, per-group widths before/after, boundaries (layers whose channels were
+    kept), `inexact` (layers such as LayerNormalization over channels, whose masked scoring only
+    approximates the sliced net), params/MACs before/after, the search trajectory (MACs rate and holdout
+    CE per step) and the kept channel indices. `bank_data`: (images, labels) batches in a fixed order
+    (your training set, unshuffled); `bank` [N, classes, teachers] holds the logits of `num_teachers`
+    interim sub-networks on them, best first: the memory bank of `ke_tf.bank_distillation`, row i for
+    example i.
     """
     graph = ChannelGraph(model)
     searcher = _searcher(model, graph, holdout, target_macs, criterion, step, trim, seed, rescale, progress)
