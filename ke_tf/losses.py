@@ -92,6 +92,24 @@ def lwf_distillation(student_logits, teacher_logits, temperature):
     return kd_loss(student_logits, teacher_logits, t) / (t * t)
 
 
+def incremental_objective(outputs, labels, n_old, beta, gamma, temperature, ce_over="all"):
+    """A class-incremental task's per-example loss (LwM, Dhar et al. 2019; LwF with gamma = 0;
+    fine-tuning with beta = gamma = 0): CE(s, y) + beta * L_D(old outputs) + gamma * L_AD(maps).
+    `outputs`: the student's "logits", and the "teacher_logits" (beta) and both Grad-CAM "maps" /
+    "teacher_maps" (gamma) that `ke_tf.methods.incremental.gradcam.attention_pair` gives. CE over
+    every seen output (`ce_over="all"`) or the new task's only ("new": outputs n_old.. vs y - n_old)."""
+    logits, labels = outputs["logits"], tf.cast(labels, tf.int32)
+    if ce_over == "new":
+        loss = cross_entropy(logits[:, n_old:], labels - n_old)
+    else:
+        loss = cross_entropy(logits, labels)
+    if beta:
+        loss += beta * lwf_distillation(logits[:, :n_old], tf.stop_gradient(outputs["teacher_logits"]), temperature)
+    if gamma:
+        loss += gamma * attention_distillation(outputs["maps"], tf.stop_gradient(outputs["teacher_maps"]))
+    return loss
+
+
 def search_objective(logits, labels, ensemble_logits):
     """EKG's sub-network search score, T^0: CE(logits, y) + CE(softmax(ensemble), logits) (the soft
     targets at T = 1)."""

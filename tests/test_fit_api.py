@@ -1,8 +1,8 @@
 """The methods inside Keras's own training API (`ke_tf.keras`): Hinton KD in
 `keras.distillation.Distiller` trains exactly as `ke_tf.hinton_loss` in a plain GradientTape SGD
 loop (float64, tests/numerics.py), also over 2 logical CPU replicas; the memory-bank loss over a
-TeacherBank likewise; Born-Again generations and their ensemble; ReLU annealing and deploy; KE
-generations."""
+TeacherBank likewise; LwM through `fit` == the incremental loop's objective; Born-Again generations
+and their ensemble; ReLU annealing and deploy; KE generations."""
 
 import contextlib
 import os
@@ -172,6 +172,71 @@ def test_distiller_with_hinton_kd_under_mixed_float16(tmp_path):
     student.save(tmp_path / "student.keras")
     loaded = keras.models.load_model(tmp_path / "student.keras")
     np.testing.assert_array_equal(loaded.predict(x[:4], verbose=0), student.predict(x[:4], verbose=0))
+
+
+def lwm_pair(seed=3, old=5, new=8):
+    """A teacher on `old` classes and its student with the head extended to `new` outputs (old
+    columns copied, as the incremental loop's extend_head)."""
+    teacher, student = convnet(4, seed, classes=old), convnet(4, seed + 1, classes=new)
+    for t, s in zip(teacher.weights, student.weights):
+        value = s.numpy()
+        value[..., : t.shape[-1]] = t.numpy()
+        s.assign(value)
+    return teacher, student
+
+
+def incremental_tape_steps(student, teacher, x, y):
+    """The reference: the incremental loop's own LwM objective (`incremental_loss`), plain SGD."""
+    from ke_tf.methods.incremental.loop import IncrementalConfig, incremental_loss
+
+    loss_fn = incremental_loss("lwm", IncrementalConfig(beta=1.0, gamma=1.0, temperature=2.0), student, teacher, 5)
+    losses = []
+    for i in range(0, len(x), BATCH):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(loss_fn((tf.constant(x[i : i + BATCH]), tf.constant(y[i : i + BATCH])), True)["loss"])
+        for v, g in zip(student.trainable_variables, tape.gradient(loss, student.trainable_variables)):
+            v.assign_sub(LR * g)
+        losses.append(float(loss))
+    return np.array(losses)
+
+
+def test_lwm_with_fit_trains_as_the_incremental_loop(tmp_path):
+    """LwM (CE + LwF KD + Grad-CAM attention distillation) through `fit` == the incremental loop's
+    objective in a tape loop, step by step, BN statistics included (float64); `predict` is the
+    student's, the student saves as `.keras`; a head that does not grow is refused."""
+    with float64_keras():
+        teacher, student = lwm_pair()
+        _, reference = lwm_pair()
+        x, y = batches(48, seed=4)
+        y = 5 + y % 3  # new-class data only
+        losses = fit_steps(ke_tf.keras.LwM(student, teacher), x, y)
+        expected = incremental_tape_steps(reference, teacher, x, y)
+    assert_identical(losses, expected)
+    assert_all_identical([w.numpy() for w in student.weights], [w.numpy() for w in reference.weights])
+    lwm = ke_tf.keras.LwM(student, teacher)
+    np.testing.assert_array_equal(lwm.predict(x[:4], verbose=0), student.predict(x[:4], verbose=0))
+    student.save(tmp_path / "student.keras")
+    np.testing.assert_array_equal(
+        keras.models.load_model(tmp_path / "student.keras").predict(x[:4], verbose=0), student.predict(x[:4], verbose=0)
+    )
+    with pytest.raises(ValueError, match="not more than the teacher's 5"):
+        ke_tf.keras.LwM(teacher, teacher)
+
+
+def test_lwm_with_fit_under_mixed_float16():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        teacher, student = lwm_pair()
+        x, y = batches(32)
+        lwm = ke_tf.keras.LwM(student, teacher)
+        lwm.compile(optimizer=keras.optimizers.SGD(LR), metrics=["accuracy"])
+        history = lwm.fit(x.astype("float32"), 5 + y % 3, batch_size=BATCH, epochs=2, verbose=0)
+        evaluated = lwm.evaluate(x.astype("float32"), 5 + y % 3, verbose=0, return_dict=True)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert np.all(np.isfinite(history.history["loss"])) and np.isfinite(evaluated["loss"])
+    assert 0.0 <= evaluated["accuracy"] <= 1.0
 
 
 def test_born_again_generations_and_their_ensemble(tmp_path):

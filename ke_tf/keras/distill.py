@@ -14,6 +14,13 @@ def replica_mean(per_example):
     return ops.mean(per_example) / tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def replica_regularisation(model):
+    """`model`'s regularisation losses, divided as `replica_mean` divides the data term."""
+    if not model.losses:
+        return 0.0
+    return ops.sum(model.losses) / tf.distribute.get_strategy().num_replicas_in_sync
+
+
 @keras.saving.register_keras_serializable(package="ke_tf")
 class HintonKD(keras.distillation.DistillationLoss):
     """Hinton et al. 2015's KD term for `keras.distillation.Distiller`: T^2 KL(softmax(t/T) ||
@@ -87,7 +94,4 @@ class LabelDistiller(keras.Model):
         if y_pred is None:
             y_pred = self(x, training=training)
         target = ops.stop_gradient(self.teacher(x, training=False))
-        loss = replica_mean(self.objective(y_pred, target, y))
-        if self.student.losses:
-            loss = loss + ops.sum(self.student.losses) / tf.distribute.get_strategy().num_replicas_in_sync
-        return loss
+        return replica_mean(self.objective(y_pred, target, y)) + replica_regularisation(self.student)

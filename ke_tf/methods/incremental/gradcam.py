@@ -56,6 +56,15 @@ def grad_cam(fmodel, images, class_ids=None, training=False):
     return maps, logits, class_ids
 
 
+def attention_pair(student_fm, teacher_fm, images, training):
+    """LwM's forward pass: the teacher's Grad-CAM maps for its top class b (inference mode) and the
+    student's maps for the same b (paper, sec. 4), with both nets' logits, as the dict
+    `ke_tf.losses.incremental_objective` reads."""
+    t_maps, t_logits, top = grad_cam(teacher_fm, images, training=False)
+    s_maps, logits, _ = grad_cam(student_fm, images, top, training=training)
+    return {"logits": logits, "maps": s_maps, "teacher_logits": t_logits, "teacher_maps": t_maps}
+
+
 def save_overlays(path, images, maps, titles, mean, std):
     """PNG grid of normalised `images` [N, H, W, 3] with their Grad-CAM `maps` [N, h, w] upsampled
     and overlaid; skipped with a warning when matplotlib is missing. Returns the path or None."""

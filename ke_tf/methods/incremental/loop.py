@@ -14,13 +14,12 @@ import os
 import typing
 
 import numpy as np
-import tensorflow as tf
 
 from ke_tf.config import ConfigError, TrainConfig, register_section
 from ke_tf.data import class_order, incremental_tasks
 from ke_tf.io.report import markdown_table, plot_lines, write_json, write_table
-from ke_tf.losses import attention_distillation, cross_entropy, lwf_distillation
-from ke_tf.methods.incremental.gradcam import feature_model, grad_cam, save_overlays
+from ke_tf.losses import incremental_objective
+from ke_tf.methods.incremental.gradcam import attention_pair, feature_model, grad_cam, save_overlays
 from ke_tf.methods.stage import configured_spec, load_configured_data, run_path, save_trained, train_stage
 from ke_tf.models import build_from_spec
 
@@ -140,24 +139,18 @@ def incremental_loss(variant, icfg, student, teacher=None, n_old=0):
         student_fm = feature_model(student, icfg.attention_layer)
         teacher_fm = feature_model(teacher, icfg.attention_layer)
 
+    ce_over = icfg.ce_over if teacher is not None else "all"
+
     def loss_fn(batch, training):
-        images, labels = batch[0], tf.cast(batch[1], tf.int32)
+        images, labels = batch[0], batch[1]
         if gamma:
-            # b = the teacher's top old class (paper, sec. 4); the same b drives both maps.
-            t_maps, t_logits, top = grad_cam(teacher_fm, images, training=False)
-            s_maps, logits, _ = grad_cam(student_fm, images, top, training=training)
+            outputs = attention_pair(student_fm, teacher_fm, images, training)
         else:
-            logits = student(images, training=training)
-            t_logits = teacher(images, training=False) if beta else None
-        if icfg.ce_over == "new" and teacher is not None:
-            loss = cross_entropy(logits[:, n_old:], labels - n_old)
-        else:
-            loss = cross_entropy(logits, labels)
-        if beta:
-            loss += beta * lwf_distillation(logits[:, :n_old], tf.stop_gradient(t_logits), icfg.temperature)
-        if gamma:
-            loss += gamma * attention_distillation(s_maps, tf.stop_gradient(t_maps))
-        return {"loss": loss, "logits": logits}
+            outputs = {"logits": student(images, training=training)}
+            if beta:
+                outputs["teacher_logits"] = teacher(images, training=False)
+        loss = incremental_objective(outputs, labels, n_old, beta, gamma, icfg.temperature, ce_over)
+        return {"loss": loss, "logits": outputs["logits"]}
 
     return loss_fn
 
