@@ -2,7 +2,9 @@
 cheap, noisy claim), through the same code as `python -m benchmarks.claims`. A comparison passes
 when the one-sided 95% lower bound of its mean paired difference is above zero (the margin is the
 seed spread, not a number tuned on one machine). Comparisons the README table reports as not
-holding are not asserted here."""
+holding are not asserted here. EKG's search against random pruning is asserted on a trained
+MobileNetV2 through `ke_tf.prune` (tests/test_prune.py; the same GreedySearch), not again on the
+ResNet-20 claim here: CI's 90 minutes. `python -m benchmarks.claims` reports every claim's table."""
 
 import os
 
@@ -50,13 +52,4 @@ def test_reducenet_inheriting_student_beats_scratch_and_fuses_exactly(tmp_path):
         run_claim("reducenet", str(tmp_path)),
         "distilled vs scratch (top1)",
         checks=("fused == unfused after annealing",),
-    )
-
-
-def test_ekg_search_finds_lower_loss_than_random_pruning_at_the_same_macs(tmp_path):
-    # The L1-norm arm is reported by `python -m benchmarks.claims`, not asserted: not trained here.
-    assert_holds(
-        run_claim("ekg", str(tmp_path), arms=("EKG", "random", "dense")),
-        "EKG vs random (holdout_ce)",
-        checks=("same MACs for every arm",),
     )
