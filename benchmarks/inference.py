@@ -1,14 +1,16 @@
 """Benchmark 4: inference latency speed-up of the compact networks the methods produce, next to
-their MAC ratio: KE's slim network (kels sr=0.5 fit hypothesis sliced out), a pruned
-ResNet-56 B (~50% MACs: every channel group of its graph, residual streams included, cut to one
-kept fraction) and the fused ReduceNet deploy model vs its student (BN folded, branches merged).
-KE and pruned pairs are compared as they are exported: BN folded into the convs of both networks."""
+their MAC ratio: KE's slim network (kels sr=0.5 fit hypothesis sliced out), an EKG-style pruned
+ResNet-56 B (~50% MACs: first half of every block-inner group kept) and the fused ReduceNet
+deploy model vs its student (BN folded, branches merged). KE and EKG pairs are compared as they
+are exported: BN folded into the convs of both networks (`ke_tf.surgery.folding`)."""
+
+import re
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.common import ROUND_TO, compare, entry, model_macs, uniform_keep, uses_gpu
+from benchmarks.common import compare, entry, model_macs, uses_gpu
 from ke_tf.surgery.folding import fold_batchnorm
 
 SECTION = "inference"
@@ -35,19 +37,17 @@ def ke_pair(arch, classes, side):
     return fold_batchnorm(dense, spec), fold_batchnorm(slim, slim_spec)
 
 
-def pruned_pair(depth, side):
-    """ResNet-{depth}-B and the same net with every prunable channel group of its graph (the residual
-    streams included) cut to one kept fraction for ~50% MACs, widths in multiples of 8, both deployed."""
-    from ke_tf.models import build_model
-    from ke_tf.surgery.deploy import deploy_model
-    from ke_tf.surgery.graph import ChannelGraph
-    from ke_tf.surgery.slicing import slice_channels
+def ekg_pair(depth, side):
+    from ke_tf.models import build_model, default_widths, model_spec
+    from ke_tf.surgery.slicing import slice_model
 
+    arch = f"resnet{depth}"
     keras.utils.set_random_seed(0)
-    dense = build_model(f"resnet{depth}", 10, (side, side, 3), shortcut="B")
-    graph = ChannelGraph(dense)
-    pruned = slice_channels(dense, uniform_keep(graph, 0.5, ROUND_TO), graph)
-    return deploy_model(dense), deploy_model(pruned)
+    dense = build_model(arch, 10, (side, side, 3), shortcut="B")
+    spec = model_spec(arch, 10, (side, side, 3), shortcut="B")
+    keep = {g: list(range(c // 2)) for g, c in default_widths(arch).items() if re.fullmatch(r"s\d+b\d+", g)}
+    pruned, pruned_spec = slice_model(dense, spec, keep)
+    return fold_batchnorm(dense, spec), fold_batchnorm(pruned, pruned_spec)
 
 
 def reduce_pair(depth, side):
@@ -94,10 +94,7 @@ def run(quick=False, repeats=5, **_):
             ke_pair(ke_arch, ke_classes, ke_side),
             ke_side,
         ),
-        f"pruned resnet{depth}-B ~50% MACs (every group) vs dense (BN folded)": (
-            pruned_pair(depth, cifar_side),
-            cifar_side,
-        ),
+        f"EKG pruned resnet{depth}-B ~50% MACs vs dense (BN folded)": (ekg_pair(depth, cifar_side), cifar_side),
         f"ReduceNet-{depth} deploy (fused) vs student": (reduce_pair(depth, cifar_side), cifar_side),
     }
     rows = []
