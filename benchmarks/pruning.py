@@ -10,11 +10,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.common import ROUND_TO, entry, uniform_keep
+from benchmarks.common import entry
 from benchmarks.inference import speedup_row
 
 SECTION = "pruning"
 TARGET_MACS = 0.5
+ROUND_TO = 8  # kept widths in multiples of 8: CPU conv kernels vectorise over 8 float32 channels
 
 
 def _apps(quick):
@@ -29,6 +30,28 @@ def _apps(quick):
     if not quick:
         apps["ResNet50"] = lambda: keras.applications.ResNet50(weights=None, input_shape=(side, side, 3), classes=10)
     return side, apps
+
+
+def uniform_keep(graph, target, round_to=1):
+    """{group: first k channels} with one kept fraction for every prunable group (k rounded down to
+    a multiple of `round_to`, at least one), the largest whose MACs are <= `target` of the full
+    model's (bisection on the fraction)."""
+    full = graph.macs(graph.widths())
+
+    def keep_at(fraction):
+        kept = {
+            n: max(round_to, int(g.channels * fraction) // round_to * round_to) for n, g in graph.prunable().items()
+        }
+        return {n: np.arange(min(k, graph.groups[n].channels)) for n, k in kept.items()}
+
+    low, high = 0.0, 1.0
+    for _ in range(20):
+        middle = (low + high) / 2
+        if graph.macs(graph.widths(keep_at(middle))) <= target * full:
+            low = middle
+        else:
+            high = middle
+    return keep_at(low)
 
 
 def speedup_rows(quick, repeats):
