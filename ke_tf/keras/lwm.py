@@ -6,7 +6,7 @@ import keras
 
 from ke_tf.keras.distill import replica_mean, replica_regularisation
 from ke_tf.losses import incremental_objective
-from ke_tf.methods.incremental.gradcam import attention_pair, feature_model
+from ke_tf.methods.incremental.gradcam import feature_model, incremental_outputs
 
 
 class LwM(keras.Model):
@@ -30,8 +30,7 @@ class LwM(keras.Model):
         self.teacher.trainable = False
         self.n_old, self.beta, self.gamma = n_old, float(beta), float(gamma)
         self.temperature, self.ce_over = float(temperature), ce_over
-        if self.gamma:
-            self._student_fm, self._teacher_fm = feature_model(student, layer), feature_model(teacher, layer)
+        self._feature_models = (feature_model(student, layer), feature_model(teacher, layer)) if self.gamma else None
 
     def build(self, input_shape):
         self.student.build(input_shape)
@@ -40,12 +39,7 @@ class LwM(keras.Model):
     def forward(self, x, training):
         """The dict `incremental_objective` reads: the student's logits, the teacher's (beta) and
         both Grad-CAM maps for the teacher's top class (gamma)."""
-        if self.gamma:
-            return attention_pair(self._student_fm, self._teacher_fm, x, training)
-        outputs = {"logits": self.student(x, training=training)}
-        if self.beta:
-            outputs["teacher_logits"] = self.teacher(x, training=False)
-        return outputs
+        return incremental_outputs(self.student, self.teacher, x, training, self.beta, self.gamma, self._feature_models)
 
     def call(self, x, training=None):
         # Training returns the whole forward pass: the student's Grad-CAM needs the activations

@@ -65,6 +65,18 @@ def attention_pair(student_fm, teacher_fm, images, training):
     return {"logits": logits, "maps": s_maps, "teacher_logits": t_logits, "teacher_maps": t_maps}
 
 
+def incremental_outputs(student, teacher, images, training, beta, gamma, feature_models=None):
+    """One batch's forward pass as the dict `ke_tf.losses.incremental_objective` reads: LwM's
+    `attention_pair` when gamma (`feature_models`: the student's and teacher's `feature_model`),
+    else the student's logits and, when beta, the teacher's (inference mode)."""
+    if gamma:
+        return attention_pair(*feature_models, images, training)
+    outputs = {"logits": student(images, training=training)}
+    if beta:
+        outputs["teacher_logits"] = teacher(images, training=False)
+    return outputs
+
+
 def save_overlays(path, images, maps, titles, mean, std):
     """PNG grid of normalised `images` [N, H, W, 3] with their Grad-CAM `maps` [N, h, w] upsampled
     and overlaid; skipped with a warning when matplotlib is missing. Returns the path or None."""

@@ -19,7 +19,7 @@ from ke_tf.config import ConfigError, TrainConfig, register_section
 from ke_tf.data import class_order, incremental_tasks
 from ke_tf.io.report import markdown_table, plot_lines, write_json, write_table
 from ke_tf.losses import incremental_objective
-from ke_tf.methods.incremental.gradcam import attention_pair, feature_model, grad_cam, save_overlays
+from ke_tf.methods.incremental.gradcam import feature_model, grad_cam, incremental_outputs, save_overlays
 from ke_tf.methods.stage import configured_spec, load_configured_data, run_path, save_trained, train_stage
 from ke_tf.models import build_from_spec
 
@@ -135,20 +135,14 @@ def incremental_loss(variant, icfg, student, teacher=None, n_old=0):
     + Grad-CAM attention distillation for lwm). With no teacher (base task) it is plain CE."""
     beta = icfg.beta if teacher is not None and variant in ("lwf", "lwm") else 0.0
     gamma = icfg.gamma if teacher is not None and variant == "lwm" else 0.0
-    if gamma:
-        student_fm = feature_model(student, icfg.attention_layer)
-        teacher_fm = feature_model(teacher, icfg.attention_layer)
-
+    fms = (
+        (feature_model(student, icfg.attention_layer), feature_model(teacher, icfg.attention_layer)) if gamma else None
+    )
     ce_over = icfg.ce_over if teacher is not None else "all"
 
     def loss_fn(batch, training):
         images, labels = batch[0], batch[1]
-        if gamma:
-            outputs = attention_pair(student_fm, teacher_fm, images, training)
-        else:
-            outputs = {"logits": student(images, training=training)}
-            if beta:
-                outputs["teacher_logits"] = teacher(images, training=False)
+        outputs = incremental_outputs(student, teacher, images, training, beta, gamma, fms)
         loss = incremental_objective(outputs, labels, n_old, beta, gamma, icfg.temperature, ce_over)
         return {"loss": loss, "logits": outputs["logits"]}
 
