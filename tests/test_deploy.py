@@ -21,6 +21,7 @@ from ke_tf.models import build_model
 from ke_tf.models.reducenet import get_deploy_model
 from ke_tf.surgery.deploy import deploy_model
 from tests.numerics import assert_identical, assert_within_measured_bound, float64, randomise_statistics
+from tests.test_graph import grouped_model
 
 # Largest difference measured from the float32 Keras deployed model (random BN statistics, 3 seeds;
 # AVX2 EPYC, oneDNN on): SavedModel 0 (own model and MobileNetV2), LiteRT (XNNPACK) 7.5e-7 of the
@@ -109,6 +110,14 @@ def test_own_model_with_nested_block_and_ops():
     assert not any(isinstance(layer, (ChannelGate, SplitConv2D, SplitDense)) for layer in all_layers(deployed))
     assert [layer.name for layer in deployed.get_layer("fc_seq").layers[1:]] == ["fc"]
     assert deployed.get_layer("block").get_layer("dw").kernel.shape == (3, 3, 6, 2)
+
+
+def test_grouped_convolutions_fold_their_bn():
+    """BN after grouped convs (and a per-channel one) folds into the filters of each group."""
+    with float64():
+        model = grouped_model()
+        deployed = assert_deploys_exactly(model, seed=6)
+    assert count(deployed, keras.layers.BatchNormalization) == 0 and deployed.get_layer("grouped").groups == 4
 
 
 def test_resnet20_b_and_reduce20():

@@ -1,10 +1,10 @@
 """`ke_tf.prune` on a `keras.applications.MobileNetV2` (alpha 0.35, 32x32, untrained: the mechanics,
 not the learning): every criterion reaches the MACs target, the pruned model's MACs are the graph's
-prediction, its outputs equal the auto-gated model masked to the kept channels (float64 policy,
-tests/numerics.py), the report is JSON, `.keras` round-trips; the README example runs (EKG); a
-subclassed model, softmax outputs and a target outside (0, 1) are refused. Slow: on a trained net,
-EKG's sub-network has a lower holdout loss than random pruning's over 3 seeds (`benchmarks/prune_claim.py`
-measures it with a net trained per seed)."""
+prediction (on a model with grouped convs too), its outputs equal the auto-gated model masked to the
+kept channels (float64 policy, tests/numerics.py), the report is JSON, `.keras` round-trips; the
+README example runs (EKG); a subclassed model, softmax outputs and a target outside (0, 1) are
+refused. Slow: on a trained net, EKG's sub-network has a lower holdout loss than random pruning's
+over 3 seeds (`benchmarks/prune_claim.py` measures it with a net trained per seed)."""
 
 import json
 import os
@@ -23,6 +23,7 @@ from ke_tf.surgery.flops import complexity  # noqa: E402
 from ke_tf.surgery.gating import insert_gates  # noqa: E402
 from ke_tf.surgery.graph import ChannelGraph  # noqa: E402
 from tests.numerics import assert_identical, float64, randomise_statistics  # noqa: E402
+from tests.test_graph import grouped_model  # noqa: E402
 from tests.test_readme import _section_code  # noqa: E402
 
 TARGET = 0.8  # few search steps: these tests check mechanics
@@ -95,6 +96,21 @@ def test_pruned_equals_masked_gated_model_and_keras_roundtrip(model, pruned, hol
     net.save(tmp_path / "pruned.keras")
     restored = keras.models.load_model(tmp_path / "pruned.keras")
     assert_identical(restored(images, training=False).numpy(), expected)
+
+
+@pytest.mark.parametrize("criterion", ["ekg", "l1"])
+def test_prunes_grouped_and_depthwise_multiplier_convolutions(holdout, criterion):
+    """A model with grouped convs and a depthwise multiplier prunes to the target: gates tiled over
+    the groups' blocks score the units (EKG's importance, L1 summed over blocks), every group stays
+    equally wide."""
+    keras.utils.set_random_seed(1)
+    with float64():
+        model = grouped_model((32, 32, 3), classes=10)
+        randomise_statistics(model)
+        pruned_model, report = prune(model, holdout, 0.6, criterion, step=0.5, progress=False)
+    assert_meets_target(model, pruned_model, report)
+    assert report["widths"]["grouped"]["blocks"] == 4 and report["widths"]["stem"]["blocks"] == 2
+    assert pruned_model.get_layer("grouped").groups == 4
 
 
 class Subclassed(keras.Model):

@@ -16,23 +16,35 @@ from ke_tf.layers.factory import LayerFactory
 
 @keras.saving.register_keras_serializable(package="ke_tf")
 class ChannelGate(keras.layers.Layer):
-    """y = x * gate (gate: [C] non-trainable, ones = unpruned). Shared by all sites of `group`."""
+    """y = x * gate (gate: [C] non-trainable, ones = unpruned). Shared by all sites of `group`.
 
-    def __init__(self, group, **kwargs):
+    `channels` (default: the input's last axis) is C when the input holds each gate channel more than
+    once: in each of the equal blocks a grouped convolution cuts it into (the gate is tiled), and
+    `multiplier` times in place after a depthwise multiplier (a call argument: sites differ)."""
+
+    def __init__(self, group, channels=None, **kwargs):
         super().__init__(**kwargs)
-        self.group = group
+        self.group, self.channels = group, channels
 
     def build(self, input_shape):
-        self.gate = self.add_weight(name="gate", shape=(int(input_shape[-1]),), initializer="ones", trainable=False)
+        channels = self.channels or int(input_shape[-1])
+        self.gate = self.add_weight(name="gate", shape=(channels,), initializer="ones", trainable=False)
 
-    def call(self, x):
-        return x * keras.ops.cast(self.gate, x.dtype)
+    def call(self, x, multiplier=1):
+        gate = keras.ops.cast(self.gate, x.dtype)
+        blocks = x.shape[-1] // (gate.shape[0] * multiplier)
+        if blocks > 1:
+            gate = keras.ops.tile(gate, [blocks])
+        if multiplier > 1:
+            gate = keras.ops.repeat(gate, multiplier)
+        return x * gate
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "group": self.group}
+        config = {**super().get_config(), "group": self.group}
+        return {**config, "channels": self.channels} if self.channels else config
 
 
 class GatedLayerFactory(LayerFactory):

@@ -21,10 +21,13 @@ class _GateInserter:
     def __init__(self, graph):
         self.graph, self.gates, self.gated = graph, {}, {}
 
-    def gate(self, name):
+    def gate(self, name, tensor, multiplier):
+        """`tensor` (one segment's channels) times the gate of group `name`."""
         if name not in self.gates:
-            self.gates[name] = ChannelGate(name, name=f"{name}_gate")
-        return self.gates[name]
+            group = self.graph.groups[name]
+            channels = group.channels if group.blocks > 1 or multiplier > 1 else None
+            self.gates[name] = ChannelGate(name, channels, name=f"{name}_gate")
+        return self.gates[name](tensor, multiplier=multiplier) if multiplier > 1 else self.gates[name](tensor)
 
     def apply(self, original_tensor, tensor):
         """`tensor` (the rebuilt `original_tensor`) with every prunable segment of its channels gated."""
@@ -36,13 +39,13 @@ class _GateInserter:
             if not any(prunable):
                 self.gated[key] = tensor
             elif len(names) == 1:
-                self.gated[key] = self.gate(names[0])(tensor)
+                self.gated[key] = self.gate(names[0], tensor, layout.segments[0].multiplier)
             else:
                 pieces, offset = [], 0
                 for segment, name, cut in zip(layout.segments, names, prunable):
-                    piece = tensor[..., offset : offset + segment.size]
-                    pieces.append(self.gate(name)(piece) if cut else piece)
-                    offset += segment.size
+                    piece = tensor[..., offset : offset + segment.width]
+                    pieces.append(self.gate(name, piece, segment.multiplier) if cut else piece)
+                    offset += segment.width
                 self.gated[key] = keras.ops.concatenate(pieces, axis=-1)
         return self.gated[key]
 

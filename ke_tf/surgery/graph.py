@@ -5,11 +5,14 @@ slice of it (a `Slot`); per-channel layers pass it through and elementwise merge
 dimensions together. The connected components are the *groups*: keeping channels K of a group keeps,
 at the same index map, K's slice of every slot in it. A layer the graph cannot reason about is a
 *boundary*: the dimensions it touches are kept whole and the layer is listed in `boundaries` (a
-custom layer may say why in a `channel_boundary` attribute).
+custom layer may say why in a `channel_boundary` attribute). A grouped convolution cuts the
+dimensions it reads and writes into equal blocks (its groups) that must keep the same channels
+(Torch-Pruning does the same), so a group's unit of pruning is one index in every block.
 Channels-last models only (Keras's default data format).
 """
 
 import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -89,10 +92,12 @@ MODEL_OUTPUT = "model output"
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """Where one dimension's channels sit along `axis` of `variable`: channel c of the dimension is
-    index p * period + (offset + c) * multiplier + j for every repeat p < repeat and j < multiplier
-    (offset: position in a concatenation; repeat: spatial positions a Flatten laid out before it;
-    multiplier: a depthwise channel multiplier)."""
+    """Where one dimension's channels sit along `axis` of `variable`. A group's unit u stands for the
+    dimension's channels b * units + u of its blocks b < blocks (one block unless grouped convs cut
+    it); channel c is index p * period + offset + c * multiplier + j for every repeat p < repeat and
+    j < multiplier (offset: position in a concatenation; repeat: spatial positions a Flatten laid out
+    before it; multiplier: a depthwise channel multiplier). `divisor`: the slot holds one of that many
+    equal shares of the blocks (a grouped kernel's input axis holds one group's channels)."""
 
     layer: object
     variable: object
@@ -102,18 +107,23 @@ class Slot:
     period: int = 0
     repeat: int = 1
     multiplier: int = 1
+    divisor: int = 1
+    blocks: int = 1
+    units: int = 0
 
     def indices(self, kept):
-        """Indices along `axis` that channels `kept` (sorted ints of the dimension) occupy."""
+        """Indices along `axis` that units `kept` (sorted ints of the group) occupy."""
         kept = np.asarray(kept, np.int64)
-        within = ((self.offset + kept)[:, None] * self.multiplier + np.arange(self.multiplier)).ravel()
+        channels = (np.arange(self.blocks)[:, None] * self.units + kept).ravel()
+        within = self.offset + (channels[:, None] * self.multiplier + np.arange(self.multiplier)).ravel()
         return (np.arange(self.repeat)[:, None] * self.period + within).ravel()
 
 
 @dataclasses.dataclass
 class Group:
     """Channels that must be removed together: `slots` hold them, `prunable` unless a boundary, the
-    model's input or output touches them (`kept_by` says which)."""
+    model's input or output touches them (`kept_by` says which). `channels` counts units, each
+    standing for one channel in each of `blocks` equal blocks (1 unless grouped convs cut it)."""
 
     name: str
     dim: int
@@ -121,6 +131,7 @@ class Group:
     slots: list
     kept_by: list
     producers: list
+    blocks: int = 1
 
     @property
     def prunable(self):
@@ -129,8 +140,15 @@ class Group:
 
 @dataclasses.dataclass(frozen=True)
 class _Segment:
+    """`size` channels of dimension `dim`, each repeated `multiplier` times in place (depthwise)."""
+
     dim: int
     size: int
+    multiplier: int = 1
+
+    @property
+    def width(self):
+        return self.size * self.multiplier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,19 +161,24 @@ class _Layout:
 
     @property
     def width(self):
-        return sum(s.size for s in self.segments)
+        return sum(s.width for s in self.segments)
+
+    def multiplied(self, multiplier):
+        """The layout of a depthwise output: every channel repeated `multiplier` times in place."""
+        return _Layout(tuple(dataclasses.replace(s, multiplier=s.multiplier * multiplier) for s in self.segments))
 
 
 class _Dims:
     """Union-find over channel dimensions, with the reasons a dimension must be kept."""
 
     def __init__(self):
-        self.parent, self.size, self.kept = [], [], []
+        self.parent, self.size, self.kept, self.blocks = [], [], [], []
 
     def new(self, size, kept_by=None):
         self.parent.append(len(self.parent))
         self.size.append(int(size))
         self.kept.append([kept_by] if kept_by else [])
+        self.blocks.append(1)
         return len(self.parent) - 1
 
     def find(self, d):
@@ -169,6 +192,12 @@ class _Dims:
         if a != b:
             self.parent[max(a, b)] = min(a, b)
             self.kept[min(a, b)] += self.kept[max(a, b)]
+            self.blocks[min(a, b)] = math.lcm(self.blocks[a], self.blocks[b])
+
+    def cut(self, d, blocks):
+        """Dimension `d` (with all it is tied to) keeps the same channels in each of `blocks` blocks."""
+        root = self.find(d)
+        self.blocks[root] = math.lcm(self.blocks[root], blocks)
 
     def keep(self, d, reason):
         root = self.find(d)
@@ -262,17 +291,16 @@ class ChannelGraph:
         if not isinstance(op, keras.layers.Layer):
             return self._op_rule(op, node, ins)
         if isinstance(op, _L.DepthwiseConv2D) or isinstance(op, _L.DepthwiseConv1D):
-            if op.depth_multiplier != 1:
-                return "depthwise convolution with depth_multiplier > 1"
-            self._per_channel(op, x, {"kernel": -2, "bias": 0})
-            self.layer_calls.append((op, node, (x,), x))
-            return [x]
+            return self._depthwise(op, node, x, op.depth_multiplier, {"kernel": -2}, {"bias": 0})
         if isinstance(op, _L.SeparableConv2D) or isinstance(op, _L.SeparableConv1D):
             return self._separable(op, node, x)
         if isinstance(op, _CONVS):
-            if op.groups != 1:
-                return "grouped convolution"
-            return self._reader_writer(op, node, x, in_axis=-2)
+            if op.groups == 1:
+                return self._reader_writer(op, node, x, in_axis=-2)
+            if op.groups == x.width:
+                multiplier = op.filters // op.groups
+                return self._depthwise(op, node, x, multiplier, {}, {"kernel": -1, "mask": -1, "bias": 0})
+            return self._grouped(op, node, x)
         if isinstance(op, _L.Dense):
             return self._reader_writer(op, node, x, in_axis=0)
         if x is None or x.repeat != 1 and not isinstance(op, (_L.Dropout, _L.Identity)):
@@ -319,7 +347,7 @@ class ChannelGraph:
         return None
 
     # ---- rules with slots ------------------------------------------------------------------------
-    def _slot(self, op, name, axis, layout, multiplier=1):
+    def _slot(self, op, name, axis, layout, multiplier=1, divisor=1):
         variable = getattr(op, name, None)
         if variable is None:
             return
@@ -327,13 +355,14 @@ class ChannelGraph:
         period = layout.width * multiplier
         offset = 0
         for s in layout.segments:
-            key = (id(variable), axis, offset, period, layout.repeat, multiplier)
+            each = s.multiplier * multiplier
+            key = (id(variable), axis, offset, period, layout.repeat, each)
             if key in self._slot_dims:  # a shared layer: every call reads/writes the same channels
                 self._dims.union(self._slot_dims[key], s.dim)
             else:
                 self._slot_dims[key] = s.dim
-                self._slots.append(Slot(op, variable, axis, s.dim, offset, period, layout.repeat, multiplier))
-            offset += s.size
+                self._slots.append(Slot(op, variable, axis, s.dim, offset, period, layout.repeat, each, divisor))
+            offset += s.size * each
 
     def _per_channel(self, op, layout, variables):
         for name, axis in variables.items():
@@ -371,6 +400,32 @@ class ChannelGraph:
         self.layer_calls.append((op, node, (x,), out))
         return [out]
 
+    def _depthwise(self, op, node, x, multiplier, per_input, per_output):
+        """A per-channel convolution: output channel c * multiplier + j reads input channel c only, so
+        its output is the input's layout, each channel repeated `multiplier` times."""
+        if x.repeat != 1:
+            return "channels already flattened with their positions"
+        out = x.multiplied(multiplier)
+        self._per_channel(op, x, per_input)
+        self._per_channel(op, out, per_output)
+        self.layer_calls.append((op, node, (x,), out))
+        return [out]
+
+    def _grouped(self, op, node, x):
+        """A grouped conv: input channels (kernel rows) and filters are cut into `groups` blocks that
+        keep the same in-block indices, so every group stays as wide as the others."""
+        if len(x.segments) != 1 or x.repeat != 1 or x.segments[0].multiplier != 1:
+            return "grouped convolution over concatenated, flattened or depthwise-multiplied channels"
+        out = self._output_dim(op, node.output_tensors[0])
+        self._dims.cut(x.segments[0].dim, op.groups)
+        self._dims.cut(out.segments[0].dim, op.groups)
+        for name in ("kernel", "mask"):
+            self._slot(op, name, -2, x, divisor=op.groups)
+            self._slot(op, name, -1, out)
+        self._slot(op, "bias", 0, out)
+        self.layer_calls.append((op, node, (x,), out))
+        return [out]
+
     def _separable(self, op, node, x):
         """Depthwise part tied to the input (index c*m+j in the pointwise input), pointwise writes."""
         m = op.depth_multiplier
@@ -387,8 +442,8 @@ class ChannelGraph:
         full = [layout for layout in ins if layout.width > 1] or ins
         first = full[0]
         for other in full[1:]:
-            sizes = [s.size for s in first.segments]
-            if [s.size for s in other.segments] != sizes or other.repeat != first.repeat:
+            sizes = [(s.size, s.multiplier) for s in first.segments]
+            if [(s.size, s.multiplier) for s in other.segments] != sizes or other.repeat != first.repeat:
                 return "merges tensors whose channels are laid out differently"
         for other in full[1:]:
             for a, b in zip(first.segments, other.segments):
@@ -430,8 +485,13 @@ class ChannelGraph:
             writers = producers.get(root, [])
             name = inputs.get(root) or self._name(writers, root, names)
             names.add(name)
-            slots = [dataclasses.replace(s, dim=root) for s in by_root.get(root, [])]
-            groups[name] = Group(name, root, self._dims.size[root], slots, list(self._dims.kept[root]), writers)
+            blocks = self._dims.blocks[root]
+            units = self._dims.size[root] // blocks
+            slots = [
+                dataclasses.replace(s, dim=root, blocks=blocks // s.divisor, units=units) for s in by_root.get(root, [])
+            ]
+            kept_by = list(self._dims.kept[root])
+            groups[name] = Group(name, root, units, slots, kept_by, writers, blocks)
         self._root_name = {g.dim: n for n, g in groups.items()}
         return groups
 
@@ -459,22 +519,32 @@ class ChannelGraph:
         keep = keep or {}
         return {n: len(keep[n]) if n in keep else g.channels for n, g in self.groups.items()}
 
-    def _layout_width(self, layout, widths):
-        return sum(widths[self.group_of(s.dim)] for s in layout.segments) * layout.repeat
+    def layout_width(self, layout, widths):
+        """Channels of a tensor laid out as `layout` in the model narrowed to `widths`."""
+        channels = (widths[self.group_of(s.dim)] * self.groups[self.group_of(s.dim)].blocks for s in layout.segments)
+        return sum(c * s.multiplier for c, s in zip(channels, layout.segments)) * layout.repeat
+
+    def narrow_groups(self, op, node, widths):
+        """`op`'s `groups` in the model narrowed to `widths`: a per-channel grouped conv (groups ==
+        input channels) keeps one group per kept channel, a grouped conv keeps its groups."""
+        x = self.layouts[id(node.input_tensors[0])]
+        return self.layout_width(x, widths) if op.groups == x.width else op.groups
 
     def macs(self, widths):
         """MACs (paper convention, as `ke_tf.surgery.flops`) of the model narrowed to `widths`."""
         total = 0
         for op, node, (x,), out in self.layer_calls:
             positions = int(np.prod(node.output_tensors[0].shape[1:-1]))
-            c_in, c_out = self._layout_width(x, widths), self._layout_width(out, widths)
+            c_in, c_out = self.layout_width(x, widths), self.layout_width(out, widths)
             kernel = int(np.prod(getattr(op, "kernel_size", ())))
             if isinstance(op, (_L.DepthwiseConv1D, _L.DepthwiseConv2D)):
-                total += positions * kernel * c_in
+                total += positions * kernel * c_out
             elif isinstance(op, (_L.SeparableConv1D, _L.SeparableConv2D)):
                 total += positions * c_in * op.depth_multiplier * (kernel + c_out)
+            elif isinstance(op, _CONVS):
+                total += positions * kernel * c_in * c_out // self.narrow_groups(op, node, widths)
             else:
-                total += positions * kernel * c_in * c_out
+                total += positions * c_in * c_out
         return total
 
     def params(self, widths):
@@ -488,7 +558,7 @@ class ChannelGraph:
         """Shape `variable` takes in the model narrowed to `widths`."""
         shape = list(variable.shape)
         for axis, slots in self.slots_by_axis().get(id(variable), {}).items():
-            shape[axis] = sum(s.repeat * s.multiplier * widths[self.group_of(s.dim)] for s in slots)
+            shape[axis] = sum(s.repeat * s.multiplier * s.blocks * widths[self.group_of(s.dim)] for s in slots)
         return tuple(int(d) for d in shape)
 
     def slots_by_axis(self):
@@ -507,6 +577,7 @@ class ChannelGraph:
                 {
                     "name": g.name,
                     "channels": g.channels,
+                    "blocks": g.blocks,
                     "prunable": g.prunable,
                     "kept_by": g.kept_by,
                     "writers": [op.name for op in g.producers],

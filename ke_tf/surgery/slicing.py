@@ -66,16 +66,18 @@ def sliced_arrays(model, keep, graph=None):
 
 
 def narrow_config(layer, node, graph, widths):
-    """`layer`'s config for the narrower model: writers get their group's width, a channel-keeping
-    Reshape its new last axis."""
+    """`layer`'s config for the narrower model: writers get their group's width, a per-channel
+    grouped conv one group per kept channel, a channel-keeping Reshape its new last axis."""
     config = layer.get_config()
     out = graph.layouts.get(id(node.output_tensors[0]))
     if out is None:
         return config
-    width = sum(widths[graph.group_of(s.dim)] for s in out.segments)
+    width = graph.layout_width(out, widths)
     for key in ("filters", "units"):
         if key in config:
             config[key] = width
+    if config.get("groups", 1) != 1 and "filters" in config:
+        config["groups"] = graph.narrow_groups(layer, node, widths)
     if isinstance(layer, keras.layers.Reshape):
         config["target_shape"] = (*config["target_shape"][:-1], width)
     return config

@@ -47,6 +47,12 @@ def _searcher(model, graph, holdout, target_macs, criterion, step, trim, seed, r
     )
 
 
+def _widths(group, kept):
+    """A group's units before and after; `blocks` where grouped convs cut it (a unit per block)."""
+    widths = {"before": int(group.channels), "after": len(kept)}
+    return {**widths, "blocks": group.blocks} if group.blocks > 1 else widths
+
+
 def _report(model, pruned, graph, searcher, criterion, target_macs):
     """Plain-data (JSON-serialisable) summary of one pruning run."""
     keep = {g: [int(c) for c in ix] for g, ix in searcher.keep.items()}
@@ -54,7 +60,7 @@ def _report(model, pruned, graph, searcher, criterion, target_macs):
     return {
         "criterion": criterion,
         "target_macs": float(target_macs),
-        "widths": {g: {"before": int(group.channels), "after": len(keep[g])} for g, group in graph.prunable().items()},
+        "widths": {g: _widths(group, keep[g]) for g, group in graph.prunable().items()},
         "boundaries": graph.report()["boundaries"],
         "inexact": graph.report()["inexact"],
         "before": complexity(model),
@@ -88,7 +94,8 @@ def prune(
     uniform) or "random"; `step`, `trim`, `seed`: as `GreedySearch`. `rescale`: EKG's norm-preserving
     rescale of the Dense classifier whose inputs lose channels (the model must output its logits). The
     pruned model keeps the original's weights, BN statistics included (fine-tune it); `model` is not
-    modified. `report`: criterion, per-group widths before/after, boundaries (layers whose channels were
+    modified. `report`: criterion, per-group widths before/after (in units: `blocks` channels each
+    where grouped convs cut a group into blocks), boundaries (layers whose channels were
     kept), `inexact` (layers such as LayerNormalization over channels, whose masked scoring only
     approximates the sliced net), params/MACs before/after, the search trajectory (MACs rate and holdout
     CE per step) and the kept channel indices. `bank_data`: (images, labels) batches in a fixed order

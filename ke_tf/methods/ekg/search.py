@@ -138,7 +138,7 @@ CRITERIA = ("ekg", "l1", "random")
 
 def filter_l1(graph, gates):
     """{group: per-channel L1 norm of every kernel writing that group} (Li et al. 2017's filter
-    score, summed over a residual stage's convs since they are pruned together)."""
+    score, summed over a residual stage's convs and a grouped conv's blocks: pruned together)."""
     norms = {g: np.zeros(int(layer.gate.shape[0])) for g, layer in gates.items()}
     for name in norms:
         group = graph.groups[name]
@@ -146,7 +146,7 @@ def filter_l1(graph, gates):
             kernel = getattr(slot.layer, "kernel", None)
             if slot.layer in group.producers and slot.variable is kernel and slot.axis == len(kernel.shape) - 1:
                 other = tuple(range(len(kernel.shape) - 1))
-                norms[name] += np.abs(kernel.numpy()).sum(axis=other)
+                norms[name] += np.abs(kernel.numpy()).sum(axis=other).reshape(slot.blocks, -1).sum(axis=0)
     return norms
 
 
