@@ -112,7 +112,9 @@ def test_claim_with_a_subset_of_arms_trains_and_judges_only_those(
         top1 = 0.9 if good else 0.1 + 0.01 * seed
         return {
             "slim_top1": top1,
+            "slim_top1_first": 0.1,
             "dense_top1": 0.95,
+            "dense_top1_first": 0.9,
             "slim_macs": 1,
             "test_top1": top1,
             "macs": 1,
@@ -126,3 +128,27 @@ def test_claim_with_a_subset_of_arms_trains_and_judges_only_those(
     assert sorted(set(runs) - {"shared"}) == trained and runs.count(trained[0]) == 3
     assert [v["comparison"] for v in result["verdicts"]] == comparisons
     assert result["holds"] and set(result["arms"]) == set(arms)
+
+
+def test_claims_run_on_the_dataset_asked_for(monkeypatch, tmp_path):
+    """`--data fashion_mnist` (KE_TF_CLAIMS_DATA): the claims describe, configure and load
+    Fashion-MNIST (the data-poor subset checked on the real files when installed), the results go
+    to their own JSON; an unknown dataset fails before any training."""
+    from benchmarks.claims import load_claim
+    from benchmarks.claims.__main__ import default_out
+    from benchmarks.claims.common import data_overrides, data_poor, dataset_config
+    from ke_tf.data import fashion_mnist
+
+    monkeypatch.setenv("KE_TF_CLAIMS_DATA", "fashion_mnist")
+    assert load_claim("ke").describe().startswith("Fashion-MNIST 16x16 (150 training images per class")
+    assert dataset_config("resnet20_ke") == "fashion_mnist_resnet20_ke"
+    assert data_overrides() == ("data.image_size=16", "data.train_per_class=150")
+    assert load_claim("kd").describe().startswith("Data-poor Fashion-MNIST (500 training images, 50 per class")
+    assert os.path.basename(default_out("fashion_mnist")) == "claims_fashion_mnist.json"
+    if os.path.isdir(fashion_mnist.DEBIAN_DIR):
+        data = data_poor()
+        assert (data.info.train_size, data.info.test_size) == (500, 10000)
+        assert np.all(np.bincount(data.train_labels, minlength=10) == 50)
+    monkeypatch.setenv("KE_TF_CLAIMS_DATA", "cifar10")
+    with pytest.raises(ValueError, match="KE_TF_CLAIMS_DATA='cifar10'"):
+        run_claim("kd", str(tmp_path))

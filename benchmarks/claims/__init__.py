@@ -12,7 +12,9 @@ import functools
 import importlib
 import math
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
+
+from benchmarks.claims.common import claims_dataset
 
 MODULES = ("ke", "kd", "ban", "reducenet", "lwm", "ekg", "kc")
 # One-sided 95% Student-t quantiles by degrees of freedom (seeds - 1).
@@ -42,7 +44,7 @@ class Claim:
 
     name: str
     title: str
-    setting: str
+    setting: Union[str, Callable]
     budget: str
     arms: tuple
     comparisons: tuple
@@ -50,6 +52,10 @@ class Claim:
     prepare: Optional[Callable] = None
     extra_checks: tuple = ()
     seeds: int = 3  # how many seeds the claim needs for its spread (cheap, noisy claims take more)
+
+    def describe(self):
+        """The setting in words (a callable setting names the claims dataset it runs on)."""
+        return self.setting() if callable(self.setting) else self.setting
 
 
 def load_claim(name):
@@ -66,6 +72,7 @@ def run_claim(name, workdir, seeds=None, progress=None, arms=None):
     arms, and only the comparisons between them are judged: the slow tests skip arms they do not
     assert."""
     claim = load_claim(name)
+    claims_dataset()  # a bad KE_TF_CLAIMS_DATA fails before any training
     if arms is not None:
         claim = dataclasses.replace(
             claim,
@@ -130,7 +137,8 @@ def summarise(claim, per_seed):
     return {
         "claim": claim.name,
         "title": claim.title,
-        "setting": claim.setting,
+        "data": claims_dataset(),
+        "setting": claim.describe(),
         "budget": claim.budget,
         "seeds": list(per_seed),
         "per_seed": {str(s): r for s, r in per_seed.items()},

@@ -10,7 +10,7 @@ order and the random arm's choices.
 import os
 
 from benchmarks.claims import Claim, Comparison
-from benchmarks.claims.common import run
+from benchmarks.claims.common import data_overrides, data_setting, dataset_config, run
 
 FINETUNE_EPOCHS = 2
 COMMON = (
@@ -26,8 +26,12 @@ SEARCHES = (("ekg", "EKG"), ("l1", "L1-norm"), ("random", "random"))  # ekg.crit
 ARMS = ("EKG", "L1-norm", "random", "dense")
 
 
+def _run(run_dir, seed, *overrides):
+    return run(dataset_config("resnet20_ekg"), run_dir, seed, *data_overrides(), *COMMON, *overrides)
+
+
 def prepare(workdir):
-    summary = run("digits_resnet20_ekg", workdir, 0, *COMMON)
+    summary = _run(workdir, 0)
     return {"dense": os.path.join(workdir, "dense_params.pkl"), "dense_top1": summary["dense_test_top1"]}
 
 
@@ -37,11 +41,9 @@ def run_seed(seed, workdir, context, arms=ARMS):
     for criterion, arm in SEARCHES:
         if arm not in arms:
             continue
-        summary = run(
-            "digits_resnet20_ekg",
+        summary = _run(
             os.path.join(workdir, criterion),
             seed,
-            *COMMON,
             f"ekg.criterion={criterion}",
             f"ekg.trained_param={context['dense']}",
         )
@@ -66,8 +68,10 @@ def same_macs(per_seed):
 CLAIM = Claim(
     name="ekg",
     title="EKG pruning",
-    setting="Digits 16x16, ResNet-20 (1x1 shortcuts) pre-trained 10 epochs once (seed 0); 60% of the MACs "
-    "removed by each search on the same 160-image holdout; plain fine-tuning (no memory bank) for all.",
+    setting=lambda: (
+        f"{data_setting()}, ResNet-20 (1x1 shortcuts) pre-trained 10 epochs once (seed 0); 60% of the MACs "
+        "removed by each search on the same 160-image holdout; plain fine-tuning (no memory bank) for all."
+    ),
     budget=f"search to the MACs target, then {FINETUNE_EPOCHS} fine-tuning epochs per arm.",
     arms=ARMS,
     comparisons=(

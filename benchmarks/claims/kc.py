@@ -11,8 +11,8 @@ of A and A' and reports the variance of each order on the test split relative to
 import os
 
 from benchmarks.claims import Claim, Comparison
+from benchmarks.claims.common import data_overrides, data_setting, dataset_config
 
-CONFIG = "digits_resnet20_consistency"
 ARMS = ("trained_a", "untrained_a")
 OVERRIDES = (
     "train.progress=false",
@@ -26,8 +26,8 @@ OVERRIDES = (
 def _consistency(run_dir, overrides):
     from ke_tf.cli import train_main
 
-    sets = [f"run_dir={run_dir}", *OVERRIDES, *overrides]
-    return train_main(CONFIG, __doc__)([a for o in sets for a in ("--set", o)])
+    sets = [f"run_dir={run_dir}", *data_overrides(), *OVERRIDES, *overrides]
+    return train_main(dataset_config("resnet20_consistency"), __doc__)([a for o in sets for a in ("--set", o)])
 
 
 def _untrained_copy(trained_path, path, seed):
@@ -75,8 +75,10 @@ def _nets_are_trained(per_seed):
 CLAIM = Claim(
     name="kc",
     title="Knowledge consistency",
-    setting="digits 16x16, ResNet-20 x0.5 nets trained from two seeds; tap s2b2_add (8x8x32, pre-ReLU); "
-    "Trans-Net depth 3, alpha 0.1; order-0 variance / Var(x_B) on the test split.",
+    setting=lambda: (
+        f"{data_setting()}, ResNet-20 x0.5 nets trained from two seeds; tap s2b2_add (8x8x32, pre-ReLU); "
+        "Trans-Net depth 3, alpha 0.1; order-0 variance / Var(x_B) on the test split."
+    ),
     budget="nets 6 epochs SGD lr 0.05 cosine; Trans-Net 60 epochs Adam 1e-3 -> 1e-5 log-decayed (10x the "
     "reference LR, which underfits in this budget: configs/digits_resnet20_consistency.yaml).",
     arms=ARMS,

@@ -11,8 +11,8 @@ import json
 import os
 
 from benchmarks.claims import Claim, Comparison
+from benchmarks.claims.common import data_overrides, data_setting, dataset_config
 
-CONFIG = "digits_resnet20_lwm"
 ARMS = ("lwm", "lwf", "finetune")
 # The protocol of the claim on top of the quickstart config (kept there: beta = gamma = 1, T = 2,
 # CE over all seen outputs, Grad-CAM at the last block, SGD lr 1e-3, 6 epochs per task).
@@ -25,8 +25,8 @@ def run_seed(seed, workdir, context):
     base-task accuracy after the base task minus old_acc)."""
     from ke_tf.cli import train_main
 
-    overrides = [f"run_dir={workdir}", f"seed={seed}", f"incremental.order_seed={seed}", *OVERRIDES]
-    train_main(CONFIG, __doc__)([a for o in overrides for a in ("--set", o)])
+    overrides = [f"run_dir={workdir}", f"seed={seed}", f"incremental.order_seed={seed}", *data_overrides(), *OVERRIDES]
+    train_main(dataset_config("resnet20_lwm"), __doc__)([a for o in overrides for a in ("--set", o)])
     with open(os.path.join(workdir, "comparison.json")) as f:
         rows = json.load(f)["rows"]
     last = {r["variant"]: r for r in rows if r["task"] == max(r["task"] for r in rows)}
@@ -44,8 +44,10 @@ def run_seed(seed, workdir, context):
 CLAIM = Claim(
     name="lwm",
     title="LwM",
-    setting="digits 16x16, 5 base + 5 new classes (class order = seed), ResNet-20 x0.5, no exemplars; "
-    "beta = gamma = 1, T = 2 (LwF's L_D, no T^2), Grad-CAM of the teacher's top old class at the last block.",
+    setting=lambda: (
+        f"{data_setting()}, 5 base + 5 new classes (class order = seed), ResNet-20 x0.5, no exemplars; "
+        "beta = gamma = 1, T = 2 (LwF's L_D, no T^2), Grad-CAM of the teacher's top old class at the last block."
+    ),
     budget="base 8 epochs SGD lr 0.05; incremental task 6 epochs SGD lr 1e-3 cosine, same for every arm.",
     arms=ARMS,
     comparisons=(

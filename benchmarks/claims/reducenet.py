@@ -11,14 +11,18 @@ import os
 import numpy as np
 
 from benchmarks.claims import Claim, Comparison
-from benchmarks.claims.common import run
+from benchmarks.claims.common import claims_dataset, data_overrides, data_setting, dataset_config, run
 
 TEACHER_EPOCHS, STUDENT_EPOCHS = 8, 4
 COMMON = ("data.image_size=16", f"train.epochs={STUDENT_EPOCHS}", f"distillation.teacher_epochs={TEACHER_EPOCHS}")
 
 
+def _run(run_dir, seed, *overrides):
+    return run(dataset_config("reduce20_reducenet"), run_dir, seed, *data_overrides(), *COMMON, *overrides)
+
+
 def prepare(workdir):
-    summary = run("digits_reduce20_reducenet", workdir, 0, *COMMON)
+    summary = _run(workdir, 0)
     return {"teacher_params": os.path.join(workdir, "teacher_params.pkl"), "teacher_top1": summary["teacher_top1"]}
 
 
@@ -28,7 +32,7 @@ def fused_gap(summary):
     from ke_tf.io.params import apply_params, load_params
     from ke_tf.models import build_from_spec
 
-    x = np.concatenate([x for x, _ in load_data("digits", image_size=16).test(256)])
+    x = np.concatenate([x for x, _ in load_data(claims_dataset(), image_size=16).test(256)])
     logits = []
     for key in ("student_params_file", "deploy_params_file"):
         arrays, meta = load_params(summary[key])
@@ -40,15 +44,9 @@ def fused_gap(summary):
 
 def run_seed(seed, workdir, context):
     teacher = f"distillation.teacher_params={context['teacher_params']}"
-    distilled = run("digits_reduce20_reducenet", os.path.join(workdir, "distilled"), seed, *COMMON, teacher)
-    scratch = run(
-        "digits_reduce20_reducenet",
-        os.path.join(workdir, "scratch"),
-        seed,
-        *COMMON,
-        teacher,
-        "distillation.student_init=scratch",
-        "distillation.alpha=0.0",
+    distilled = _run(os.path.join(workdir, "distilled"), seed, teacher)
+    scratch = _run(
+        os.path.join(workdir, "scratch"), seed, teacher, "distillation.student_init=scratch", "distillation.alpha=0.0"
     )
     return {
         "distilled": {
@@ -77,9 +75,12 @@ def fused_equals_unfused(per_seed):
 CLAIM = Claim(
     name="reducenet",
     title="ReduceNet",
-    setting="Digits 16x16, ReduceNet-20 (width 0.5) teacher with the bottleneck branch (trained once, seed 0); "
-    "student = teacher minus that branch plus a 1x1 branch behind an annealed ReLU, KD alpha 0.7, T 5; "
-    "control: the same student from scratch by CE (alpha 0), same annealing.",
+    setting=lambda: (
+        f"{data_setting()}, ReduceNet-20 (width 0.5) teacher with the bottleneck branch "
+        "(trained once, seed 0); student = teacher minus that branch plus a 1x1 branch behind an annealed ReLU, "
+        "KD alpha 0.7, T 5; "
+        "control: the same student from scratch by CE (alpha 0), same annealing."
+    ),
     budget=f"teacher {TEACHER_EPOCHS} epochs (shared), each student {STUDENT_EPOCHS} epochs.",
     arms=("distilled", "scratch", "teacher"),
     comparisons=(

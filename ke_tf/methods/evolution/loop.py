@@ -164,6 +164,7 @@ def run(cfg, strategy):
         "generations": ev.generations,
         "split_mode": ev.split_mode,
         "split_rate": ev.split_rate,
+        "dense_top1_first": rows[0]["dense_top1"],
         "dense_top1": rows[-1]["dense_top1"],
         "dense_macs": dense_cx["macs"],
         "dense_params": dense_cx["params"],
