@@ -2,7 +2,8 @@
 `keras.distillation.Distiller` trains exactly as `ke_tf.hinton_loss` in a plain GradientTape SGD
 loop (float64, tests/numerics.py), also over 2 logical CPU replicas; the memory-bank loss over a
 TeacherBank likewise; LwM through `fit` == the incremental loop's objective; Born-Again generations
-and their ensemble; ReLU annealing and deploy; KE generations."""
+and their ensemble; ReLU annealing and deploy; KE generations; prune-finetune schedules and the
+memory bank of interim sub-networks."""
 
 import contextlib
 import os
@@ -333,3 +334,81 @@ def test_readme_fit_example_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "student.keras").is_file()
     rows = capsys.readouterr().out.strip().splitlines()[-2]
     assert "slim_accuracy" in rows and "'generation': 2" in rows
+
+
+def digits_cnn(seed=0):
+    """A small residual CNN (two prunable groups) for digits at 16x16, outputting logits."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((16, 16, 3))  # ke_tf's digits are RGB
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 3, padding="same")(inputs)))
+    y = keras.layers.BatchNormalization()(keras.layers.Conv2D(24, 3, padding="same")(x))
+    y = keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 3, padding="same")(keras.layers.ReLU()(y)))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x + y))
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+def digits_arrays():
+    from ke_tf.data import load_data
+
+    train, held = load_data("digits", image_size=16).split_holdout(8, 0)
+    as_arrays = lambda batches: [np.concatenate(a) for a in zip(*[(x.numpy(), y.numpy()) for x, y in batches])]  # noqa: E731
+    return as_arrays(train.train_eval(256)), [tuple(as_arrays(held.test(256)))], as_arrays(train.test(512))
+
+
+def top1(model, x, y):
+    return float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y))
+
+
+def test_prune_finetune_schedule_with_fit_recovers_accuracy():
+    """A schedule of two EKG prunings inside `fit`: each reaches its MACs target from the previous
+    sub-network; the sliced model equals the fine-tuned gated model (float64) at the predicted MACs;
+    fine-tuning recovers top-1 lost at the last pruning (digits); the user's model is untouched."""
+    from ke_tf.keras import PruneFinetune
+    from ke_tf.surgery.flops import complexity
+
+    (x, y), holdout, (x_test, y_test) = digits_arrays()
+    with float64_keras():
+        model = digits_cnn()
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(True))
+        model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+        before = [w.numpy() for w in model.weights]
+        prune = PruneFinetune(model, holdout, {0: 0.7, 2: 0.4}, step=0.3)
+        after_pruning = {}
+        snapshot = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: after_pruning.setdefault(epoch, top1(prune.pruned(), x_test, y_test))
+        )
+        prune.gated.compile(keras.optimizers.SGD(0.02, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(True))
+        prune.gated.fit(x, y, batch_size=32, epochs=4, verbose=0, callbacks=[prune, snapshot])
+        pruned = prune.pruned()
+        assert_identical(pruned(x_test[:64], training=False).numpy(), prune.gated(x_test[:64], training=False).numpy())
+    assert [(e["epoch"], e["target_macs"]) for e in prune.log] == [(0, 0.7), (2, 0.4)]
+    assert all(e["macs_rate"] <= e["target_macs"] for e in prune.log)
+    macs = complexity(pruned)["macs"]
+    assert macs <= 0.4 * complexity(model)["macs"] and macs == prune.graph.macs(prune.graph.widths(prune.keep))
+    assert top1(pruned, x_test, y_test) > after_pruning[2] + 0.05, (top1(pruned, x_test, y_test), after_pruning)
+    assert_all_identical([w.numpy() for w in model.weights], before)
+
+
+def test_prune_finetune_memory_bank_teaches_the_pruned_net():
+    """`teachers()` are the search's interim sub-networks sliced out (== the gated model masked to
+    each, float64); `LabelDistiller` + `bank_distillation` fine-tunes the pruned sub-network on them."""
+    from ke_tf.keras import PruneFinetune
+    from ke_tf.layers.gates import set_masks
+    from ke_tf.methods.ekg.search import pick_teachers
+
+    (x, y), holdout, _ = digits_arrays()
+    with float64_keras():
+        model = digits_cnn(1)
+        prune = PruneFinetune(model, holdout, criterion="l1", step=0.2)
+        keep = prune.prune_to(0.5)
+        bank = prune.teachers(3)
+        chosen = pick_teachers(prune.history, 3)
+        for member, t in zip(bank.members, chosen):
+            set_masks(prune.gates, prune.history[t][0])
+            assert_identical(member(x[:32]).numpy(), prune.gated(x[:32], training=False).numpy())
+        set_masks(prune.gates, keep)
+        trainer = LabelDistiller(prune.gated, bank, lambda s, b, labels: ke_tf.bank_distillation(s, labels, b, T))
+        trainer.compile(keras.optimizers.SGD(0.02, momentum=0.9))
+        losses = trainer.fit(x, y, batch_size=32, epochs=2, verbose=0).history["loss"]
+    assert len(bank.members) == 3 and np.all(np.isfinite(losses)) and losses[1] < losses[0]
+    assert not any(w.trainable for m in bank.members for w in m.weights)

@@ -16,12 +16,9 @@ from ke_tf.surgery.graph import ChannelGraph
 from ke_tf.surgery.slicing import slice_channels
 
 
-def _check(model, graph, target_macs, rescale):
-    """Refuse, before any work, what the search cannot do: a target outside (0, 1), nothing prunable,
-    probabilities out instead of logits (the search's cross-entropies take logits), a rescale without
-    a classifier."""
-    if not 0 < target_macs < 1:
-        raise ValueError(f"target_macs is the fraction of the MACs kept, in (0, 1); got {target_macs}")
+def check_prunable(model, graph, rescale=False):
+    """Refuse, before any work, what the search cannot do: nothing prunable, probabilities out
+    instead of logits (the search's cross-entropies take logits), a rescale without a classifier."""
     if not graph.prunable():
         raise ValueError(f"{model.name}: no channel group can be pruned (boundaries: {graph.boundaries})")
     classifier = classifier_input(graph)[0]
@@ -39,7 +36,9 @@ def _check(model, graph, target_macs, rescale):
 
 def _searcher(model, graph, holdout, target_macs, criterion, step, trim, seed, rescale, progress):
     """A `GreedySearch` over an auto-gated copy of `model` (the gates are the graph's prunable groups)."""
-    _check(model, graph, target_macs, rescale)
+    if not 0 < target_macs < 1:
+        raise ValueError(f"target_macs is the fraction of the MACs kept, in (0, 1); got {target_macs}")
+    check_prunable(model, graph, rescale)
     gated, gates = insert_gates(model, graph)
     batches = list(holdout)
     return GreedySearch(
