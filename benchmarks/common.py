@@ -10,20 +10,8 @@ import time
 import numpy as np
 
 
-def cpu_model():
-    """CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_description():
-    """What the numbers were measured on: CPU model, cores, GPUs, TF/Keras versions."""
+    """What the numbers were measured on: CPU model and vector extensions, cores, GPUs, TF/Keras versions."""
     import keras
     import tensorflow as tf
 
@@ -32,8 +20,12 @@ def device_description():
     for g in gpus:
         details = tf.config.experimental.get_device_details(g)
         gpu_names.append(details.get("device_name", g.name))
+    from ke_tf.engine.xla_choice import machine
+
+    cpu = machine()
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu["cpu"],
+        "vector_extensions": cpu["flags"],  # AVX-512 and AVX2 machines differ (XLA, kernels)
         "cores": os.cpu_count(),
         "gpus": gpu_names,
         "tensorflow": tf.__version__,

@@ -2,8 +2,8 @@
 
     python -m benchmarks.run [--quick] [--only NAME ...] [--repeats N] [--out PATH]
 
-Sections: throughput, host_sync, host_memory, split_overhead, accumulation, inference, pipeline, scaling. Every number
-is a ratio measured in the same run (warm-up, then the median of `--repeats` interleaved timings).
+Sections: throughput, host_sync, host_memory, split_overhead, batchnorm, accumulation, inference, pruning, pipeline,
+scaling. Every number is a ratio measured in the same run (warm-up, then the median of `--repeats` interleaved timings).
 """
 
 import argparse
@@ -19,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import (  # noqa: E402
     accumulation,
+    batchnorm,
     common,
     host_memory,
     host_sync,
@@ -35,6 +36,7 @@ SECTIONS = {
     "host_sync": host_sync,
     "host_memory": host_memory,
     "split_overhead": split_overhead,
+    "batchnorm": batchnorm,
     "accumulation": accumulation,
     "inference": inference,
     "pruning": pruning,

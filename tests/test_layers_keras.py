@@ -38,7 +38,7 @@ CASES = {
     "TransNet": (ke_tf.TransNet, {"channels": 6, "depth": 3}, (2, 8, 8, 6), (2, 8, 8, 6), (4, 0)),
     "SyncBatchNormalization": (
         ke_tf.SyncBatchNormalization,
-        {"momentum": 0.9, "epsilon": 1e-5, "synchronized": True},
+        {"momentum": 0.9, "epsilon": 1e-5, "synchronized": True, "fused": True},
         (2, 8, 8, 6),
         (2, 8, 8, 6),
         (2, 2),
