@@ -24,15 +24,18 @@ def fit_count(channels, split_rate):
     return int(math.ceil(split_rate * channels))
 
 
-def kels_mask(kernel_shape, split_rate, role):
+def kels_mask(kernel_shape, split_rate, role, groups=1):
     """Kernel-level split of a kernel whose last two dims are (in, out): the first ceil(sr*in)
     inputs x the first ceil(sr*out) outputs; the stem keeps every input channel (the image) and
-    the classifier keeps every output row (all classes)."""
+    the classifier keeps every output row (all classes). A grouped conv's kernel reads one group's
+    inputs: the first ceil(sr*in) of them x the first ceil(sr*out/groups) filters of every group,
+    so every group keeps the same width (the channel graph's blocks)."""
     mask = np.zeros(kernel_shape, np.float32)
     c_in, c_out = kernel_shape[-2:]
+    per_group = c_out // groups
     keep_in = c_in if role == "stem" else fit_count(c_in, split_rate)
-    keep_out = c_out if role == "classifier" else fit_count(c_out, split_rate)
-    mask[..., :keep_in, :keep_out] = 1.0
+    keep_out = per_group if role == "classifier" else fit_count(per_group, split_rate)
+    mask[..., :keep_in, :] = (np.arange(c_out) % per_group < keep_out).astype(np.float32)
     return mask
 
 
@@ -82,7 +85,7 @@ class _SplitMixin:
     def _build_mask(self):
         shape = tuple(self.kernel.shape)
         if self.split_mode == "kels":
-            value = kels_mask(shape, self.split_rate, self.role)
+            value = kels_mask(shape, self.split_rate, self.role, getattr(self, "groups", 1))
         else:
             value = wels_mask(shape, self.split_rate, self.seed)
         self.mask = self.add_weight(
@@ -119,8 +122,6 @@ class SplitConv2D(_SplitMixin, keras.layers.Conv2D):
     def __init__(self, filters, kernel_size, split_rate=0.5, split_mode="kels", role="body", seed=0, **kwargs):
         super().__init__(filters, kernel_size, **kwargs)
         self._init_split(split_rate, split_mode, role, seed)
-        if split_mode == "kels" and self.groups != 1:
-            raise ValueError(f"{self.name}: kels split of grouped convolutions is not defined")
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -72,8 +72,8 @@ def _copy_forward_weights(pairs, value_of):
 def split_model(model, split_rate=0.5, split_mode="kels", seed=0):
     """A copy of the functional `model` (nested functional models and non-layer ops included) with a
     `SplitConv2D` for every Conv2D and a `SplitDense` for every Dense: same config and weights, a
-    kels mask that is the graph's fit hypothesis (or a seeded wels mask). A grouped conv cannot be
-    kels-split (ValueError naming it)."""
+    kels mask that is the graph's fit hypothesis (or a seeded wels mask; a grouped conv keeps the
+    same fit units in every block of its groups)."""
     if split_layers(model):
         raise ValueError(f"{model.name} already has split layers; split its plain model")
     graph = ChannelGraph(model)
@@ -83,11 +83,6 @@ def split_model(model, split_rate=0.5, split_mode="kels", seed=0):
         split = SPLIT_OF_PLAIN.get(type(layer))
         if split is None:
             return type(layer).from_config(layer.get_config())
-        if split_mode == "kels" and getattr(layer, "groups", 1) != 1:
-            raise ValueError(
-                f"layer {layer.name!r} is a grouped convolution (groups={layer.groups}): kels has no fit hypothesis "
-                "for it; use split_mode='wels'"
-            )
         options = {"split_rate": split_rate, "split_mode": split_mode, "seed": layer_seed(seed, layer.name)}
         return split.from_config({**layer.get_config(), **options, "role": _role(graph, layer.kernel)})
 
