@@ -43,8 +43,8 @@ def in_xla_function():
 
 def fused_batch_norm(x, gamma, beta, epsilon):
     """Training-mode BN of a float32 NHWC batch on TF's fused kernel: (y, batch mean, biased batch
-    variance). The kernel's backward gives dx and dgamma; dbeta is summed by `tf.reduce_sum`, whose
-    tree reduction is more accurate than the kernel's (measured against float64: see README)."""
+    variance). The kernel's backward gives dx; dgamma and dbeta are summed by `tf.reduce_sum`, whose
+    tree reductions are more accurate than the kernel's (measured against float64: see README)."""
     return _fused_kernel(float(epsilon))(x, gamma, beta)
 
 
